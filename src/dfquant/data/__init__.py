@@ -1,0 +1,34 @@
+"""Evaluation data. dfquant never uses data to quantize; these sets only measure accuracy.
+
+- ``digits``: scikit-learn's embedded 8x8 digits (no download), held-out 20 % split.
+- ``cifar10``: an ``.npz`` with ``images`` uint8 (N, 3, 32, 32) and ``labels`` (N,).
+- ``imagenet``: a folder of JPEGs in class sub-folders, standard 256/224 preprocessing.
+"""
+from __future__ import annotations
+
+from .cifar import load_cifar10_npz
+from .digits import digits_model, load_digits_split
+
+__all__ = ["load_cifar10_npz", "load_digits_split", "digits_model", "load_eval_data"]
+
+
+def load_eval_data(name: str, path: "str | None" = None, limit: "int | None" = None):
+    """Load an evaluation set by name; returns a (images, labels) pair or a DataLoader."""
+    from ..errors import DfquantError
+
+    if name == "digits":
+        _, test = load_digits_split()
+        x, y = test
+    elif name == "cifar10":
+        x, y = load_cifar10_npz(path)
+    elif name == "imagenet":
+        from .imagenet import imagenet_folder_loader
+
+        if path is None:
+            raise DfquantError("--data PATH is required for imagenet evaluation (a folder of class sub-folders)")
+        return imagenet_folder_loader(path, limit=limit)
+    else:
+        raise DfquantError(f"unknown evaluation data {name!r}; choose digits, cifar10 or imagenet")
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return x, y

@@ -1,0 +1,52 @@
+"""CIFAR-10 evaluation images from an .npz file (``images`` uint8 N x 3 x 32 x 32, ``labels``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..assets import CIFAR10_TEST_NPZ, asset_path, require_file
+from ..errors import DfquantError
+
+# The normalisation the shared checkpoints were trained with (ImageNet's mean and std).
+CIFAR_MEAN = (0.485, 0.456, 0.406)
+CIFAR_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_cifar(images_uint8: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    return (images_uint8.float() / 255.0 - mean) / std
+
+
+def load_cifar10_npz(path: "str | Path | None" = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images (N, 3, 32, 32) float32 and labels (N,) int64.
+
+    ``path`` defaults to the shared asset ``data/cifar10-test-first846.npz`` (via DFQUANT_ASSETS).
+    """
+    if path is None:
+        found: Optional[Path] = asset_path(CIFAR10_TEST_NPZ)
+        if found is None:
+            raise DfquantError(
+                "no CIFAR-10 data: pass --data PATH.npz or set DFQUANT_ASSETS to a folder holding " + CIFAR10_TEST_NPZ
+            )
+        path = found
+    p = require_file(path, "CIFAR-10 data file")
+    try:
+        with np.load(str(p), allow_pickle=False) as z:
+            if "images" not in z or "labels" not in z:
+                raise DfquantError(f"{p} must hold arrays 'images' and 'labels', found {sorted(z.files)}")
+            images, labels = z["images"], z["labels"]
+    except DfquantError:
+        raise
+    except Exception as exc:
+        raise DfquantError(f"cannot read {p} as an .npz file ({type(exc).__name__})") from None
+    if images.ndim != 4 or images.shape[1:] != (3, 32, 32):
+        raise DfquantError(f"{p}: 'images' must have shape (N, 3, 32, 32), got {images.shape}")
+    if images.dtype != np.uint8:
+        raise DfquantError(f"{p}: 'images' must be uint8 pixels, got {images.dtype}")
+    if labels.shape != (images.shape[0],):
+        raise DfquantError(f"{p}: 'labels' must have shape ({images.shape[0]},), got {labels.shape}")
+    return normalize_cifar(torch.from_numpy(images)), torch.from_numpy(labels.astype(np.int64))

@@ -1,0 +1,72 @@
+"""The embedded default: scikit-learn's 8x8 digits and a small BN CNN trained on first use.
+
+Training is deterministic (fixed seed, single thread for the reductions that matter) and takes a few
+seconds; the weights are cached under the user's cache dir so later runs just load them.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..assets import cache_dir
+
+Split = Tuple[torch.Tensor, torch.Tensor]
+_CACHE_NAME = "digits_cnn-v1.pt"
+
+
+def load_digits_split() -> Tuple[Split, Split]:
+    """(train, test) splits of sklearn's digits: 80/20, stratified, fixed seed; pixels scaled to [-1, 1]."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5
+    y = d.target.astype(np.int64)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return (t(xtr).unsqueeze(1), t(ytr)), (t(xte).unsqueeze(1), t(yte))
+
+
+def train_digits_cnn(epochs: int = 30, seed: int = 0, progress: bool = False) -> nn.Module:
+    """Train the digits CNN from scratch on the training split (deterministic for a seed)."""
+    from ..models import create_model
+    from ..progress import progress_bar
+
+    (xtr, ytr), _ = load_digits_split()
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = create_model("digits_cnn").train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in progress_bar(range(epochs), desc="training digits CNN", enable=progress):
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            loss_fn(model(xtr[idx]), ytr[idx]).backward()
+            opt.step()
+        sched.step()
+    return model.eval()
+
+
+def digits_model(progress: bool = False, retrain: bool = False) -> nn.Module:
+    """The trained digits CNN: loaded from the cache, or trained now and cached."""
+    from ..models import create_model
+
+    path = cache_dir() / _CACHE_NAME
+    if path.exists() and not retrain:
+        model = create_model("digits_cnn")
+        try:
+            model.load_state_dict(torch.load(str(path), map_location="cpu", weights_only=True))
+            return model.eval()
+        except Exception:
+            pass  # a stale or corrupt cache entry: train again
+    model = train_digits_cnn(progress=progress)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), str(tmp))
+    tmp.replace(path)
+    return model
