@@ -1,0 +1,15 @@
+"""dfquant: data-free quantization of trained PyTorch CNNs (SQuant, Genie, DF-MPC and baselines).
+
+One call quantizes a model without touching any data::
+
+    qmodel, report = dfquant.quantize(model, method="squant", w_bits=4, a_bits=4)
+    print(report.format_table())
+"""
+from .api import METHODS, QuantConfig, quantize
+from .errors import DfquantError
+from .evaluate import evaluate
+from .models import create_model, list_models
+from .squant import squant_round
+
+__all__ = ["quantize", "QuantConfig", "METHODS", "evaluate", "squant_round", "create_model", "list_models", "DfquantError"]
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""``dfquant.quantize``: one call from a float model to a quantized one and its report."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .activation_ranges import propagate_bn_stats, stats_range
+from .errors import DfquantError, check_bits
+from .graph import analyse, fold_bn
+from .qmodules import ActQuantizer, QuantConv2d, QuantLinear
+from .quantizer import minmax_params, rtn_round, to_grid, from_grid
+from .report import LayerReport, QuantReport
+from .squant import rounding_error_sums, squant_round
+
+RoundFn = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def _squant(kernel: bool, channel: bool) -> RoundFn:
+    return lambda x, lo, hi: squant_round(x, lo, hi, kernel=kernel, channel=channel)
+
+
+# Methods that decide each weight's rounding from the weight alone (no data, no training).
+ROUNDING_METHODS: Dict[str, RoundFn] = {
+    "rtn": rtn_round,
+    "squant-e": _squant(False, False),
+    "squant-k": _squant(True, False),
+    "squant-c": _squant(False, True),
+    "squant": _squant(True, True),
+}
+# Methods that start from a rounding method and then learn (need synthetic data).
+LEARNED_METHODS = ("genie", "zeroq")
+METHODS = tuple(ROUNDING_METHODS) + LEARNED_METHODS
+
+
+@dataclass
+class QuantConfig:
+    """Every setting of a quantization run (saved with the model)."""
+
+    method: str = "squant"
+    w_bits: int = 4
+    a_bits: Optional[int] = 4  # None: weight-only, activations stay float
+    squant_kernel: bool = True
+    squant_channel: bool = True
+    fold_bn: bool = False  # SQuant's protocol keeps BN separate; fold for integer deployment
+    act_range: str = "dfq"  # "dfq" (beta + n*gamma) or "mse" (see activation_ranges)
+    n_sigma: Optional[float] = None  # for act_range="dfq"; None: DFQ_N_SIGMA[bits]
+    quantize_first_input: bool = False  # the image: left in float by the paper's protocol
+    first_input_bits: int = 8
+    last_input_bits: Optional[int] = 8  # the classifier's input: 8 bits by the paper's protocol
+    first_last_w_bits: Optional[int] = None  # None: same as w_bits (SQuant quantizes all layers)
+    per_channel: bool = True
+    skip: Tuple[str, ...] = ()  # layer names to leave in float
+    init: str = "rtn"  # learned methods: the rounding they start from ("rtn" or "squant")
+
+    def validate(self) -> "QuantConfig":
+        if self.method not in METHODS:
+            raise DfquantError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        check_bits(self.w_bits, "w_bits")
+        if self.a_bits is not None:
+            check_bits(self.a_bits, "a_bits")
+        for name in ("first_input_bits", "last_input_bits", "first_last_w_bits"):
+            if getattr(self, name) is not None:
+                check_bits(getattr(self, name), name)
+        if self.act_range not in ("mse", "dfq"):
+            raise DfquantError(f"unknown activation range rule {self.act_range!r}; choose mse or dfq")
+        if self.init not in ("rtn", "squant"):
+            raise DfquantError(f"unknown initial rounding {self.init!r}; choose rtn or squant")
+        self.skip = tuple(self.skip)
+        return self
+
+    @property
+    def rounding(self) -> str:
+        if self.method in ROUNDING_METHODS:
+            if self.method == "squant" and not (self.squant_kernel and self.squant_channel):
+                return {(True, False): "squant-k", (False, True): "squant-c", (False, False): "squant-e"}[
+                    (self.squant_kernel, self.squant_channel)
+                ]
+            return self.method
+        return self.init
+
+
+def quantize(model: nn.Module, method: str = "squant", w_bits: int = 4, a_bits: Optional[int] = 4, *, input_size: Optional[Tuple[int, ...]] = None, progress: bool = False, **options: Any):
+    """Quantize ``model`` without data. Returns ``(quantized_model, report)``; ``model`` is untouched.
+
+    Weights: per-output-channel asymmetric min/max grid, integer codes chosen by ``method``
+    (``rtn``, ``squant`` with ``squant_kernel``/``squant_channel`` flags or ``squant-e/k/c``, or a
+    learned method). Activations (``a_bits``): per-tensor ranges from BatchNorm statistics, set before
+    any input is seen; inputs no BN statistic reaches stay float and are listed in the report.
+    Other options: the fields of :class:`QuantConfig`; learned methods take theirs too.
+    """
+    learned_opts = {k: options.pop(k) for k in list(options) if k not in QuantConfig.__dataclass_fields__}
+    cfg = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, **options).validate()
+    if cfg.method not in LEARNED_METHODS and learned_opts:
+        raise DfquantError(f"unknown option(s) for method {cfg.method!r}: {', '.join(sorted(learned_opts))}")
+    t0 = time.perf_counter()
+    qmodel, report = _quantize_rounding(model, cfg, input_size)
+    if cfg.method in LEARNED_METHODS:
+        from .genie import reconstruct_model  # learned refinement on synthetic data
+
+        qmodel = reconstruct_model(model, qmodel, cfg, report, input_size=input_size, progress=progress, **learned_opts)
+    report.total_time_s = time.perf_counter() - t0
+    return qmodel, report
+
+
+def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[Tuple[int, ...]]):
+    """Replace every supported layer of a copy of ``model`` by its quantized version."""
+    if not isinstance(model, nn.Module):
+        raise DfquantError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    input_size = input_size or getattr(model, "input_size", None)
+    graph = analyse(model)
+    if not graph.layers:
+        raise DfquantError("the model has no Conv2d or Linear layer to quantize")
+    unknown_skip = [s for s in cfg.skip if s not in {l.name for l in graph.layers}]
+    if unknown_skip:
+        raise DfquantError(f"--skip names no quantizable layer: {', '.join(unknown_skip)}")
+    report = QuantReport(cfg.method, cfg.w_bits, cfg.a_bits, config=dict(cfg.__dict__), unsupported=list(graph.unsupported))
+    if graph.note:
+        report.notes.append(graph.note)
+
+    ranges: Dict[str, Any] = {}
+    if cfg.a_bits is not None:
+        if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+            raise DfquantError(
+                "the model has no BatchNorm layers: data-free activation ranges need BN statistics "
+                "(quantize weights only with a_bits=None / --a-bits none)"
+            )
+        if graph.traced is None:
+            raise DfquantError("activation ranges need an fx-traceable model; use weight-only quantization (a_bits=None)")
+        ranges = propagate_bn_stats(graph.traced, input_size)
+
+    qmodel = copy.deepcopy(model).eval()
+    if cfg.fold_bn:
+        qmodel = fold_bn(qmodel, graph)
+        report.folded_bn = sorted(graph.conv_bn.values())
+    rounding = ROUNDING_METHODS[cfg.rounding]
+    first, last = graph.layers[0].name, graph.layers[-1].name
+    for info in graph.layers:
+        name = info.name
+        layer = qmodel.get_submodule(name)
+        if name in cfg.skip:
+            report.float_inputs.append((name, "skipped on request (weights and input in float)"))
+            continue
+        w_bits = cfg.first_last_w_bits if (cfg.first_last_w_bits and name in (first, last)) else cfg.w_bits
+        act, a_range, a_bits_used = _input_quantizer(name, first, last, cfg, ranges, report)
+        t = time.perf_counter()
+        w = layer.weight.detach()
+        qp = minmax_params(w, w_bits, per_channel=cfg.per_channel, signed=True)
+        grid = to_grid(w, qp)
+        codes = rounding(grid, qp.qmin, qp.qmax)
+        dt = time.perf_counter() - t
+        report.weight_time_s += dt
+        if isinstance(layer, nn.Conv2d):
+            new = QuantConv2d(layer, codes, qp, act)
+        else:
+            new = QuantLinear(layer, codes, qp, act)
+        qmodel.set_submodule(name, new)
+        k_err, c_err = rounding_error_sums(codes, grid if grid.dim() > 1 else grid.unsqueeze(1))
+        rel = float((from_grid(codes, qp) - w).norm() / w.norm().clamp_min(1e-12))
+        report.layers.append(
+            LayerReport(name, "conv" if isinstance(layer, nn.Conv2d) else "linear", tuple(w.shape), w_bits, a_bits_used, a_range, rel, k_err, c_err, dt)
+        )
+    return qmodel, report
+
+
+def _input_quantizer(name: str, first: str, last: str, cfg: QuantConfig, ranges: Dict[str, Any], report: QuantReport):
+    """The activation quantizer for a layer's input (or None), following the paper's protocol."""
+    if cfg.a_bits is None:
+        return None, None, None
+    if name == first and not cfg.quantize_first_input:
+        report.float_inputs.append((name, "first layer: the image input stays float (paper protocol)"))
+        return None, None, None
+    bits = cfg.last_input_bits if (name == last and cfg.last_input_bits) else cfg.a_bits
+    if name == first:
+        bits = cfg.first_input_bits
+    found = ranges.get(name)
+    if found is None or found.stats is None:
+        report.float_inputs.append((name, found.reason if found is not None else "layer not reached in the traced graph"))
+        return None, None, None
+    lo, hi = stats_range(found.stats, bits, cfg.act_range, cfg.n_sigma)
+    return ActQuantizer(bits, lo, hi), (lo, hi), bits

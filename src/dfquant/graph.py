@@ -1,0 +1,101 @@
+"""Model-graph utilities: which layers to quantize, in execution order; which BN follows which
+conv; BN folding. The graph comes from ``torch.fx`` symbolic tracing; models fx cannot trace fall
+back to module registration order (documented in the report).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import DfquantError
+
+SUPPORTED = (nn.Conv2d, nn.Linear)
+# Modules with weights that dfquant leaves in float and lists in the report.
+_NORM_OR_CONTAINER = (nn.BatchNorm2d, nn.BatchNorm1d)
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    module: nn.Module
+    order: int
+
+
+@dataclass
+class ModelGraph:
+    layers: List[LayerInfo]  # supported layers in execution order
+    unsupported: List[str]  # names of weight-bearing modules left in float
+    traced: Optional[fx.GraphModule]
+    conv_bn: Dict[str, str] = field(default_factory=dict)  # conv name -> BN name that directly follows it
+    note: str = ""
+
+
+def trace(model: nn.Module) -> Optional[fx.GraphModule]:
+    """fx-trace the model, or None when it is not symbolically traceable."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception:
+        return None
+
+
+def analyse(model: nn.Module) -> ModelGraph:
+    """Find supported layers (Conv2d, Linear) in execution order, unsupported ones, and conv->BN pairs."""
+    if not isinstance(model, nn.Module):
+        raise DfquantError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    gm = trace(model)
+    modules = dict(model.named_modules())
+    unsupported = [
+        n
+        for n, m in modules.items()
+        if n
+        and not isinstance(m, SUPPORTED + _NORM_OR_CONTAINER)
+        and any(True for _ in m.parameters(recurse=False))
+    ]
+    if gm is None:
+        layers = [LayerInfo(n, m, i) for i, (n, m) in enumerate((n, m) for n, m in modules.items() if isinstance(m, SUPPORTED))]
+        return ModelGraph(layers, unsupported, None, {}, "model is not fx-traceable: layer order is registration order, no BN pairing")
+    order: List[str] = []
+    conv_bn: Dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = modules.get(node.target)
+        if isinstance(mod, SUPPORTED) and node.target not in order:
+            order.append(node.target)
+        if isinstance(mod, nn.BatchNorm2d):
+            src = node.args[0]
+            if (
+                isinstance(src, fx.Node)
+                and src.op == "call_module"
+                and isinstance(modules.get(src.target), nn.Conv2d)
+                and len(src.users) == 1
+            ):
+                conv_bn[src.target] = node.target
+    layers = [LayerInfo(n, modules[n], i) for i, n in enumerate(order)]
+    return ModelGraph(layers, unsupported, gm, conv_bn)
+
+
+def fold_bn(model: nn.Module, graph: Optional[ModelGraph] = None) -> nn.Module:
+    """Return a copy with every BN that directly follows a conv folded into it (BN -> Identity).
+
+    ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta + (b - mean) * gamma / sqrt(var + eps)``.
+    The given model is not modified.
+    """
+    graph = graph or analyse(model)
+    folded = copy.deepcopy(model)
+    for conv_name, bn_name in graph.conv_bn.items():
+        conv = folded.get_submodule(conv_name)
+        bn = folded.get_submodule(bn_name)
+        with torch.no_grad():
+            inv = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            conv.weight.mul_(inv.reshape(-1, 1, 1, 1))
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            new_bias = bn.bias + (bias - bn.running_mean) * inv
+            conv.bias = nn.Parameter(new_bias.detach().clone())
+        folded.set_submodule(bn_name, nn.Identity())
+    return folded

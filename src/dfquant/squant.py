@@ -1,0 +1,115 @@
+"""SQuant: data-free rounding by a diagonal-Hessian argument (Guo et al., ICLR 2022).
+
+The paper approximates the loss change of a weight perturbation by the Hessian's diagonal blocks at
+three granularities (element, kernel, output channel), giving the CASE objective (Sec. 3.3, Eq. 9-11):
+each element's rounding error within 0.5 (E), the sum of the errors over each kernel (one input
+channel's K = kh*kw weights) within 0.5 (K), and the sum over each output channel within 0.5 (C).
+
+SQuant-E is round-to-nearest. SQuant-K (Alg. 1, "SQuant-K"): for a kernel whose error sum is ``e``,
+flip ``round(|e|)`` elements in the direction that reduces ``|e|`` (round-up if ``e < 0``), choosing
+the elements whose flip costs least, i.e. whose current error magnitude is largest (closest to 0.5).
+SQuant-C (Alg. 1, "SQuant-C"): each kernel then offers exactly one further flip that moves its
+residual ``r`` (``|r| <= 0.5``) across zero (so ``|r| <= 1`` afterwards); per output channel,
+``round(|sum r|)`` of those offers are taken, again cheapest first. As in the authors' code, a
+kernel's offer is the cheapest flip in that direction: the next element not yet flipped when the
+kernel was under-compensated, or undoing its last flip when it was over-compensated.
+
+Our implementation is vectorized over all kernels and channels at once (two sorts per level), with
+no Python loop over weights. Fully-connected and 1x1 layers have one element per kernel, so the K
+level is a no-op and the C level works on single elements (the paper treats FC as a 1x1 conv).
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import DfquantError
+
+
+def _flip_top(priority: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``count[r]`` largest non-negative entries of each row of ``priority``.
+
+    Priorities are made unique by a tiny index-dependent offset (far below any meaningful
+    difference), so a threshold at the count-th largest value selects exactly ``count`` entries
+    (fewer only where fewer are eligible). A threshold is cheaper than ranking by scatter,
+    and a top-k over the largest count is cheaper than a full sort.
+    """
+    n = priority.shape[1]
+    prio = priority.double() + torch.arange(n, 0, -1, device=priority.device, dtype=torch.float64) * 1e-12
+    k = count.clamp(0, n)
+    kmax = int(k.max()) if k.numel() else 0
+    if kmax == 0:
+        return torch.zeros_like(priority, dtype=torch.bool)
+    ranked = torch.topk(prio, kmax, dim=1, sorted=True).values  # only the top kmax are needed
+    thr = ranked.gather(1, (k - 1).clamp_min(0).unsqueeze(1))
+    return (prio >= thr) & (priority >= 0) & (k > 0).unsqueeze(1)
+
+
+def _priority(q, lo, hi, x, up: torch.Tensor) -> torch.Tensor:
+    """Cost-ordering of a flip in direction ``up`` (per row): |error| where movable, -1 where not.
+
+    An element can move up when it sits on the lower of its two candidates (q < hi), down when on
+    the upper (q > lo); a larger current |error| means a cheaper flip (new |error| = 1 - |error|).
+    """
+    movable = torch.where(up, q < hi, q > lo)
+    return (q - x).abs().masked_fill_(~movable, -1.0)
+
+
+def squant_round(
+    x: torch.Tensor, qmin: int, qmax: int, *, kernel: bool = True, channel: bool = True
+) -> torch.Tensor:
+    """SQuant rounding of weights already in grid units (``w / scale + zero_point``).
+
+    ``x`` has shape (out, in, *kernel) or (out, in). Returns integer-valued values in [qmin, qmax],
+    each the floor or the ceiling of ``x`` clamped to that range. Where clamping allows:
+    with ``kernel=True, channel=False`` every kernel's |sum(q - x)| <= 0.5; with ``channel=True``
+    every output channel's |sum(q - x)| <= 0.5 and every kernel's <= 1 (<= 0.5 for the
+    kernels the C level did not touch). ``kernel=False, channel=False`` is round-to-nearest (SQuant-E).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise DfquantError(
+            f"squant_round needs a tensor of shape (out, in, *kernel) or (out, in), got {getattr(x, 'shape', type(x))}"
+        )
+    if not qmin < qmax:
+        raise DfquantError(f"squant_round needs qmin < qmax, got {qmin}, {qmax}")
+    if not torch.isfinite(x).all():
+        raise DfquantError("squant_round got non-finite values (NaN or inf) in the weight")
+    shape = x.shape
+    out = shape[0]
+    ksize = x[0, 0].numel()
+    use_k = kernel and ksize > 1
+    # Rows are kernels. Without the K level each element is its own "kernel" for the C level,
+    # so the channel may pick any element, as in the authors' SQuant-C.
+    xf = x.detach().float().reshape(-1, ksize if use_k else 1)
+    lo = torch.clamp(torch.floor(xf), qmin, qmax)
+    hi = torch.clamp(torch.ceil(xf), qmin, qmax)
+    q = torch.clamp(torch.round(xf), qmin, qmax)
+
+    if use_k:
+        # K level: per kernel, flip round(|e|) elements towards reducing |e|, cheapest first.
+        e = (q - xf).sum(dim=1)
+        up = (e < 0).unsqueeze(1)
+        flips = _flip_top(_priority(q, lo, hi, xf, up), torch.round(e.abs()).long())
+        q += flips * (2.0 * up - 1.0)
+
+    if channel:
+        # C level: each kernel offers its cheapest flip that moves its residual across zero;
+        # per output channel take round(|sum|) offers, cheapest first.
+        r = (q - xf).sum(dim=1)
+        kernel_up = (r < 0).unsqueeze(1)
+        offer, offer_idx = _priority(q, lo, hi, xf, kernel_up).max(dim=1)
+        offer = offer.reshape(out, -1)
+        kernel_up = kernel_up.reshape(out, -1)
+        s = r.reshape(out, -1).double().sum(dim=1)
+        need_up = (s < 0).unsqueeze(1)
+        offer = offer.masked_fill(kernel_up != need_up, -1.0)
+        take = _flip_top(offer, torch.round(s.abs()).long())
+        step = (take * (2.0 * kernel_up - 1.0)).reshape(-1, 1)
+        q.scatter_add_(1, offer_idx.unsqueeze(1), step)
+
+    return q.reshape(shape).to(x.dtype)
+
+
+def rounding_error_sums(q: torch.Tensor, x: torch.Tensor):
+    """Max |sum(q - x)| over kernels and over output channels (the CASE objective's terms)."""
+    d = (q.double() - x.double()).reshape(x.shape[0], x.shape[1] if x.dim() > 1 else 1, -1)
+    return d.sum(dim=2).abs().max().item(), d.sum(dim=(1, 2)).abs().max().item()

@@ -1,0 +1,217 @@
+"""Data synthesis (Genie-D and the ZeroQ baseline) on the embedded digits CNN, at a tiny budget."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import pytest
+
+from dfquant.data import digits_model
+from dfquant.errors import DfquantError
+from dfquant.models import create_model
+from dfquant.synthesis import (
+    GenieGenerator,
+    SwingConv2d,
+    _apply_swing,
+    bn_statistics_loss,
+    load_images,
+    save_image_grid,
+    save_images,
+    synthesize,
+)
+
+TINY = dict(iters=60, batch_size=32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return digits_model()
+
+
+@pytest.fixture(scope="module")
+def synthetic(model):
+    return {m: synthesize(model, 32, method=m, seed=0, **TINY) for m in ("genie", "zeroq")}
+
+
+def _noise_like(x, seed=1):
+    return torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ["genie", "zeroq"])
+def test_bn_loss_clearly_below_noise(model, synthetic, method):
+    x = synthetic[method]
+    noise = _noise_like(x)
+    with torch.no_grad():
+        batch_x, batch_noise = bn_statistics_loss(model, x), bn_statistics_loss(model, noise)
+        ps_x, ps_noise = (bn_statistics_loss(model, t, per_sample=True) for t in (x, noise))
+    assert torch.isfinite(batch_x) and torch.isfinite(ps_x)
+    if method == "genie":  # Genie's objective: batch statistics
+        assert batch_x < 0.5 * batch_noise, (batch_x, batch_noise)
+    else:  # ZeroQ's objective: per-image statistics
+        assert ps_x < 0.2 * ps_noise, (ps_x, ps_noise)
+        assert batch_x < batch_noise, (batch_x, batch_noise)
+
+
+@pytest.mark.parametrize("method", ["genie", "zeroq"])
+def test_output_shape_dtype_device(model, synthetic, method):
+    x = synthetic[method]
+    assert x.shape == (32, 1, 8, 8)
+    assert x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
+    assert torch.isfinite(x).all()
+
+
+def test_uneven_batches_and_progress_bar(model):
+    x = synthesize(model, 10, batch_size=4, iters=3, progress=True)  # batches of 4, 3, 3
+    assert x.shape == (10, 1, 8, 8)
+    x = synthesize(model, 5, method="zeroq", batch_size=4, iters=2, progress=False)
+    assert x.shape == (5, 1, 8, 8)
+
+
+def test_genie_output_is_batch_normalized(model, synthetic):
+    # The generator ends in BN without affine parameters (training mode): per channel, over the
+    # batch, the returned images have mean 0 and (biased) variance 1.
+    x = synthetic["genie"]
+    assert x.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert (x.var(dim=(0, 2, 3), unbiased=False) - 1).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("method", ["genie", "zeroq"])
+def test_deterministic_for_a_seed(model, method):
+    kw = dict(method=method, iters=8, batch_size=8, progress=False)
+    a = synthesize(model, 8, seed=3, **kw)
+    b = synthesize(model, 8, seed=3, **kw)
+    c = synthesize(model, 8, seed=4, **kw)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_global_rng_untouched(model):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    synthesize(model, 4, iters=2, batch_size=4, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_callers_model_unchanged():
+    model = create_model("resnet20")  # random init is enough; it has two strided convs
+    strided = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.stride != (1, 1)}
+    assert len(strided) == 2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()  # the copy is put in eval mode, the caller's stays as it was
+    x = synthesize(model, 4, iters=2, batch_size=4, swing=True, progress=False)
+    assert x.shape == (4, 3, 32, 32)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(isinstance(m, SwingConv2d) for m in model.modules())
+    for name, conv in strided.items():
+        assert model.get_submodule(name) is conv and type(conv) is nn.Conv2d
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def test_swing_conv_shifts_strided_convs_only():
+    model = create_model("resnet20")
+    n = _apply_swing(model, torch.Generator().manual_seed(0))
+    swings = [m for m in model.modules() if isinstance(m, SwingConv2d)]
+    assert n == len(swings) == 2
+    assert all(s.conv.stride == (2, 2) for s in swings)
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    swing = SwingConv2d(conv, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 2, 8, 8)
+    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    candidates = [conv(padded[:, :, dy : dy + 8, dx : dx + 8]) for dy in range(3) for dx in range(3)]
+    seen = set()
+    with torch.no_grad():
+        for _ in range(60):
+            y = swing(x)
+            assert y.shape == conv(x).shape
+            hits = [i for i, c in enumerate(candidates) if torch.allclose(y, c)]
+            assert hits, "output is not the conv of a reflect-padded, shifted input"
+            seen.add(hits[0])
+    assert len(seen) > 3  # the shift really is random
+    one = torch.randn(1, 2, 1, 1)  # too small to reflect-pad: passed through unshifted
+    assert torch.equal(swing(one), conv(one))
+
+
+@pytest.mark.parametrize("size", [(1, 8, 8), (3, 32, 32), (3, 224, 224), (3, 30, 30)])
+def test_generator_sizes(size):
+    gen = GenieGenerator(size, latent_dim=8)  # small latent keeps the 224 linear layer light
+    with torch.no_grad():
+        y = gen(torch.randn(2, 8))
+    assert y.shape == (2, *size)
+
+
+def test_bn_loss_has_gradient_and_restores_mode(model):
+    model.train()
+    try:
+        running = [b.running_mean.clone() for b in model.modules() if isinstance(b, nn.BatchNorm2d)]
+        x = torch.randn(4, 1, 8, 8, requires_grad=True)
+        bn_statistics_loss(model, x).backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+        assert model.training
+        now = [b.running_mean for b in model.modules() if isinstance(b, nn.BatchNorm2d)]
+        assert all(torch.equal(a, b) for a, b in zip(running, now))
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+
+
+def test_errors(model):
+    no_bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+    with pytest.raises(DfquantError, match="has no BatchNorm layers: Genie/ZeroQ synthesis needs BN statistics"):
+        synthesize(no_bn, 4, input_size=(1, 8, 8), progress=False)
+    with pytest.raises(DfquantError, match="has no BatchNorm layers"):
+        bn_statistics_loss(no_bn, torch.randn(2, 1, 8, 8))
+    for bad_n in (0, -1, 2.5):
+        with pytest.raises(DfquantError, match="positive integer"):
+            synthesize(model, bad_n, progress=False)
+    with pytest.raises(DfquantError, match="unknown synthesis method"):
+        synthesize(model, 4, method="dream", progress=False)
+    with pytest.raises(DfquantError, match="unknown device"):
+        synthesize(model, 4, device="tpu", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(DfquantError, match="CUDA is not available"):
+            synthesize(model, 4, device="cuda", progress=False)
+    with pytest.raises(DfquantError, match="input size"):
+        synthesize(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)), 4, progress=False)
+    with pytest.raises(DfquantError, match="only to method='genie'"):
+        synthesize(model, 4, method="zeroq", lr_g=0.1, progress=False)
+    with pytest.raises(DfquantError, match="at least 2 images"):
+        synthesize(model, 1, progress=False)
+
+
+def test_save_images_round_trip(tmp_path, synthetic):
+    x = synthetic["genie"]
+    path = save_images(x, tmp_path / "sub" / "synthetic.safetensors", metadata={"method": "genie", "seed": 0})
+    assert path.exists()
+    assert [p.name for p in path.parent.iterdir()] == ["synthetic.safetensors"]  # no temp file left
+    y, meta = load_images(path, with_metadata=True)
+    assert torch.equal(x, y)
+    assert meta["method"] == "genie" and meta["seed"] == "0" and meta["shape"] == "32x1x8x8"
+    save_images(x[:4], path)  # overwrite in place
+    assert load_images(path).shape == (4, 1, 8, 8)
+    with pytest.raises(DfquantError, match="not found"):
+        load_images(tmp_path / "missing.safetensors")
+
+
+def test_png_grid(tmp_path, synthetic):
+    from PIL import Image
+
+    grey = save_image_grid(synthetic["zeroq"], tmp_path / "grey.png", nrow=8)
+    with Image.open(grey) as img:
+        img.load()
+        assert img.mode == "L" and img.size[0] > 8 * 8 and img.size[1] > 4 * 8
+    rgb = save_image_grid(
+        torch.randn(70, 3, 32, 32), tmp_path / "rgb.png", mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26)
+    )
+    with Image.open(rgb) as img:
+        img.load()
+        assert img.mode == "RGB"
+        # at most 64 images: 8 x 8 cells of 64 px (32 px enlarged x2) with 2 px gutters
+        assert img.size == (8 * 66 + 2, 8 * 66 + 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.png", "rgb.png"]
