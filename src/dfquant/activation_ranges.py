@@ -141,7 +141,7 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
     for node in gm.graph.nodes:
         out: Union[ChannelStats, None, str] = "unsupported op " + str(node.target)
         if node.op == "placeholder":
-            out = "the model input (image) has no BN statistics"
+            out = "the model input (image) has no BN statistics (give input_range to quantize it)"
         elif node.op == "call_module":
             mod = modules[node.target]
             src = get(node.args[0]) if node.args else None

@@ -51,6 +51,7 @@ class QuantConfig:
     n_sigma: Optional[float] = None  # for act_range="dfq"; None: DFQ_N_SIGMA[bits]
     quantize_first_input: bool = False  # the image: left in float by the paper's protocol
     first_input_bits: int = 8
+    input_range: Optional[Tuple[float, float]] = None  # the image's range, needed to quantize it
     last_input_bits: Optional[int] = 8  # the classifier's input: 8 bits by the paper's protocol
     first_last_w_bits: Optional[int] = None  # None: same as w_bits (SQuant quantizes all layers)
     per_channel: bool = True
@@ -177,6 +178,9 @@ def _input_quantizer(name: str, first: str, last: str, cfg: QuantConfig, ranges:
     bits = cfg.last_input_bits if (name == last and cfg.last_input_bits) else cfg.a_bits
     if name == first:
         bits = cfg.first_input_bits
+        if cfg.input_range is not None:
+            lo, hi = (float(v) for v in cfg.input_range)
+            return ActQuantizer(bits, lo, hi), (lo, hi), bits
     found = ranges.get(name)
     if found is None or found.stats is None:
         report.float_inputs.append((name, found.reason if found is not None else "layer not reached in the traced graph"))

@@ -97,5 +97,7 @@ def fold_bn(model: nn.Module, graph: Optional[ModelGraph] = None) -> nn.Module:
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
             new_bias = bn.bias + (bias - bn.running_mean) * inv
             conv.bias = nn.Parameter(new_bias.detach().clone())
-        folded.set_submodule(bn_name, nn.Identity())
+        ident = nn.Identity()
+        ident._dfquant_folded = True  # type: ignore[attr-defined]  # remembered when saving
+        folded.set_submodule(bn_name, ident)
     return folded

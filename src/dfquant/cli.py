@@ -1,0 +1,282 @@
+"""Command-line interface: wiring only (argument parsing, loading, printing)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+from .errors import DfquantError
+
+
+def _bits_or_none(s: str) -> Optional[int]:
+    if s.lower() in ("none", "fp", "float", "fp32"):
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer 2..8 or 'none', got {s!r}") from None
+
+
+def _add_quant_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="squant", help="rtn, squant, squant-e, squant-k, squant-c, genie, zeroq (default squant)")
+    p.add_argument("--w-bits", type=int, default=4, help="weight bit-width, 2..8 (default 4)")
+    p.add_argument("--a-bits", type=_bits_or_none, default=4, help="activation bit-width 2..8, or 'none' for weight-only (default 4)")
+    p.add_argument("--no-kernel", action="store_true", help="SQuant: disable the kernel (K) level")
+    p.add_argument("--no-channel", action="store_true", help="SQuant: disable the output-channel (C) level")
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding conv before quantizing")
+    p.add_argument("--act-range", default="dfq", choices=["dfq", "mse"], help="BN-statistics range rule (default dfq)")
+    p.add_argument("--n-sigma", type=float, default=None, help="dfq rule: n in beta + n*gamma (default per bit-width)")
+    p.add_argument("--quantize-first-input", action="store_true", help="also quantize the image input (8 bits)")
+    p.add_argument("--last-input-bits", type=_bits_or_none, default=8, help="bits of the classifier's input (default 8; 'none': same as --a-bits)")
+    p.add_argument("--skip", action="append", default=[], help="leave this layer in float (repeatable)")
+    g = p.add_argument_group("learned methods (genie, zeroq)")
+    g.add_argument("--init", default="rtn", choices=["rtn", "squant"], help="rounding that reconstruction starts from")
+    g.add_argument("--samples", type=int, default=None, help="number of synthetic images")
+    g.add_argument("--distill-iters", type=int, default=None, help="synthesis iterations per batch")
+    g.add_argument("--recon-iters", type=int, default=None, help="reconstruction iterations per block")
+    g.add_argument("--act-calib", default=None, choices=["bn", "data"], help="activation ranges from BN statistics or synthetic data")
+    g.add_argument("--save-synthetic", default=None, help="write the synthetic images to this file")
+    g.add_argument("--synthetic", default=None, help="use the synthetic images in this file instead of synthesizing")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run synthesis and reconstruction")
+    g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same quantized model)")
+
+
+def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="registered model name (see `dfquant list`)")
+    p.add_argument("--weights", default=None, help="checkpoint file (.pth/.th/.safetensors)")
+    p.add_argument("--random-init", action="store_true", help="use random weights (timing only)")
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval", default=None, choices=["digits", "cifar10", "imagenet", "none"], help="evaluation data (default: the model's own dataset)")
+    p.add_argument("--data", default=None, help="evaluation data path (.npz for cifar10, a folder for imagenet)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfquant", description="Data-free quantization of trained PyTorch CNNs.")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the embedded default: digits CNN, FP32 vs RTN vs SQuant-E/K/C at W8A8/W6A6/W4A4")
+    d.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    d.add_argument("--retrain", action="store_true", help="retrain the digits CNN instead of using the cached one")
+
+    q = sub.add_parser("quantize", help="quantize a model, evaluate it, optionally save it")
+    _add_model_options(q)
+    _add_quant_options(q)
+    _add_eval_options(q)
+    q.add_argument("--out", default=None, help="save the quantized model to FILE.safetensors (+ FILE.json)")
+    q.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    q.add_argument("--report", action="store_true", help="print the per-layer report table")
+
+    e = sub.add_parser("evaluate", help="load a saved quantized model (or a float one) and evaluate it")
+    e.add_argument("file", nargs="?", help="a .safetensors file written by `dfquant quantize --out`")
+    _add_model_options(e, required=False)
+    _add_eval_options(e)
+    e.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("synthesize", help="distil synthetic images from a model's BN statistics (Genie-D or ZeroQ)")
+    _add_model_options(s)
+    s.add_argument("-n", type=int, default=256, help="number of images")
+    s.add_argument("--method", default="genie", choices=["genie", "zeroq"])
+    s.add_argument("--iters", type=int, default=None, help="iterations per batch")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output file (.safetensors); a PNG grid is written beside it")
+
+    sub.add_parser("list", help="list models and methods")
+    return parser
+
+
+def _load_model(args) -> Any:
+    from .assets import CIFAR_RESNET_WEIGHTS, asset_path
+    from .data import digits_model
+    from .models import create_model, model_spec
+
+    spec = model_spec(args.model)
+    if args.model == "digits_cnn" and args.weights is None and not args.random_init:
+        return digits_model(progress=args.progress_on)
+    if args.random_init:
+        return create_model(args.model)
+    weights = args.weights
+    if weights is None and args.model in CIFAR_RESNET_WEIGHTS:
+        found = asset_path(CIFAR_RESNET_WEIGHTS[args.model])
+        weights = str(found) if found else None
+    if weights is None:
+        raise DfquantError(f"--weights PATH is required for {spec.name} (dfquant ships no pretrained weights; --random-init for timing)")
+    return create_model(args.model, weights=weights)
+
+
+def _eval_data(args, dataset: str):
+    from .data import load_eval_data
+
+    name = args.eval or dataset
+    if name == "none":
+        return None
+    return load_eval_data(name, args.data, limit=args.limit)
+
+
+def _genie_options(args) -> Dict[str, Any]:
+    opts: Dict[str, Any] = {}
+    for key in ("samples", "distill_iters", "recon_iters", "act_calib", "save_synthetic"):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    if args.synthetic:
+        from .synthesis import load_images
+
+        opts["synthetic"] = load_images(args.synthetic)
+    opts["device"] = args.device
+    opts["seed"] = args.seed
+    return opts
+
+
+def cmd_quantize(args) -> int:
+    import dfquant
+    from .models import model_spec
+    from .serialization import save_quantized
+
+    spec = model_spec(args.model)
+    model = _load_model(args)
+    data = _eval_data(args, spec.dataset)
+    options: Dict[str, Any] = dict(
+        squant_kernel=not args.no_kernel,
+        squant_channel=not args.no_channel,
+        fold_bn=args.fold_bn,
+        act_range=args.act_range,
+        n_sigma=args.n_sigma,
+        quantize_first_input=args.quantize_first_input,
+        last_input_bits=args.last_input_bits,
+        skip=tuple(args.skip),
+        init=args.init,
+    )
+    if args.method in ("genie", "zeroq"):
+        options.update(_genie_options(args))
+    result: Dict[str, Any] = {"model": args.model, "method": args.method, "w_bits": args.w_bits, "a_bits": args.a_bits}
+    if data is not None:
+        fp = dfquant.evaluate(model, data, progress=args.progress_on)
+        result.update(fp32_top1=fp["top1"], fp32_top5=fp["top5"], n_eval=fp["n"])
+    t = time.perf_counter()
+    qmodel, report = dfquant.quantize(model, args.method, args.w_bits, args.a_bits, progress=args.progress_on, **options)
+    result["quant_time_s"] = time.perf_counter() - t
+    result["weight_time_s"] = report.weight_time_s
+    if data is not None:
+        qa = dfquant.evaluate(qmodel, data, progress=args.progress_on)
+        result.update(quant_top1=qa["top1"], quant_top5=qa["top5"])
+    result["float_inputs"] = [n for n, _ in report.float_inputs]
+    result["unsupported_layers"] = report.unsupported
+    if "genie" in report.config:
+        result["genie"] = {k: v for k, v in report.config["genie"].items() if k != "units"}
+    if args.out:
+        paths = save_quantized(qmodel, args.out, model_name=args.model, config=report.config, report=report.to_dict())
+        result["out"] = str(paths[0])
+    if args.json:
+        print(json.dumps(result, default=str))
+        return 0
+    if args.report:
+        print(report.format_table())
+        print()
+    bits = f"W{args.w_bits}A{args.a_bits if args.a_bits else 'fp'}"
+    print(f"{args.model} {args.method} {bits}: quantized in {result['quant_time_s']:.2f} s (weight rounding {report.weight_time_s * 1000:.1f} ms)")
+    if data is not None:
+        print(f"  FP32 top-1 {result['fp32_top1']:.2f} %   quantized top-1 {result['quant_top1']:.2f} %   ({result['n_eval']} images)")
+    if report.float_inputs:
+        print(f"  inputs left in float: {', '.join(n for n, _ in report.float_inputs)} (see --report)")
+    if report.unsupported:
+        print(f"  unsupported layers left in float: {', '.join(report.unsupported)}")
+    if args.out:
+        print(f"  saved {paths[0]} and {paths[1]}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import dfquant
+    from .models import model_spec
+    from .serialization import load_quantized
+
+    if args.file:
+        qmodel, info = load_quantized(args.file)
+        name = info.get("model_name")
+        dataset = model_spec(name).dataset if name else "digits"
+        what = f"{args.file} ({name}, {info['config'].get('method')} W{info['config'].get('w_bits')}A{info['config'].get('a_bits')})"
+    elif args.model:
+        qmodel = _load_model(args)
+        dataset = model_spec(args.model).dataset
+        what = f"{args.model} (float)"
+    else:
+        raise DfquantError("give a quantized model file or --model NAME")
+    data = _eval_data(args, dataset)
+    if data is None:
+        raise DfquantError("nothing to evaluate on: choose --eval")
+    res = dfquant.evaluate(qmodel, data, progress=args.progress_on)
+    if args.json:
+        print(json.dumps(dict(res, file=args.file, model=args.model)))
+    else:
+        print(f"{what}: top-1 {res['top1']:.2f} %, top-5 {res['top5']:.2f} % on {res['n']} images")
+    return 0
+
+
+def cmd_synthesize(args) -> int:
+    from pathlib import Path
+
+    from .synthesis import save_image_grid, save_images, synthesize
+
+    model = _load_model(args)
+    kw: Dict[str, Any] = {}
+    if args.iters is not None:
+        kw["iters"] = args.iters
+    if args.batch_size is not None:
+        kw["batch_size"] = args.batch_size
+    t = time.perf_counter()
+    images = synthesize(model, args.n, method=args.method, device=args.device, seed=args.seed, progress=args.progress_on, **kw)
+    dt = time.perf_counter() - t
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(".safetensors")
+    save_images(images, out, metadata={"model": args.model, "method": args.method, "seed": args.seed})
+    png = out.with_suffix(".png")
+    save_image_grid(images, png)
+    print(f"wrote {len(images)} images to {out} and a grid of the first {min(64, len(images))} to {png} ({dt:.1f} s)")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .api import METHODS
+    from .models import list_models, model_spec
+
+    print("models:")
+    for name in list_models():
+        s = model_spec(name)
+        print(f"  {name:<14} {s.dataset:<9} input {s.input_size}")
+    print("methods: " + ", ".join(METHODS))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(json_out=args.json, progress=args.progress_on, retrain=args.retrain)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.progress_on = (args.progress or sys.stderr.isatty()) and not args.no_progress
+    handlers = {"quantize": cmd_quantize, "evaluate": cmd_evaluate, "synthesize": cmd_synthesize, "list": cmd_list, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except DfquantError as exc:
+        print(f"dfquant: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dfquant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

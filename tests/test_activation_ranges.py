@@ -1,0 +1,88 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import dfquant
+from dfquant.activation_ranges import ChannelStats, DFQ_N_SIGMA, expected_quant_mse, propagate_bn_stats, stats_range
+from dfquant.graph import analyse
+from dfquant.models import create_model
+
+
+@pytest.mark.parametrize("lo,hi", [(None, None), (0.0, None), (0.0, 6.0), (-1.0, 1.0)])
+def test_clipped_gaussian_moments_match_sampling(lo, hi):
+    g = torch.Generator().manual_seed(0)
+    mu = torch.tensor([-1.0, 0.0, 0.5, 3.0])
+    s = torch.tensor([0.5, 1.0, 2.0, 1.5])
+    x = mu + s * torch.randn(400_000, 4, generator=g)
+    if lo is not None or hi is not None:
+        x = x.clamp(min=lo, max=hi)
+    m, v = ChannelStats(mu, s, lo, hi).moments()
+    assert torch.allclose(m, x.mean(0), atol=0.02)
+    assert torch.allclose(v, x.var(0), rtol=0.03, atol=0.02)
+
+
+def test_dfq_rule_is_beta_plus_n_gamma():
+    st = ChannelStats(torch.tensor([0.5, 1.0]), torch.tensor([2.0, 0.5]), 0.0, None)
+    lo, hi = stats_range(st, 4, "dfq")
+    assert lo == 0.0 and hi == pytest.approx(0.5 + DFQ_N_SIGMA[4] * 2.0)
+    assert stats_range(st, 4, "dfq", n_sigma=1.0)[1] == pytest.approx(2.5)
+    relu6 = ChannelStats(torch.tensor([3.0]), torch.tensor([4.0]), 0.0, 6.0)
+    assert stats_range(relu6, 8, "dfq")[1] == 6.0
+
+
+def test_mse_rule_minimises_expected_error():
+    st = ChannelStats(torch.tensor([0.0]), torch.tensor([1.0]), 0.0, None)
+    lo, hi = stats_range(st, 4, "mse")
+    errs = expected_quant_mse(st, torch.zeros(3), torch.tensor([hi * 0.7, hi, hi * 1.4]), 4)
+    assert errs[1] < errs[0] and errs[1] < errs[2]
+    # fewer bits -> tighter clip
+    assert stats_range(st, 2, "mse")[1] < hi < stats_range(st, 8, "mse")[1]
+
+
+def _ranges(model):
+    g = analyse(model)
+    return propagate_bn_stats(g.traced, model.input_size)
+
+
+def test_every_resnet_input_but_the_image_gets_a_range():
+    r = _ranges(create_model("resnet20"))
+    assert r["conv1"].stats is None and "image" in r["conv1"].reason
+    missing = [k for k, v in r.items() if v.stats is None and k != "conv1"]
+    assert missing == []
+    # option-A shortcut: the residual sum after layer2.0 has 32 channels built from 16 + zero padding
+    assert r["layer2.1.conv1"].stats.mu.numel() == 32
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
+def test_imagenet_models_get_ranges(name):
+    r = _ranges(create_model(name))
+    assert [k for k, v in r.items() if v.stats is None] == [next(iter(r))]
+
+
+def test_residual_add_combines_both_branches():
+    m = create_model("resnet20")
+    with torch.no_grad():
+        m.layer1[0].bn2.bias.fill_(5.0)  # shift one branch: the next block's input mean must follow
+    r = _ranges(m)
+    base = _ranges(create_model("resnet20"))
+    assert r["layer1.1.conv1"].stats.mu.mean() > base["layer1.1.conv1"].stats.mu.mean() + 3
+
+
+class NoBNAfterConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3)
+        self.conv3 = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.conv3(torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x))))))
+
+
+def test_input_without_bn_statistics_is_reported_and_left_float():
+    m = NoBNAfterConv().eval()
+    q, report = dfquant.quantize(m, "squant", 4, 4, input_size=(1, 8, 8))
+    reasons = dict(report.float_inputs)
+    assert "conv3" in reasons and "no BN" in reasons["conv3"]
+    assert q.conv3.input_quant is None and q.conv2.input_quant is not None

@@ -1,0 +1,127 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import dfquant
+from dfquant.errors import DfquantError
+from dfquant.qmodules import QuantConv2d, QuantLinear
+
+
+def test_quantize_returns_new_model_and_keeps_original(digits):
+    model, _ = digits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q, report = dfquant.quantize(model, "squant", 4, 4)
+    assert q is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, (QuantConv2d, QuantLinear)) for m in model.modules())
+    qlayers = [m for m in q.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    assert len(qlayers) == 4 == len(report.layers)
+    for m in qlayers:
+        assert m.weight_int.dtype == torch.int8
+        assert int(m.weight_int.min()) >= -8 and int(m.weight_int.max()) <= 7
+
+
+def test_protocol_first_input_float_last_input_8bit(digits):
+    q, report = dfquant.quantize(digits[0], "squant", 4, 4)
+    assert q.conv1.input_quant is None
+    assert q.conv2.input_quant.bits == 4 and q.fc.input_quant.bits == 8
+    assert report.float_inputs[0][0] == "conv1"
+    q2, report2 = dfquant.quantize(digits[0], "squant", 4, 4, quantize_first_input=True, last_input_bits=None)
+    assert q2.fc.input_quant.bits == 4
+    # the image has no BN statistics: without a given range it stays float, and the report says why
+    assert q2.conv1.input_quant is None and "input_range" in dict(report2.float_inputs)["conv1"]
+    q3, _ = dfquant.quantize(digits[0], "squant", 4, 4, quantize_first_input=True, input_range=(-1.0, 1.0))
+    assert q3.conv1.input_quant.bits == 8 and q3.conv1.input_quant.range == pytest.approx((-1.0, 1.0), abs=0.01)
+
+
+def test_report_contents(digits):
+    _, report = dfquant.quantize(digits[0], "squant", 4, 4)
+    d = report.to_dict()
+    assert d["method"] == "squant" and d["w_bits"] == 4
+    for row in report.layers:
+        assert row.channel_err_max <= 0.5 + 1e-4 and row.kernel_err_max <= 1.0 + 1e-4
+        assert 0 < row.rel_weight_error < 0.5
+    table = report.format_table()
+    assert "conv2" in table and "inputs left in float" in table
+
+
+def test_weight_only(digits):
+    q, report = dfquant.quantize(digits[0], "rtn", 8, None)
+    assert all(r.a_bits is None for r in report.layers)
+    x, y = digits[1]
+    assert dfquant.evaluate(q, (x, y))["top1"] >= dfquant.evaluate(digits[0], (x, y))["top1"] - 1.0
+
+
+def test_w8a8_close_to_fp32_on_digits(digits):
+    model, data = digits
+    fp = dfquant.evaluate(model, data)["top1"]
+    q, _ = dfquant.quantize(model, "squant", 8, 8)
+    assert dfquant.evaluate(q, data)["top1"] >= fp - 0.6
+
+
+def test_same_call_same_model(digits):
+    a, _ = dfquant.quantize(digits[0], "squant", 4, 4)
+    b, _ = dfquant.quantize(digits[0], "squant", 4, 4)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_fold_bn_option(digits):
+    q, report = dfquant.quantize(digits[0], "squant", 8, 8, fold_bn=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
+    assert len(report.folded_bn) == 3
+    x, y = digits[1]
+    assert dfquant.evaluate(q, (x, y))["top1"] >= dfquant.evaluate(digits[0], (x, y))["top1"] - 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="nope"), "unknown method"),
+        (dict(w_bits=1), "w_bits must be between 2 and 8"),
+        (dict(a_bits=9), "a_bits must be between 2 and 8"),
+        (dict(act_range="percentile"), "unknown activation range"),
+        (dict(skip=("nolayer",)), "names no quantizable layer"),
+        (dict(bogus=1), "unknown option"),
+    ],
+)
+def test_bad_arguments(digits, kwargs, match):
+    args = dict(method="squant", w_bits=4, a_bits=4)
+    args.update(kwargs)
+    with pytest.raises(DfquantError, match=match):
+        dfquant.quantize(digits[0], **args)
+
+
+def test_model_without_bn_needs_weight_only():
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(DfquantError, match="no BatchNorm"):
+        dfquant.quantize(m, "squant", 4, 4)
+    q, _ = dfquant.quantize(m, "squant", 4, None)
+    assert q(torch.randn(1, 1, 4, 4)).shape == (1, 2)
+
+
+def test_not_a_module():
+    with pytest.raises(DfquantError, match="torch.nn.Module"):
+        dfquant.quantize("resnet20", "squant", 4, 4)
+
+
+# --- the real CIFAR-10 ResNet-20 (skips without ../shared) -------------------------------------
+
+
+def test_cifar_resnet20_fp32_accuracy(resnet20, cifar10):
+    assert dfquant.evaluate(resnet20, cifar10)["top1"] == pytest.approx(91.73, abs=0.01)
+
+
+def test_cifar_resnet20_w8a8_within_half_point(resnet20, cifar10):
+    fp = dfquant.evaluate(resnet20, cifar10)["top1"]
+    q, _ = dfquant.quantize(resnet20, "squant", 8, 8)
+    assert dfquant.evaluate(q, cifar10)["top1"] >= fp - 0.5
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 4), (3, None)])
+def test_cifar_resnet20_squant_beats_rtn_at_low_bits(resnet20, cifar10, w_bits, a_bits):
+    rtn, _ = dfquant.quantize(resnet20, "rtn", w_bits, a_bits)
+    sq, _ = dfquant.quantize(resnet20, "squant", w_bits, a_bits)
+    a_rtn = dfquant.evaluate(rtn, cifar10)["top1"]
+    a_sq = dfquant.evaluate(sq, cifar10)["top1"]
+    assert a_sq > a_rtn + 1.0, (a_sq, a_rtn)

@@ -1,0 +1,187 @@
+"""Genie-M reconstruction on the embedded digits CNN, at a tiny budget (CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dfquant
+from dfquant.data import digits_model, load_digits_split
+from dfquant.errors import DfquantError
+from dfquant.evaluate import evaluate
+from dfquant.genie import find_units, initial_rounding
+from dfquant.qmodules import QUANT_LAYERS
+from dfquant.quantizer import minmax_params, qrange, to_grid
+from dfquant.squant import squant_round
+from dfquant.synthesis import synthesize
+
+TINY = dict(samples=64, distill_iters=20, distill_batch=32, batch_size=16, device="cpu", seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The CPUs here are shared: two OpenMP threads contending with other processes are many
+    # times slower than one on these tiny convolutions. Restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return digits_model()
+
+
+@pytest.fixture(scope="module")
+def images(model):
+    return synthesize(model, 64, method="genie", iters=20, batch_size=32, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def genie_run(model, images):
+    return dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, synthetic=images, recon_iters=80, **TINY)
+
+
+def _test_acc(q):
+    _, test = load_digits_split()
+    return evaluate(q, test)["top1"]
+
+
+def test_units_and_loss_record(genie_run):
+    q, report = genie_run
+    info = report.config["genie"]
+    assert [u["name"] for u in info["units"]] == ["conv1", "conv2", "conv3", "fc"]
+    for u in info["units"]:
+        assert u["after"] < u["before"], u  # each unit's output error drops from its start
+    assert info["reconstruction_time_s"] > 0 and "synthesis_time_s" in info
+    assert any("Genie-M" in n for n in report.notes)
+
+
+def test_result_is_a_valid_quantized_model(model, genie_run):
+    q, report = genie_run
+    layers = [m for m in q.modules() if isinstance(m, QUANT_LAYERS)]
+    assert len(layers) == 4
+    for lay in layers:
+        lo, hi = qrange(lay.w_bits, True)
+        assert lay.weight_int.dtype == torch.int8
+        assert int(lay.weight_int.min()) >= lo and int(lay.weight_int.max()) <= hi
+        assert torch.all(lay.weight_scale > 0)
+        if lay.input_quant is not None:
+            assert float(lay.input_quant.scale) > 0
+    assert q.conv1.input_quant is None and q.fc.input_quant.bits == 8  # protocol kept
+    x = torch.randn(5, 1, 8, 8)
+    assert q(x).shape == (5, 10)
+    rtn, _ = dfquant.quantize(model, "rtn", 4, 4)
+    assert _test_acc(q) >= _test_acc(rtn) - 1.5
+    # the per-layer report follows the new weights
+    for entry in report.layers:
+        lay = q.get_submodule(entry.name)
+        w = model.get_submodule(entry.name).weight.detach()
+        assert entry.rel_weight_error == pytest.approx(float((lay.weight - w).norm() / w.norm()), rel=1e-5)
+
+
+def test_caller_model_untouched(model, images):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, synthetic=images, recon_iters=5, **TINY)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_same_seed_same_model(model, genie_run, images):
+    q2, _ = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, synthetic=images, recon_iters=80, **TINY)
+    s1, s2 = genie_run[0].state_dict(), q2.state_dict()
+    assert s1.keys() == s2.keys()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_synthesis_inside_is_deterministic(model):
+    opts = dict(TINY, samples=32, distill_iters=5, recon_iters=3)
+    a, ra = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, **opts)
+    b, _ = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, **opts)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert ra.config["genie"]["data"]["source"].startswith("synthesized")
+
+
+@pytest.mark.parametrize("init", ["rtn", "squant"])
+def test_zero_iterations_keeps_the_initial_codes(model, images, init):
+    q, report = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, init=init, synthetic=images, recon_iters=0, **TINY)
+    ref, _ = dfquant.quantize(model, init, 4, 4)
+    for name, lay in q.named_modules():
+        if isinstance(lay, QUANT_LAYERS):
+            other = ref.get_submodule(name)
+            assert torch.equal(lay.weight_int, other.weight_int), name
+            assert torch.equal(lay.weight_scale, other.weight_scale)
+            if lay.input_quant is not None:
+                assert torch.equal(lay.input_quant.scale, other.input_quant.scale)
+    for u in report.config["genie"]["units"]:
+        assert u["before"] == u["after"] and u["codes_changed"] == 0
+
+
+def test_squant_start_differs_from_rtn_start(model, images):
+    a, _ = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, init="squant", synthetic=images, recon_iters=0, **TINY)
+    b, _ = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, init="rtn", synthetic=images, recon_iters=0, **TINY)
+    assert not torch.equal(a.conv3.weight_int, b.conv3.weight_int)
+
+
+def test_initial_rounding_reproduces_codes_exactly():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 8, 3, 3, generator=g)
+    qp = minmax_params(w, 3)
+    grid = to_grid(w, qp)
+    for codes in (torch.clamp(torch.round(grid), qp.qmin, qp.qmax), squant_round(grid, qp.qmin, qp.qmax)):
+        base, v = initial_rounding(w, codes, qp.scale, qp.zero_point, 3)
+        assert torch.equal(torch.clamp(base + (v >= 0).float(), qp.qmin, qp.qmax), codes)
+        assert torch.isfinite(v).all()
+        # the soft value starts at the float weight wherever the code is round-to-nearest
+        frac = grid - base
+        same = (codes == torch.round(grid)) & ((frac - 0.5).abs() > 0.02) & (grid > qp.qmin) & (grid < qp.qmax)
+        h = torch.clamp(torch.sigmoid(v) * 1.2 - 0.1, 0, 1)
+        assert torch.allclose(h[same], frac[same], atol=1e-5)
+
+
+def test_act_calib_data_and_zeroq(model, images, tmp_path):
+    path = tmp_path / "imgs.safetensors"
+    q, report = dfquant.quantize(
+        model, method="zeroq", w_bits=4, a_bits=4, act_calib="data", recon_iters=10, save_synthetic=str(path), **dict(TINY, samples=32, distill_iters=5)
+    )
+    info = report.config["genie"]
+    assert info["data"]["source"] == "synthesized (zeroq)" and path.exists()
+    assert all("after_act_calib" in u for u in info["units"] if u["name"] != "conv1")
+    # a saved file can be given back as the synthetic data
+    q2, r2 = dfquant.quantize(model, method="zeroq", w_bits=4, a_bits=4, act_calib="data", recon_iters=10, synthetic=str(path), **TINY | dict(samples=32))
+    assert r2.config["genie"]["data"]["source"] == "given"
+    assert all(torch.equal(q.state_dict()[k], q2.state_dict()[k]) for k in q.state_dict())
+
+
+def test_find_units_blocks():
+    from dfquant.models import create_model
+
+    qr, _ = dfquant.quantize(create_model("resnet20"), "rtn", 4, 4)
+    units = find_units(qr)
+    names = [u for u, _ in units]
+    assert names[0] == "conv1" and names[-1] == "linear"
+    assert "layer1.0" in names and "layer3.2" in names and len(names) == 11
+    assert dict(units)["layer2.0"] == ["layer2.0.conv1", "layer2.0.conv2"]
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(recon_iter=5),  # misspelt
+        dict(act_calib="mse"),
+        dict(budget="tpu"),
+        dict(device="tpu"),
+        dict(recon_iters=-1),
+        dict(drop_prob=1.5),
+        dict(beta=(20.0,)),
+    ],
+)
+def test_bad_options_raise(model, images, opts):
+    with pytest.raises(DfquantError):
+        dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, synthetic=images, **dict(TINY, **opts))
+
+
+def test_options_rejected_for_rounding_methods(model):
+    with pytest.raises(DfquantError):
+        dfquant.quantize(model, "rtn", 4, 4, recon_iters=3)

@@ -1,0 +1,112 @@
+"""SQuant's guarantees (CASE objective, Guo et al. 2022 Sec. 3.3): checked as properties."""
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+import dfquant
+from dfquant.errors import DfquantError
+from dfquant.quantizer import minmax_params, to_grid
+from dfquant.squant import rounding_error_sums, squant_round
+
+TOL = 1e-4
+
+
+def _case(seed, out, inp, k, bits, spread):
+    g = torch.Generator().manual_seed(seed)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    shape = (out, inp) if k == 0 else (out, inp, k, k)
+    # in range, away from the clamp, so every guarantee applies
+    x = qmin + 0.5 + torch.rand(shape, generator=g) * (qmax - qmin - 1) * spread
+    return x, qmin, qmax
+
+
+shapes = st.tuples(
+    st.integers(0, 10_000), st.integers(1, 12), st.integers(1, 24), st.sampled_from([0, 1, 3, 5]), st.integers(2, 8), st.floats(0.05, 1.0)
+)
+
+
+def _is_floor_or_ceil(q, x, qmin, qmax):
+    return bool(((q == torch.floor(x).clamp(qmin, qmax)) | (q == torch.ceil(x).clamp(qmin, qmax))).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes)
+def test_kernel_level_sums_within_half(case):
+    x, qmin, qmax = _case(*case)
+    q = squant_round(x, qmin, qmax, kernel=True, channel=False)
+    assert _is_floor_or_ceil(q, x, qmin, qmax)
+    k_err, _ = rounding_error_sums(q, x)
+    assert k_err <= 0.5 + TOL
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes)
+def test_channel_level_sums_within_half_kernels_within_one(case):
+    x, qmin, qmax = _case(*case)
+    q = squant_round(x, qmin, qmax, kernel=True, channel=True)
+    assert _is_floor_or_ceil(q, x, qmin, qmax)
+    assert q.min() >= qmin and q.max() <= qmax
+    k_err, c_err = rounding_error_sums(q, x)
+    assert c_err <= 0.5 + TOL
+    assert k_err <= 1.0 + TOL
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_channel_only_sums_within_half(case):
+    x, qmin, qmax = _case(*case)
+    q = squant_round(x, qmin, qmax, kernel=False, channel=True)
+    assert _is_floor_or_ceil(q, x, qmin, qmax)
+    assert rounding_error_sums(q, x)[1] <= 0.5 + TOL
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes)
+def test_element_level_is_round_to_nearest(case):
+    x, qmin, qmax = _case(*case)
+    q = squant_round(x, qmin, qmax, kernel=False, channel=False)
+    assert torch.equal(q, torch.clamp(torch.round(x), qmin, qmax))
+
+
+def test_out_of_range_values_stay_in_range():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 3, 3) * 10
+    q = squant_round(x, -8, 7)
+    assert q.min() >= -8 and q.max() <= 7
+    assert _is_floor_or_ceil(q, x, -8, 7)
+
+
+def test_kernel_and_channel_sums_beat_rtn_on_real_grid():
+    torch.manual_seed(1)
+    w = torch.randn(32, 16, 3, 3)
+    qp = minmax_params(w, 4)
+    x = to_grid(w, qp)
+    rtn = torch.clamp(torch.round(x), qp.qmin, qp.qmax)
+    sq = squant_round(x, qp.qmin, qp.qmax)
+    assert rounding_error_sums(sq, x)[1] < rounding_error_sums(rtn, x)[1]
+    # each element still moves by at most one step from its real value
+    assert (sq - x).abs().max() < 1.0
+
+
+def test_deterministic():
+    x = torch.rand(16, 8, 3, 3) * 14 - 7
+    assert torch.equal(squant_round(x, -8, 7), squant_round(x.clone(), -8, 7))
+
+
+def test_public_signature():
+    out = dfquant.squant_round(torch.rand(4, 3) * 6, 0, 7, kernel=True, channel=True)
+    assert out.shape == (4, 3)
+
+
+@pytest.mark.parametrize("bad", [torch.rand(5), torch.tensor(3.0)])
+def test_bad_shape(bad):
+    with pytest.raises(DfquantError, match="shape"):
+        squant_round(bad, -8, 7)
+
+
+def test_bad_values():
+    with pytest.raises(DfquantError, match="non-finite"):
+        squant_round(torch.tensor([[float("nan"), 1.0]]), -8, 7)
+    with pytest.raises(DfquantError, match="qmin < qmax"):
+        squant_round(torch.rand(2, 2), 3, 3)
