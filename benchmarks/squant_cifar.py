@@ -73,11 +73,12 @@ def main() -> None:
         for w, a in SETTINGS:
             for method, label in METHODS:
                 q, report = dfquant.quantize(model, method, w, a)
-                acc = dfquant.evaluate(q, data)["top1"]
+                ev = dfquant.evaluate(q, data, reference=model)
+                acc, agree = ev["top1"], ev["agree_top1"]
                 total = best_time(lambda: dfquant.quantize(model, method, w, a), args.repeat)
                 weight = min(dfquant.quantize(model, method, w, a)[1].weight_time_s for _ in range(args.repeat))
-                rows.append({"setting": f"W{w}A{a}", "method": label, "top1": acc, "drop": acc - fp, "quantize_s": total, "rounding_s": weight})
-                print(f"{name} W{w}A{a} {label:<9} {acc:6.2f} ({acc - fp:+.2f})  quantize {total:.3f}s rounding {weight * 1000:.1f}ms", flush=True)
+                rows.append({"setting": f"W{w}A{a}", "method": label, "top1": acc, "drop": acc - fp, "agree_top1": agree, "quantize_s": total, "rounding_s": weight})
+                print(f"{name} W{w}A{a} {label:<9} {acc:6.2f} ({acc - fp:+.2f}) agree {agree:6.2f}  quantize {total:.3f}s rounding {weight * 1000:.1f}ms", flush=True)
         results["models"][name] = {"fp32_top1": fp, "rows": rows}
     results["resnet50_squant"] = resnet50_squant_time(max(args.repeat, 3))
     print("ResNet-50 SQuant:", results["resnet50_squant"])
@@ -102,10 +103,14 @@ def to_markdown(res: dict) -> str:
     ]
     for name, m in res["models"].items():
         methods = [label for _, label in METHODS]
-        lines += [f"## {name} (FP32 top-1 {m['fp32_top1']:.2f} %)", "", "| setting | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        lines += [f"## {name} (FP32 top-1 {m['fp32_top1']:.2f} %)", "", "Top-1 accuracy % (change from FP32):", "", "| setting | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
         for setting in dict.fromkeys(r["setting"] for r in m["rows"]):
             cells = [r for r in m["rows"] if r["setting"] == setting]
             lines.append(f"| {setting} | " + " | ".join(f"{r['top1']:.2f} ({r['drop']:+.2f})" for r in cells) + " |")
+        lines += ["", "Top-1 agreement with the FP32 model (% of images whose predicted class is unchanged; less noisy than accuracy):", "", "| setting | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for setting in dict.fromkeys(r["setting"] for r in m["rows"]):
+            cells = [r for r in m["rows"] if r["setting"] == setting]
+            lines.append(f"| {setting} | " + " | ".join(f"{r['agree_top1']:.2f}" for r in cells) + " |")
         sq = [r for r in m["rows"] if r["method"] == "SQuant"]
         lines += ["", f"SQuant quantize time per setting: " + ", ".join(f"{r['setting']} {r['quantize_s']:.2f} s (rounding {r['rounding_s'] * 1000:.0f} ms)" for r in sq), ""]
     r50 = res["resnet50_squant"]

@@ -24,10 +24,16 @@ def _batches(data: EvalData, batch_size: int):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: EvalData, batch_size: int = 256, progress: bool = False, device: str = "cpu") -> Dict[str, float]:
-    """Accuracy (%) of ``model`` on ``data``: an (images, labels) pair or an iterable of batches."""
+def evaluate(model: nn.Module, data: EvalData, batch_size: int = 256, progress: bool = False, device: str = "cpu", reference: "nn.Module | None" = None) -> Dict[str, float]:
+    """Accuracy (%) of ``model`` on ``data``: an (images, labels) pair or an iterable of batches.
+
+    With a ``reference`` model (the FP32 original), also ``agree_top1``: the share of images whose
+    top-1 class matches the reference's, a less noisy measure of quantization damage than accuracy.
+    """
     model = model.eval().to(device)
-    correct1 = correct5 = total = 0
+    if reference is not None:
+        reference = reference.eval().to(device)
+    correct1 = correct5 = total = agree = 0
     for x, y in progress_bar(_batches(data, batch_size), desc="evaluating", enable=progress):
         x, y = x.to(device), y.to(device)
         try:
@@ -40,6 +46,11 @@ def evaluate(model: nn.Module, data: EvalData, batch_size: int = 256, progress: 
         correct1 += int(hit[:, 0].sum())
         correct5 += int(hit.any(dim=1).sum())
         total += int(y.numel())
+        if reference is not None:
+            agree += int((reference(x).argmax(dim=1) == top[:, 0]).sum())
     if total == 0:
         raise DfquantError("evaluation data is empty")
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "n": total}
+    out = {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "n": total}
+    if reference is not None:
+        out["agree_top1"] = 100.0 * agree / total
+    return out
