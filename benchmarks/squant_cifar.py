@@ -74,11 +74,11 @@ def main() -> None:
             for method, label in METHODS:
                 q, report = dfquant.quantize(model, method, w, a)
                 ev = dfquant.evaluate(q, data, reference=model)
-                acc, agree = ev["top1"], ev["agree_top1"]
+                acc, agree, lmse = ev["top1"], ev["agree_top1"], ev["logit_mse"]
                 total = best_time(lambda: dfquant.quantize(model, method, w, a), args.repeat)
                 weight = min(dfquant.quantize(model, method, w, a)[1].weight_time_s for _ in range(args.repeat))
-                rows.append({"setting": f"W{w}A{a}", "method": label, "top1": acc, "drop": acc - fp, "agree_top1": agree, "quantize_s": total, "rounding_s": weight})
-                print(f"{name} W{w}A{a} {label:<9} {acc:6.2f} ({acc - fp:+.2f}) agree {agree:6.2f}  quantize {total:.3f}s rounding {weight * 1000:.1f}ms", flush=True)
+                rows.append({"setting": f"W{w}A{a}", "method": label, "top1": acc, "drop": acc - fp, "agree_top1": agree, "logit_mse": lmse, "quantize_s": total, "rounding_s": weight})
+                print(f"{name} W{w}A{a} {label:<9} {acc:6.2f} ({acc - fp:+.2f}) agree {agree:6.2f} logit-mse {lmse:.4f}  quantize {total:.3f}s rounding {weight * 1000:.1f}ms", flush=True)
         results["models"][name] = {"fp32_top1": fp, "rows": rows}
     results["resnet50_squant"] = resnet50_squant_time(max(args.repeat, 3))
     print("ResNet-50 SQuant:", results["resnet50_squant"])
@@ -111,6 +111,10 @@ def to_markdown(res: dict) -> str:
         for setting in dict.fromkeys(r["setting"] for r in m["rows"]):
             cells = [r for r in m["rows"] if r["setting"] == setting]
             lines.append(f"| {setting} | " + " | ".join(f"{r['agree_top1']:.2f}" for r in cells) + " |")
+        lines += ["", "Mean squared error of the logits against the FP32 model (lower is better):", "", "| setting | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for setting in dict.fromkeys(r["setting"] for r in m["rows"]):
+            cells = [r for r in m["rows"] if r["setting"] == setting]
+            lines.append(f"| {setting} | " + " | ".join(f"{r['logit_mse']:.4f}" for r in cells) + " |")
         sq = [r for r in m["rows"] if r["method"] == "SQuant"]
         lines += ["", f"SQuant quantize time per setting: " + ", ".join(f"{r['setting']} {r['quantize_s']:.2f} s (rounding {r['rounding_s'] * 1000:.0f} ms)" for r in sq), ""]
     r50 = res["resnet50_squant"]

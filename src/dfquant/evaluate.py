@@ -28,12 +28,14 @@ def evaluate(model: nn.Module, data: EvalData, batch_size: int = 256, progress: 
     """Accuracy (%) of ``model`` on ``data``: an (images, labels) pair or an iterable of batches.
 
     With a ``reference`` model (the FP32 original), also ``agree_top1``: the share of images whose
-    top-1 class matches the reference's, a less noisy measure of quantization damage than accuracy.
+    top-1 class matches the reference's, and ``logit_mse``: the mean squared difference of the two
+    models' logits; both measure quantization damage with less noise than accuracy.
     """
     model = model.eval().to(device)
     if reference is not None:
         reference = reference.eval().to(device)
     correct1 = correct5 = total = agree = 0
+    sq_err = 0.0
     for x, y in progress_bar(_batches(data, batch_size), desc="evaluating", enable=progress):
         x, y = x.to(device), y.to(device)
         try:
@@ -47,10 +49,13 @@ def evaluate(model: nn.Module, data: EvalData, batch_size: int = 256, progress: 
         correct5 += int(hit.any(dim=1).sum())
         total += int(y.numel())
         if reference is not None:
-            agree += int((reference(x).argmax(dim=1) == top[:, 0]).sum())
+            ref_logits = reference(x)
+            agree += int((ref_logits.argmax(dim=1) == top[:, 0]).sum())
+            sq_err += float(((logits - ref_logits) ** 2).mean(dim=1).sum())
     if total == 0:
         raise DfquantError("evaluation data is empty")
     out = {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "n": total}
     if reference is not None:
         out["agree_top1"] = 100.0 * agree / total
+        out["logit_mse"] = sq_err / total
     return out
