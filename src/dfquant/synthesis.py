@@ -78,10 +78,12 @@ Deviations from the releases (all methods)
 
 CPU budget
 ----------
-:data:`CPU_BUDGET` is a far smaller budget for the 2-core CPU this project is developed on. The
-loss is still well below random noise's, but images made this way are less converged than the
-paper's; use the GPU defaults when a GPU is available. Measured on 2 CPU cores (torch 2.13 CPU),
-CIFAR ResNet-20, ``synthesize(model, 256, **CPU_BUDGET)``: see the note on :data:`CPU_BUDGET`.
+:data:`CPU_BUDGET` (150 iterations, batches of 128) is a far smaller budget for the 2-core CPU this
+project is developed on: 256 images for the CIFAR ResNet-20 take ~3 min on a quiet machine and
+~5 min single-threaded with other jobs running (Genie; ZeroQ about half; the measurements are noted
+at :data:`CPU_BUDGET`). The loss is already ~1-2 % of random noise's, but the images are less
+converged than with the paper's 4000 iterations; use the GPU defaults (``device="cuda"``) when a
+GPU is available.
 """
 from __future__ import annotations
 
@@ -118,10 +120,20 @@ GENIE_DEFAULTS: Dict[str, float] = dict(iters=4000, batch_size=128, lr_g=0.01, l
 #: ZeroQ's settings as released: 500 Adam steps at lr 0.5 on the pixels, batches of 32.
 ZEROQ_DEFAULTS: Dict[str, float] = dict(iters=500, batch_size=32, lr_z=0.5)
 
-#: A small budget for CPUs (applies to either method): 256 images for the CIFAR ResNet-20 in
-#: 2 batches of 128 at 150 iterations each. Measured on this project's 2-core CPU
-#: (torch 2.13.0+cpu): Genie ~1.7 min, ZeroQ ~0.6 min in total for 256 images
-#: (see the report in the module's history; the numbers are printed by the progress bar too).
+#: A small budget for CPUs (either method): 150 iterations per batch of 128 instead of 4000.
+#: Measured on this project's shared 2-core CPU (torch 2.13.0+cpu), CIFAR ResNet-20 with its real
+#: weights, ``synthesize(model, 256, **CPU_BUDGET)`` (2 batches), other people's jobs running:
+#:
+#: * Genie: 299 s (5.0 min) with ``torch.set_num_threads(1)`` at load ~2; 459 s with 2 threads
+#:   (load 1 -> 3). On a quiet machine 2 threads run 0.63 s/iteration (~3.2 min for 256 images);
+#:   under contention OpenMP's two spinning threads are much slower than one (1.9-3.7
+#:   s/iteration against 1.0-1.2), so prefer one thread on a busy 2-core box.
+#: * ZeroQ: 175 s with 1 thread at load ~2 (~0.3 s/iteration with 2 quiet threads, ~1.5 min).
+#:
+#: Genie's BNS loss on a batch of 128 (measured without swing): 37.1 for N(0, 1) noise; during
+#: optimization 0.88 after 25 iterations, 0.41 after 100, 0.26 after 300; the returned 150-iteration
+#: images 0.53. The paper's 4000 GPU iterations go further. Results are bit-for-bit reproducible
+#: for a seed and a given thread count (the thread count changes float summation order).
 CPU_BUDGET: Dict[str, int] = dict(iters=150, batch_size=128)
 
 #: Added to ``running_var`` before the square root, as both releases do.

@@ -1,0 +1,141 @@
+"""Benchmark: Genie (synthetic data + block-wise reconstruction) against SQuant, RTN and ZeroQ data.
+
+    python benchmarks/genie_cifar.py                     # ResNet-20 and ResNet-56, CPU budget
+    python benchmarks/genie_cifar.py --models resnet20 --settings W4A4 W2A4
+
+Writes benchmarks/results/genie_cifar.{md,json} (the JSON after every row, so a long run that is
+stopped keeps what it finished). Needs the shared assets (DFQUANT_ASSETS or ../shared). The CIFAR-10
+images only measure accuracy: quantization sees none of them. Per model, synthetic images are made
+once per generator (Genie-D, ZeroQ) and shared by every setting; their wall time is reported
+separately from each reconstruction's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import dfquant
+from dfquant.assets import CIFAR_RESNET_WEIGHTS, asset_path
+from dfquant.data import load_cifar10_npz
+from dfquant.genie import CPU_BUDGET
+from dfquant.synthesis import synthesize
+
+RESULTS = Path(__file__).parent / "results" / "genie_cifar"
+
+
+def parse_setting(s: str):
+    w, a = s.upper().lstrip("W").split("A")
+    return int(w), int(a)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
+    ap.add_argument("--settings", nargs="+", default=["W4A4", "W2A4", "W3A3"])
+    ap.add_argument("--samples", type=int, default=CPU_BUDGET["samples"])
+    ap.add_argument("--distill-iters", type=int, default=CPU_BUDGET["distill_iters"])
+    ap.add_argument("--recon-iters", type=int, default=CPU_BUDGET["recon_iters"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = load_cifar10_npz()
+    budget = dict(samples=args.samples, distill_iters=args.distill_iters, recon_iters=args.recon_iters)
+    res = {
+        "command": "python benchmarks/genie_cifar.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in budget.items()),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {args.device}",
+        "torch": torch.__version__,
+        "budget": budget,
+        "n_images": int(data[1].numel()),
+        "models": {},
+    }
+
+    def save():
+        out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+        out.with_suffix(".md").write_text(to_markdown(res))
+
+    for name in args.models:
+        path = asset_path(CIFAR_RESNET_WEIGHTS[name])
+        if path is None:
+            raise SystemExit(f"missing shared weights for {name}: set DFQUANT_ASSETS")
+        model = dfquant.create_model(name, weights=str(path))
+        entry = res["models"][name] = {"fp32_top1": dfquant.evaluate(model, data)["top1"], "synthesis_s": {}, "rows": []}
+        synthetic = {}
+        for gen in ("genie", "zeroq"):
+            t = time.perf_counter()
+            synthetic[gen] = synthesize(model, args.samples, method=gen, iters=args.distill_iters, device=args.device, seed=args.seed, progress=True)
+            entry["synthesis_s"][gen] = time.perf_counter() - t
+            print(f"{name}: {gen} synthesis {entry['synthesis_s'][gen]:.0f} s", flush=True)
+        save()
+        for setting in args.settings:
+            w, a = parse_setting(setting)
+            runs = [
+                ("RTN", "rtn", {}),
+                ("SQuant", "squant", {}),
+                ("ZeroQ data + recon.", "zeroq", dict(synthetic=synthetic["zeroq"], init="rtn")),
+                ("Genie (D + M)", "genie", dict(synthetic=synthetic["genie"], init="rtn")),
+                ("Genie, SQuant init", "genie", dict(synthetic=synthetic["genie"], init="squant")),
+            ]
+            for label, method, opts in runs:
+                if opts:
+                    opts.update(recon_iters=args.recon_iters, device=args.device, seed=args.seed)
+                t = time.perf_counter()
+                q, report = dfquant.quantize(model, method, w, a, progress=bool(opts), **opts)
+                dt = time.perf_counter() - t
+                ev = dfquant.evaluate(q, data, reference=model)
+                row = {"setting": setting, "method": label, "top1": ev["top1"], "drop": ev["top1"] - entry["fp32_top1"], "agree_top1": ev["agree_top1"], "logit_mse": ev["logit_mse"], "quantize_s": dt}
+                if opts:
+                    row["reconstruction_s"] = report.config["genie"].get("reconstruction_time_s", dt)
+                entry["rows"].append(row)
+                print(f"{name} {setting} {label:<22} {ev['top1']:6.2f} ({row['drop']:+.2f})  {dt:7.1f} s", flush=True)
+                save()
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+def to_markdown(res: dict) -> str:
+    b = res["budget"]
+    lines = [
+        "# Genie vs SQuant, RTN and ZeroQ data on CIFAR-10 ResNets",
+        "",
+        f"Command: `{res['command']}` (assets from `../shared`).",
+        f"Machine: {res['machine']}, torch {res['torch']}. Budget (CPU): {b['samples']} synthetic images, "
+        f"{b['distill_iters']} synthesis iterations per batch, {b['recon_iters']} reconstruction iterations per block "
+        "(the paper: 1024 images, 4000 and 20000).",
+        f"Data: the first {res['n_images']} CIFAR-10 test images, used only to measure (standard error about ±1 point).",
+        "Protocol: image input float, classifier input 8 bit, all weights at the given bits; activation ranges start from BN statistics.",
+        "",
+    ]
+    for name, m in res["models"].items():
+        syn = ", ".join(f"{k} {v:.0f} s" for k, v in m["synthesis_s"].items())
+        lines += [f"## {name} (FP32 top-1 {m['fp32_top1']:.2f} %)", "", f"Synthesis wall time ({b['samples']} images): {syn}.", ""]
+        methods = list(dict.fromkeys(r["method"] for r in m["rows"]))
+        if not methods:
+            continue
+        lines += ["Top-1 % (change from FP32) / wall time of the quantize call:", "", "| setting | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for setting in dict.fromkeys(r["setting"] for r in m["rows"]):
+            cells = {r["method"]: r for r in m["rows"] if r["setting"] == setting}
+            lines.append(
+                f"| {setting} | "
+                + " | ".join(
+                    (f"{cells[k]['top1']:.2f} ({cells[k]['drop']:+.2f}) / {cells[k]['quantize_s']:.0f} s" if k in cells else "-") for k in methods
+                )
+                + " |"
+            )
+        lines += ["", "Top-1 agreement with FP32 % / logit MSE against FP32:", "", "| setting | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for setting in dict.fromkeys(r["setting"] for r in m["rows"]):
+            cells = {r["method"]: r for r in m["rows"] if r["setting"] == setting}
+            lines.append(f"| {setting} | " + " | ".join((f"{cells[k]['agree_top1']:.1f} / {cells[k]['logit_mse']:.3f}" if k in cells else "-") for k in methods) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
