@@ -42,15 +42,21 @@ def main() -> None:
     ap.add_argument("--recon-iters", type=int, default=CPU_BUDGET["recon_iters"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     data = load_cifar10_npz()
     budget = dict(samples=args.samples, distill_iters=args.distill_iters, recon_iters=args.recon_iters)
     res = {
-        "command": "python benchmarks/genie_cifar.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in budget.items()),
+        "command": "python benchmarks/genie_cifar.py "
+        + " ".join([f"--models {' '.join(args.models)}", f"--settings {' '.join(args.settings)}"] + [f"--{k.replace('_', '-')} {v}" for k, v in budget.items()])
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --out {args.out}" if args.out != str(RESULTS) else ""),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {args.device}",
         "torch": torch.__version__,
         "budget": budget,

@@ -118,6 +118,14 @@ def test_zero_iterations_keeps_the_initial_codes(model, images, init):
         assert u["before"] == u["after"] and u["codes_changed"] == 0
 
 
+def test_keep_best_never_ends_above_the_start(model, images):
+    _, report = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, init="squant", synthetic=images, recon_iters=40, keep_best=True, **TINY)
+    for u in report.config["genie"]["units"]:
+        assert u["after"] <= u["before"], u
+        if u.get("kept_start"):
+            assert u["after"] == u["before"] and u["codes_changed"] == 0
+
+
 def test_squant_start_differs_from_rtn_start(model, images):
     a, _ = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, init="squant", synthetic=images, recon_iters=0, **TINY)
     b, _ = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, init="rtn", synthetic=images, recon_iters=0, **TINY)
@@ -175,11 +183,16 @@ def test_find_units_blocks():
         dict(recon_iters=-1),
         dict(drop_prob=1.5),
         dict(beta=(20.0,)),
+        dict(beta=5),
+        dict(seed="x"),
+        dict(synthetic=torch.zeros(4, 3, 8, 8)),  # wrong image shape
+        dict(samples=1000),  # more than the given images
+        dict(keep_best="yes"),
     ],
 )
 def test_bad_options_raise(model, images, opts):
     with pytest.raises(DfquantError):
-        dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, synthetic=images, **dict(TINY, **opts))
+        dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, **{**TINY, "synthetic": images, "recon_iters": 2, **opts})
 
 
 def test_options_rejected_for_rounding_methods(model):
