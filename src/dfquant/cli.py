@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfquant", description="Data-free quantization of trained PyTorch CNNs.")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is often fastest on a busy machine)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="the embedded default: digits CNN, FP32 vs RTN vs SQuant-E/K/C at W8A8/W6A6/W4A4")
@@ -267,6 +268,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.progress_on = (args.progress or sys.stderr.isatty()) and not args.no_progress
+    if args.threads is not None:
+        if args.threads < 1:
+            print("dfquant: error: --threads must be at least 1", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     handlers = {"quantize": cmd_quantize, "evaluate": cmd_evaluate, "synthesize": cmd_synthesize, "list": cmd_list, "demo": cmd_demo}
     try:
         return handlers[args.command](args)

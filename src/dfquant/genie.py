@@ -127,6 +127,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .devices import resolve_device as _resolve_device
 from .errors import DfquantError
 from .qmodules import QUANT_LAYERS, ActQuantizer, QuantConv2d
 from .quantizer import params_from_range, qrange, to_grid
@@ -444,26 +445,6 @@ def _beta_schedule(it: int, iters: int, warmup: float, beta: Tuple[float, float]
         return beta[0]
     rel = (it - start) / max(iters - start, 1e-12)
     return beta[1] + (beta[0] - beta[1]) * max(0.0, 1.0 - rel)
-
-
-def _resolve_device(device: Any) -> torch.device:
-    """``"cpu"``, ``"cuda"``/``"cuda:K"`` or ``"auto"`` (CUDA when available) as a torch device."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise DfquantError(f"device {name!r} requested but CUDA is not available; use device='cpu' or 'auto'")
-        try:
-            dev = torch.device(name)
-        except RuntimeError:
-            raise DfquantError(f"unknown device {name!r}; choose cpu, cuda or auto") from None
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DfquantError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-        return dev
-    raise DfquantError(f"unknown device {name!r}; choose cpu, cuda or auto")
 
 
 def _check_int(value: Any, what: str, minimum: int) -> int:

@@ -97,6 +97,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .devices import resolve_device as _resolve_device
 from .errors import DfquantError
 
 __all__ = [
@@ -368,25 +369,6 @@ class GenieGenerator(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Synthesis
 # --------------------------------------------------------------------------------------------
-
-
-def _resolve_device(device) -> torch.device:
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise DfquantError(f"device {name!r} requested but CUDA is not available; use device='cpu' or 'auto'")
-        try:
-            dev = torch.device(name)
-        except RuntimeError:
-            raise DfquantError(f"unknown device {name!r}; choose cpu, cuda or auto") from None
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DfquantError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-        return dev
-    raise DfquantError(f"unknown device {name!r}; choose cpu, cuda or auto")
 
 
 def _positive_int(value, what: str) -> int:

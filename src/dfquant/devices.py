@@ -1,0 +1,28 @@
+"""Choosing the torch device for the learned methods (synthesis, reconstruction)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import DfquantError
+
+
+def resolve_device(device: Any) -> torch.device:
+    """``"cpu"``, ``"cuda"``/``"cuda:K"`` or ``"auto"`` (CUDA when available) as a torch device."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DfquantError(f"device {name!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise DfquantError(f"unknown device {name!r}; choose cpu, cuda or auto") from None
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DfquantError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return dev
+    raise DfquantError(f"unknown device {name!r}; choose cpu, cuda or auto")
