@@ -58,11 +58,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "squant_cifar"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     data = load_cifar10_npz()
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__, "n_images": int(data[1].numel()), "models": {}}
+    results = {"command": "python benchmarks/squant_cifar.py" + (f" --threads {args.threads}" if args.threads else ""), "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__, "n_images": int(data[1].numel()), "models": {}}
     for name in args.models:
         path = asset_path(CIFAR_RESNET_WEIGHTS[name])
         if path is None:
@@ -94,7 +97,7 @@ def to_markdown(res: dict) -> str:
     lines = [
         "# SQuant vs round-to-nearest on CIFAR-10 ResNets",
         "",
-        "Command: `python benchmarks/squant_cifar.py` (assets from `../shared`).",
+        f"Command: `{res['command']}` (assets from `../shared`).",
         f"Data: the first {res['n_images']} CIFAR-10 test images (standard error about ±1 point: compare methods, not absolute figures).",
         f"Machine: {res['machine']}, torch {res['torch']}. Activations from BN statistics (dfq rule), image input float,",
         "classifier input 8 bit, all weights (first and last layer included) at the given bits, per-channel min/max grid.",
