@@ -16,6 +16,16 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the tiny digits ops of the learned methods: on 2 shared cores, a
+    second spinning OpenMP thread makes them many times slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def digits():
     """(trained digits CNN, (x_test, y_test))."""

@@ -17,14 +17,7 @@ from dfquant.synthesis import synthesize
 TINY = dict(samples=64, distill_iters=20, distill_batch=32, batch_size=16, device="cpu", seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CPUs here are shared: two OpenMP threads contending with other processes are many
-    # times slower than one on these tiny convolutions. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

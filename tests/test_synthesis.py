@@ -22,14 +22,7 @@ from dfquant.synthesis import (
 TINY = dict(iters=60, batch_size=32, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The digits CNN's ops are tiny: a second intra-op thread brings nothing, and when other jobs
-    # share the 2 cores, OpenMP's spinning threads make these tests ~10x slower. Restored after.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
