@@ -23,7 +23,7 @@ import dfquant
 from dfquant.assets import CIFAR_RESNET_WEIGHTS, asset_path
 from dfquant.data import load_cifar10_npz
 from dfquant.genie import CPU_BUDGET
-from dfquant.synthesis import synthesize
+from dfquant.synthesis import load_images, save_images, synthesize
 
 RESULTS = Path(__file__).parent / "results" / "genie_cifar"
 
@@ -44,6 +44,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--synthetic-dir",
+        default=None,
+        help="cache synthetic images here (safetensors, keyed by model, generator, budget and seed): "
+        "a later run with the same settings reuses them and reports the synthesis time measured when they were made",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,9 +82,7 @@ def main() -> None:
         entry = res["models"][name] = {"fp32_top1": dfquant.evaluate(model, data)["top1"], "synthesis_s": {}, "rows": []}
         synthetic = {}
         for gen in ("genie", "zeroq"):
-            t = time.perf_counter()
-            synthetic[gen] = synthesize(model, args.samples, method=gen, iters=args.distill_iters, device=args.device, seed=args.seed, progress=True)
-            entry["synthesis_s"][gen] = time.perf_counter() - t
+            synthetic[gen], entry["synthesis_s"][gen] = synthetic_images(model, name, gen, args)
             print(f"{name}: {gen} synthesis {entry['synthesis_s'][gen]:.0f} s", flush=True)
         save()
         for setting in args.settings:
@@ -104,6 +108,22 @@ def main() -> None:
                 print(f"{name} {setting} {label:<22} {ev['top1']:6.2f} ({row['drop']:+.2f})  {dt:7.1f} s", flush=True)
                 save()
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+def synthetic_images(model, name: str, gen: str, args):
+    """(images, synthesis wall time in s), from the cache directory when it holds this run's images."""
+    cache = None
+    if args.synthetic_dir:
+        cache = Path(args.synthetic_dir) / f"{name}_{gen}_n{args.samples}_it{args.distill_iters}_seed{args.seed}.safetensors"
+        if cache.is_file():
+            images, meta = load_images(cache, with_metadata=True)
+            return images, float(meta["synthesis_s"])
+    t = time.perf_counter()
+    images = synthesize(model, args.samples, method=gen, iters=args.distill_iters, device=args.device, seed=args.seed, progress=True)
+    dt = time.perf_counter() - t
+    if cache is not None:
+        save_images(images, cache, metadata=dict(model=name, method=gen, seed=args.seed, synthesis_s=dt, threads=torch.get_num_threads()))
+    return images, dt
 
 
 def to_markdown(res: dict) -> str:

@@ -136,3 +136,18 @@ def test_cifar_resnet20_squant_lowers_output_error(resnet20, cifar10, w_bits, a_
     e_rtn = dfquant.evaluate(rtn, x, reference=resnet20)["logit_mse"]
     e_sq = dfquant.evaluate(sq, x, reference=resnet20)["logit_mse"]
     assert e_sq < e_rtn, (e_sq, e_rtn)
+
+
+def test_weight_range_rule_defaults_and_errors(digits):
+    import dfquant
+
+    model, _ = digits
+    _, r = dfquant.quantize(model, "squant", 4, 4)
+    assert r.config["w_range"] == "minmax"  # SQuant's protocol
+    q, r = dfquant.quantize(model, "rtn", 2, None, w_range="lp")
+    assert r.config["w_range"] == "lp"
+    mm, _ = dfquant.quantize(model, "rtn", 2, None)
+    w = model.conv2.weight
+    assert (q.conv2.weight - w).norm() < (mm.conv2.weight - w).norm()  # clipping helps at 2 bits
+    with pytest.raises(dfquant.DfquantError, match="weight range"):
+        dfquant.quantize(model, "rtn", 4, 4, w_range="max")

@@ -99,7 +99,8 @@ def test_synthesis_inside_is_deterministic(model):
 @pytest.mark.parametrize("init", ["rtn", "squant"])
 def test_zero_iterations_keeps_the_initial_codes(model, images, init):
     q, report = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, init=init, synthetic=images, recon_iters=0, **TINY)
-    ref, _ = dfquant.quantize(model, init, 4, 4)
+    ref, _ = dfquant.quantize(model, init, 4, 4, w_range="lp")  # the learned methods' default grid
+    assert report.config["w_range"] == "lp"
     for name, lay in q.named_modules():
         if isinstance(lay, QUANT_LAYERS):
             other = ref.get_submodule(name)

@@ -64,3 +64,31 @@ def test_fake_quant_straight_through_gradient():
 def test_rtn_round_clamps():
     x = torch.tensor([-9.7, -0.4, 0.6, 7.49, 12.0])
     assert rtn_round(x, -8, 7).tolist() == [-8.0, -0.0, 1.0, 7.0, 7.0]
+
+
+def _lp_error(w, qp, p=2.4):
+    per = w.reshape(w.shape[0], -1)
+    return (from_grid(quantize_tensor(w, qp), qp) - w).abs().pow(p).reshape(per.shape).mean(dim=1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_lp_search_never_worse_than_minmax_and_stays_inside_the_range(bits):
+    from dfquant.quantizer import lp_params
+
+    torch.manual_seed(bits)
+    w = torch.randn(12, 6, 3, 3) ** 3  # heavy tails: clipping pays off at low bits
+    lp, mm = lp_params(w, bits), minmax_params(w, bits)
+    assert torch.all(_lp_error(w, lp) <= _lp_error(w, mm) + 1e-12)  # ratio 1.0 is a candidate
+    assert torch.all(lp.scale <= mm.scale + 1e-7)  # only ever clips
+    if bits == 2:
+        assert _lp_error(w, lp).sum() < 0.9 * _lp_error(w, mm).sum()
+
+
+def test_weight_params_rules():
+    from dfquant.quantizer import weight_params
+
+    w = torch.randn(4, 3, 3, 3)
+    assert torch.equal(weight_params(w, 4, "minmax").scale, minmax_params(w, 4).scale)
+    assert weight_params(w, 4, "lp", per_channel=False).scale.dim() == 0
+    with pytest.raises(DfquantError, match="weight range"):
+        weight_params(w, 4, "percentile")

@@ -13,7 +13,7 @@ from .activation_ranges import propagate_bn_stats, stats_range
 from .errors import DfquantError, check_bits
 from .graph import analyse, fold_bn
 from .qmodules import ActQuantizer, QuantConv2d, QuantLinear
-from .quantizer import minmax_params, rtn_round, to_grid, from_grid
+from .quantizer import WEIGHT_RANGES, from_grid, rtn_round, to_grid, weight_params
 from .report import LayerReport, QuantReport
 from .squant import rounding_error_sums, squant_round
 
@@ -55,6 +55,9 @@ class QuantConfig:
     last_input_bits: Optional[int] = 8  # the classifier's input: 8 bits by the paper's protocol
     first_last_w_bits: Optional[int] = None  # None: same as w_bits (SQuant quantizes all layers)
     per_channel: bool = True
+    # The weight grid: "minmax" (SQuant's protocol) or "lp" (the clipping search Genie's release
+    # starts from). None: "lp" for the learned methods, "minmax" for the rounding methods.
+    w_range: Optional[str] = None
     skip: Tuple[str, ...] = ()  # layer names to leave in float
     init: str = "rtn"  # learned methods: the rounding they start from ("rtn" or "squant")
 
@@ -69,6 +72,10 @@ class QuantConfig:
                 check_bits(getattr(self, name), name)
         if self.act_range not in ("mse", "dfq"):
             raise DfquantError(f"unknown activation range rule {self.act_range!r}; choose mse or dfq")
+        if self.w_range is None:
+            self.w_range = "lp" if self.method in LEARNED_METHODS else "minmax"
+        if self.w_range not in WEIGHT_RANGES:
+            raise DfquantError(f"unknown weight range rule {self.w_range!r}; choose {' or '.join(WEIGHT_RANGES)}")
         if self.init not in ("rtn", "squant"):
             raise DfquantError(f"unknown initial rounding {self.init!r}; choose rtn or squant")
         self.skip = tuple(self.skip)
@@ -150,7 +157,7 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
         act, a_range, a_bits_used = _input_quantizer(name, first, last, cfg, ranges, report)
         t = time.perf_counter()
         w = layer.weight.detach()
-        qp = minmax_params(w, w_bits, per_channel=cfg.per_channel, signed=True)
+        qp = weight_params(w, w_bits, cfg.w_range, per_channel=cfg.per_channel)
         grid = to_grid(w, qp)
         codes = rounding(grid, qp.qmin, qp.qmax)
         dt = time.perf_counter() - t

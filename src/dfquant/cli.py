@@ -26,6 +26,12 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kernel", action="store_true", help="SQuant: disable the kernel (K) level")
     p.add_argument("--no-channel", action="store_true", help="SQuant: disable the output-channel (C) level")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding conv before quantizing")
+    p.add_argument(
+        "--w-range",
+        default=None,
+        choices=["minmax", "lp"],
+        help="weight grid: per-channel min/max (SQuant's protocol) or the Lp clipping search (default: minmax, lp for genie/zeroq)",
+    )
     p.add_argument("--act-range", default="dfq", choices=["dfq", "mse"], help="BN-statistics range rule (default dfq)")
     p.add_argument("--n-sigma", type=float, default=None, help="dfq rule: n in beta + n*gamma (default per bit-width)")
     p.add_argument("--quantize-first-input", action="store_true", help="also quantize the image input (8 bits)")
@@ -148,6 +154,7 @@ def cmd_quantize(args) -> int:
         squant_kernel=not args.no_kernel,
         squant_channel=not args.no_channel,
         fold_bn=args.fold_bn,
+        w_range=args.w_range,
         act_range=args.act_range,
         n_sigma=args.n_sigma,
         quantize_first_input=args.quantize_first_input,
