@@ -27,6 +27,17 @@ from dfquant.synthesis import load_images, save_images, synthesize
 
 RESULTS = Path(__file__).parent / "results" / "genie_cifar"
 
+# key -> (table label, dfquant method, options; "data" names the synthetic images used)
+METHODS = {
+    "rtn": ("RTN", "rtn", {}),
+    "squant": ("SQuant", "squant", {}),
+    "zeroq": ("ZeroQ data + recon.", "zeroq", dict(data="zeroq", init="rtn")),
+    "genie": ("Genie (D + M)", "genie", dict(data="genie", init="rtn")),
+    "genie-squant": ("Genie, SQuant init", "genie", dict(data="genie", init="squant")),
+    "genie-minmax": ("Genie, min/max grid", "genie", dict(data="genie", init="rtn", w_range="minmax")),
+}
+DEFAULT_METHODS = ("rtn", "squant", "zeroq", "genie", "genie-squant")
+
 
 def parse_setting(s: str):
     w, a = s.upper().lstrip("W").split("A")
@@ -40,6 +51,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=CPU_BUDGET["samples"])
     ap.add_argument("--distill-iters", type=int, default=CPU_BUDGET["distill_iters"])
     ap.add_argument("--recon-iters", type=int, default=CPU_BUDGET["recon_iters"])
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        choices=list(METHODS),
+        help="rows to run (default: all but the min/max-grid ablation)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -61,7 +79,9 @@ def main() -> None:
     res = {
         "command": "python benchmarks/genie_cifar.py "
         + " ".join([f"--models {' '.join(args.models)}", f"--settings {' '.join(args.settings)}"] + [f"--{k.replace('_', '-')} {v}" for k, v in budget.items()])
+        + (f" --methods {' '.join(args.methods)}" if tuple(args.methods) != DEFAULT_METHODS else "")
         + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --synthetic-dir {args.synthetic_dir}" if args.synthetic_dir else "")
         + (f" --out {args.out}" if args.out != str(RESULTS) else ""),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {args.device}",
         "torch": torch.__version__,
@@ -81,20 +101,17 @@ def main() -> None:
         model = dfquant.create_model(name, weights=str(path))
         entry = res["models"][name] = {"fp32_top1": dfquant.evaluate(model, data)["top1"], "synthesis_s": {}, "rows": []}
         synthetic = {}
-        for gen in ("genie", "zeroq"):
+        for gen in dict.fromkeys(METHODS[k][2]["data"] for k in args.methods if "data" in METHODS[k][2]):
             synthetic[gen], entry["synthesis_s"][gen] = synthetic_images(model, name, gen, args)
             print(f"{name}: {gen} synthesis {entry['synthesis_s'][gen]:.0f} s", flush=True)
         save()
         for setting in args.settings:
             w, a = parse_setting(setting)
-            runs = [
-                ("RTN", "rtn", {}),
-                ("SQuant", "squant", {}),
-                ("ZeroQ data + recon.", "zeroq", dict(synthetic=synthetic["zeroq"], init="rtn")),
-                ("Genie (D + M)", "genie", dict(synthetic=synthetic["genie"], init="rtn")),
-                ("Genie, SQuant init", "genie", dict(synthetic=synthetic["genie"], init="squant")),
-            ]
-            for label, method, opts in runs:
+            for key in args.methods:
+                label, method, opts = METHODS[key]
+                opts = dict(opts)
+                if "data" in opts:
+                    opts["synthetic"] = synthetic[opts.pop("data")]
                 if opts:
                     opts.update(recon_iters=args.recon_iters, device=args.device, seed=args.seed)
                 t = time.perf_counter()
@@ -136,7 +153,11 @@ def to_markdown(res: dict) -> str:
         f"{b['distill_iters']} synthesis iterations per batch, {b['recon_iters']} reconstruction iterations per block "
         "(the paper: 1024 images, 4000 and 20000).",
         f"Data: the first {res['n_images']} CIFAR-10 test images, used only to measure (standard error about ±1 point).",
-        "Protocol: image input float, classifier input 8 bit, all weights at the given bits; activation ranges start from BN statistics.",
+        "Protocol: image input float, classifier input 8 bit, all weights at the given bits; activation ranges start from BN statistics. "
+        "Weight grids: per-channel min/max for RTN and SQuant (SQuant's protocol); the Lp clipping search (Genie's release) for the "
+        "reconstructed rows unless the row says min/max grid.",
+        "Times are wall-clock on a 2-core machine shared with a second benchmark process (one torch thread each); "
+        "synthesis times were measured when the cached images were made, under the same kind of load.",
         "",
     ]
     for name, m in res["models"].items():

@@ -63,8 +63,13 @@ must reproduce ``c`` exactly. With the grid value ``g = W / s0 + z``:
   tiny budget, mirroring kept more of SQuant's decisions and gave a lower unit error than
   starting flipped elements just past 1/2, where they flip back within a few steps.)
 
-The weight step sizes start from the quantized model's (min/max per channel) and its zero points
-are kept; activation steps start from the quantized model's BatchNorm-derived ranges
+The weight step sizes start from the quantized model's and its zero points are kept. For the
+learned methods that model's weight grid is, by default, the release's: per output channel, the
+clipped range ``[r * min, r * max]`` (r = 1.00, 0.99, ..., 0.01) minimising the mean
+``|w - Q(w)|^2.4`` (:func:`dfquant.quantizer.lp_params`, ``w_range="lp"``); ``w_range="minmax"``
+starts from SQuant's min/max grid instead. (Measured on CIFAR ResNet-20 at W2A4, Genie from RTN:
+74.2 % top-1 from the min/max grid, 82.9 % from the Lp grid; see benchmarks/results.)
+Activation steps start from the quantized model's BatchNorm-derived ranges
 (``act_calib="bn"``) or from a search on the synthetic data (``act_calib="data"``: the per-tensor
 clipping ratio in 1.00, 0.99, ..., 0.01 of the observed range minimising the mean ``|x - Q(x)|^2.4``
 on the unit's first batch, the release's ``init_scale`` criterion, asymmetric here because dfquant's
@@ -72,22 +77,13 @@ activation quantizers are).
 
 Measured with the CPU budget
 ----------------------------
-On this project's 2-core CPU (shared with other jobs; torch 2.13.0+cpu run with
-``torch.set_num_threads(1)``, because two threads contending with other processes were up to
-10x slower), CIFAR ResNet-20 (``resnet20-12fca82f``) at W4A4, top-1 on the first 846 CIFAR-10
-test images (float: 91.73 %; eval data never used for quantization): RTN 89.48 %, SQuant
-91.25 %; Genie from RTN 91.96 / 91.73 / 91.25 % (seeds 0/1/2, ``act_calib="bn"``), Genie from
-SQuant 91.61 / 91.96 / 91.02 %. (One image is 0.12 %: the Genie runs differ from each other and
-from SQuant by noise-sized amounts; from RTN they gain about 2 points.) End to end
-(``quantize(..., method="genie")``, seed 0): 467 s, of which Genie-D synthesis of the 256 images
-301 s (461 s in a run with more contention) and the reconstruction of the 11 units x 500
-iterations 164 s (1-37 s per unit). The same seed gave the same model in separate processes.
-At this budget and the release's learning rates 70-82 % of the soft rounding values are still
-between 0.01 and 0.99 when the hard rounding is taken, and 3-6 % of the codes change;
-``lr_round=1e-2`` decides nearly all of them and lowers every unit's error further, but gave
-no better accuracy (91.37 / 91.61 / 91.13 % from RTN), so the release's 1e-3 is kept. Started
-from SQuant, the first layer ended with a higher error than its start in these runs
-(``keep_best`` guards against that: 91.37 %, seed 0); every other unit improved.
+Accuracy and wall times of every variant (RTN or SQuant start, Lp or min/max grid, ZeroQ data) on
+CIFAR ResNet-20/56 are in ``benchmarks/results/genie_cifar_*.md`` with the commands that made them.
+On this project's 2-core CPU run it with ``torch.set_num_threads(1)`` when anything else runs: two
+threads contending with another process were up to 10x slower. At the CPU budget and the release's
+learning rates most soft rounding values are still between 0.01 and 0.99 when the hard rounding is
+taken (``soft_undecided`` in each unit's record) and a few percent of the codes change; the same
+seed gives the same model bit for bit in separate processes.
 
 Deviations from the release
 ---------------------------
@@ -99,8 +95,9 @@ Deviations from the release
   one quantizer between a block's input convolution and its shortcut.
 * Asymmetric (zero-point) weight and activation quantizers with fixed zero points, as dfquant's
   layers store; the release's activation quantizer is symmetric/unsigned without zero point.
-* The starting codes and weight steps are the quantized model's (see above); the release starts
-  from an Lp-search (p = 2.4) per-channel step and the float weights' AdaRound initialisation.
+* The starting codes are the quantized model's (see above): with ``init="rtn"`` and the default
+  Lp grid this is the release's start (its soft weights equal the float weights, and hard rounding
+  is round-to-nearest); ``init="squant"`` starts from SQuant's rounding on that grid instead.
 * Batches are true batches of ``batch_size`` drawn from a fresh permutation every epoch (the
   release's ``randperm(N).view(batch_size, -1)`` gives batches of ``N / batch_size``, which equals
   32 only for its default of 1024 images).

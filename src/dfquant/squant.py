@@ -26,32 +26,32 @@ from .errors import DfquantError
 
 
 def _flip_top(priority: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Mask of the ``count[r]`` largest non-negative entries of each row of ``priority``.
+    """Mask of the ``count[r]`` largest positive entries of each row of ``priority``.
 
-    Priorities are made unique by a tiny index-dependent offset (far below any meaningful
-    difference), so a threshold at the count-th largest value selects exactly ``count`` entries
-    (fewer only where fewer are eligible). A threshold is cheaper than ranking by scatter,
-    and a top-k over the largest count is cheaper than a full sort.
+    One top-k over the largest count per tensor, then the first ``count[r]`` of each row's ranked
+    indices are scattered into the mask (entries with priority <= 0, i.e. not movable, never).
+    Ties are broken by top-k's fixed order, so the same input always gives the same mask.
     """
     n = priority.shape[1]
-    prio = priority.double() + torch.arange(n, 0, -1, device=priority.device, dtype=torch.float64) * 1e-12
     k = count.clamp(0, n)
     kmax = int(k.max()) if k.numel() else 0
+    mask = torch.zeros_like(priority, dtype=torch.bool)
     if kmax == 0:
-        return torch.zeros_like(priority, dtype=torch.bool)
-    ranked = torch.topk(prio, kmax, dim=1, sorted=True).values  # only the top kmax are needed
-    thr = ranked.gather(1, (k - 1).clamp_min(0).unsqueeze(1))
-    return (prio >= thr) & (priority >= 0) & (k > 0).unsqueeze(1)
+        return mask
+    vals, idx = torch.topk(priority, kmax, dim=1, sorted=True)
+    take = (torch.arange(kmax, device=priority.device) < k.unsqueeze(1)) & (vals > 0)
+    return mask.scatter_(1, idx, take)
 
 
-def _priority(q, lo, hi, x, up: torch.Tensor) -> torch.Tensor:
-    """Cost-ordering of a flip in direction ``up`` (per row): |error| where movable, -1 where not.
+def _priority(d: torch.Tensor, up: torch.Tensor, clamped: torch.Tensor) -> torch.Tensor:
+    """Cost-ordering of a flip in direction ``up`` (per row), from the rounding errors ``d = q - x``.
 
-    An element can move up when it sits on the lower of its two candidates (q < hi), down when on
-    the upper (q > lo); a larger current |error| means a cheaper flip (new |error| = 1 - |error|).
+    Moving up is possible for an element rounded down (``d < 0``), moving down for one rounded up
+    (``d > 0``), except where ``x`` lies outside the grid (``clamped``: its floor and ceiling clamp
+    to the same end). The priority is ``|d|`` for those, <= 0 otherwise; a larger ``|d|`` is a cheaper
+    flip (the new |error| is ``1 - |d|``).
     """
-    movable = torch.where(up, q < hi, q > lo)
-    return (q - x).abs().masked_fill_(~movable, -1.0)
+    return torch.where(up, -d, d).masked_fill_(clamped, -1.0)
 
 
 def squant_round(
@@ -80,23 +80,25 @@ def squant_round(
     # Rows are kernels. Without the K level each element is its own "kernel" for the C level,
     # so the channel may pick any element, as in the authors' SQuant-C.
     xf = x.detach().float().reshape(-1, ksize if use_k else 1)
-    lo = torch.clamp(torch.floor(xf), qmin, qmax)
-    hi = torch.clamp(torch.ceil(xf), qmin, qmax)
     q = torch.clamp(torch.round(xf), qmin, qmax)
+    d = q - xf  # rounding error of every element, kept up to date with q
+    clamped = (xf >= qmax) | (xf <= qmin)  # floor and ceiling clamp to one value: never flipped
 
     if use_k:
         # K level: per kernel, flip round(|e|) elements towards reducing |e|, cheapest first.
-        e = (q - xf).sum(dim=1)
+        e = d.sum(dim=1)
         up = (e < 0).unsqueeze(1)
-        flips = _flip_top(_priority(q, lo, hi, xf, up), torch.round(e.abs()).long())
-        q += flips * (2.0 * up - 1.0)
+        flips = _flip_top(_priority(d, up, clamped), torch.round(e.abs()).long())
+        step = flips * (2.0 * up - 1.0)
+        q += step
+        d += step
 
     if channel:
         # C level: each kernel offers its cheapest flip that moves its residual across zero;
         # per output channel take round(|sum|) offers, cheapest first.
-        r = (q - xf).sum(dim=1)
+        r = d.sum(dim=1)
         kernel_up = (r < 0).unsqueeze(1)
-        offer, offer_idx = _priority(q, lo, hi, xf, kernel_up).max(dim=1)
+        offer, offer_idx = _priority(d, kernel_up, clamped).max(dim=1)
         offer = offer.reshape(out, -1)
         kernel_up = kernel_up.reshape(out, -1)
         s = r.reshape(out, -1).double().sum(dim=1)
