@@ -89,3 +89,13 @@ def test_wrong_weights_and_wrong_data(capsys, digits, tmp_path):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "dfquant.cli", "list"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "resnet20" in out.stdout and "squant" in out.stdout
+
+
+def test_lp_weight_grid_from_the_command_line_saves_and_reloads(capsys, digits, tmp_path):
+    out_file = tmp_path / "digits_w3_lp"
+    code, out, _ = run(capsys, "quantize", "--model", "digits_cnn", "--method", "squant", "--w-bits", "3", "--a-bits", "none", "--w-range", "lp", "--out", str(out_file), "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert json.loads((tmp_path / "digits_w3_lp.json").read_text())["config"]["w_range"] == "lp"
+    code, out, _ = run(capsys, "evaluate", str(tmp_path / "digits_w3_lp.safetensors"), "--json")
+    assert code == 0 and json.loads(out)["top1"] == pytest.approx(res["quant_top1"])
