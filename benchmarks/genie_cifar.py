@@ -68,6 +68,11 @@ def main() -> None:
         help="cache synthetic images here (safetensors, keyed by model, generator, budget and seed): "
         "a later run with the same settings reuses them and reports the synthesis time measured when they were made",
     )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in --out's JSON (same command) and run only the missing ones",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,6 +95,13 @@ def main() -> None:
         "models": {},
     }
 
+    done: dict = {}
+    if args.resume and out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text())
+        if old.get("command") != res["command"] or old.get("budget") != budget:
+            raise SystemExit(f"--resume: {out.with_suffix('.json')} was made by a different command")
+        done = old["models"]
+
     def save():
         out.with_suffix(".json").write_text(json.dumps(res, indent=2))
         out.with_suffix(".md").write_text(to_markdown(res))
@@ -100,6 +112,7 @@ def main() -> None:
             raise SystemExit(f"missing shared weights for {name}: set DFQUANT_ASSETS")
         model = dfquant.create_model(name, weights=str(path))
         entry = res["models"][name] = {"fp32_top1": dfquant.evaluate(model, data)["top1"], "synthesis_s": {}, "rows": []}
+        kept = {(r["setting"], r["method"]): r for r in done.get(name, {}).get("rows", [])}
         synthetic = {}
         for gen in dict.fromkeys(METHODS[k][2]["data"] for k in args.methods if "data" in METHODS[k][2]):
             synthetic[gen], entry["synthesis_s"][gen] = synthetic_images(model, name, gen, args)
@@ -109,6 +122,10 @@ def main() -> None:
             w, a = parse_setting(setting)
             for key in args.methods:
                 label, method, opts = METHODS[key]
+                if (setting, label) in kept:
+                    entry["rows"].append(kept[(setting, label)])
+                    print(f"{name} {setting} {label:<22} kept from the previous run", flush=True)
+                    continue
                 opts = dict(opts)
                 if "data" in opts:
                     opts["synthetic"] = synthetic[opts.pop("data")]
