@@ -68,7 +68,8 @@ learned methods that model's weight grid is, by default, the release's: per outp
 clipped range ``[r * min, r * max]`` (r = 1.00, 0.99, ..., 0.01) minimising the mean
 ``|w - Q(w)|^2.4`` (:func:`dfquant.quantizer.lp_params`, ``w_range="lp"``); ``w_range="minmax"``
 starts from SQuant's min/max grid instead. (Measured on CIFAR ResNet-20 at W2A4, Genie from RTN:
-74.2 % top-1 from the min/max grid, 82.9 % from the Lp grid; see benchmarks/results.)
+73.3 % top-1 from the min/max grid, 81.7 % from the Lp grid;
+benchmarks/results/genie_cifar_resnet20_grid_ablation.md.)
 Activation steps start from the quantized model's BatchNorm-derived ranges
 (``act_calib="bn"``) or from a search on the synthetic data (``act_calib="data"``: the per-tensor
 clipping ratio in 1.00, 0.99, ..., 0.01 of the observed range minimising the mean ``|x - Q(x)|^2.4``
