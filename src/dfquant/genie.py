@@ -80,8 +80,11 @@ Measured with the CPU budget
 ----------------------------
 Accuracy and wall times of every variant (RTN or SQuant start, Lp or min/max grid, ZeroQ data) on
 CIFAR ResNet-20/56 are in ``benchmarks/results/genie_cifar_*.md`` with the commands that made them.
-On this project's 2-core CPU run it with ``torch.set_num_threads(1)`` when anything else runs: two
-threads contending with another process were up to 10x slower. At the CPU budget and the release's
+At the CPU budget one learned run took about 4-5 min on ResNet-20 and 13-15 min on ResNet-56 (one
+torch thread, the other core busy); on a 2-core machine where anything else runs, prefer
+``torch.set_num_threads(1)``: two OpenMP threads contending with another process run much slower.
+Four times the reconstruction budget (2000 iterations) lifts ResNet-20 at W4A4 above SQuant and
+W2A4 by about 5 points (``genie_cifar_resnet20_recon2000.md``). At the CPU budget and the release's
 learning rates most soft rounding values are still between 0.01 and 0.99 when the hard rounding is
 taken (``soft_undecided`` in each unit's record) and a few percent of the codes change; the same
 seed gives the same model bit for bit in separate processes.

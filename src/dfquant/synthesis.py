@@ -122,19 +122,14 @@ GENIE_DEFAULTS: Dict[str, float] = dict(iters=4000, batch_size=128, lr_g=0.01, l
 ZEROQ_DEFAULTS: Dict[str, float] = dict(iters=500, batch_size=32, lr_z=0.5)
 
 #: A small budget for CPUs (either method): 150 iterations per batch of 128 instead of 4000.
-#: Measured on this project's shared 2-core CPU (torch 2.13.0+cpu), CIFAR ResNet-20 with its real
-#: weights, ``synthesize(model, 256, **CPU_BUDGET)`` (2 batches), other people's jobs running:
-#:
-#: * Genie: 299 s (5.0 min) with ``torch.set_num_threads(1)`` at load ~2; 459 s with 2 threads
-#:   (load 1 -> 3). On a quiet machine 2 threads run 0.63 s/iteration (~3.2 min for 256 images);
-#:   under contention OpenMP's two spinning threads are much slower than one (1.9-3.7
-#:   s/iteration against 1.0-1.2), so prefer one thread on a busy 2-core box.
-#: * ZeroQ: 175 s with 1 thread at load ~2 (~0.3 s/iteration with 2 quiet threads, ~1.5 min).
-#:
-#: Genie's BNS loss on a batch of 128 (measured without swing): 37.1 for N(0, 1) noise; during
-#: optimization 0.88 after 25 iterations, 0.41 after 100, 0.26 after 300; the returned 150-iteration
-#: images 0.53. The paper's 4000 GPU iterations go further. Results are bit-for-bit reproducible
-#: for a seed and a given thread count (the thread count changes float summation order).
+#: Wall times for 256 images on this project's 2-core CPU, one torch thread, the other core busy
+#: (benchmarks/results/genie_cifar_resnet20.md and _resnet56.md): ResNet-20 Genie 569 s, ZeroQ
+#: 433 s; ResNet-56 Genie 1425 s, ZeroQ 1256 s. On a busy 2-core machine prefer one thread:
+#: OpenMP's two spinning threads contending with another process run much slower than one.
+#: The returned images' BN statistics are far closer to the running ones than noise's (tested on
+#: digits, tests/test_synthesis.py); the paper's 4000 GPU iterations go further. Results are
+#: bit-for-bit reproducible for a seed and a given thread count (the thread count changes float
+#: summation order).
 CPU_BUDGET: Dict[str, int] = dict(iters=150, batch_size=128)
 
 #: Added to ``running_var`` before the square root, as both releases do.
