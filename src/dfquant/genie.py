@@ -80,7 +80,7 @@ Measured with the CPU budget
 ----------------------------
 Accuracy and wall times of every variant (RTN or SQuant start, Lp or min/max grid, ZeroQ data) on
 CIFAR ResNet-20/56 are in ``benchmarks/results/genie_cifar_*.md`` with the commands that made them.
-At the CPU budget one learned run took about 4-5 min on ResNet-20 and 13-15 min on ResNet-56 (one
+At the CPU budget one learned run took about 4-5 min on ResNet-20 and 12-15 min on ResNet-56 (one
 torch thread, the other core busy); on a 2-core machine where anything else runs, prefer
 ``torch.set_num_threads(1)``: two OpenMP threads contending with another process run much slower.
 Four times the reconstruction budget (2000 iterations) lifts ResNet-20 at W4A4 above SQuant and
