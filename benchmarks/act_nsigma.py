@@ -51,8 +51,14 @@ def main() -> None:
         "models": {},
     }
     for name in args.models:
-        model = dfquant.create_model(name, weights=str(asset_path(CIFAR_RESNET_WEIGHTS[name])))
-        images = load_images(Path(args.synthetic_dir) / f"{name}_{args.images}.safetensors")
+        weights = asset_path(CIFAR_RESNET_WEIGHTS[name])
+        if weights is None:
+            raise SystemExit(f"missing shared weights for {name}: set DFQUANT_ASSETS")
+        model = dfquant.create_model(name, weights=str(weights))
+        cached = Path(args.synthetic_dir) / f"{name}_{args.images}.safetensors"
+        if not cached.is_file():
+            raise SystemExit(f"no synthetic images at {cached}: run benchmarks/genie_cifar.py --synthetic-dir {args.synthetic_dir} first")
+        images = load_images(cached)
         table = res["models"][name] = {}
         for bits in args.bits:
             row = {}
