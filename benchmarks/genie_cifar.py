@@ -58,6 +58,12 @@ def main() -> None:
         choices=list(METHODS),
         help="rows to run (default: all but the min/max-grid ablation)",
     )
+    ap.add_argument(
+        "--lr-round",
+        type=float,
+        default=None,
+        help="Adam lr of the rounding variables (default: dfquant.genie.lr_round_for(recon_iters), the release's lr x iterations)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -85,6 +91,7 @@ def main() -> None:
         "command": "python benchmarks/genie_cifar.py "
         + " ".join([f"--models {' '.join(args.models)}", f"--settings {' '.join(args.settings)}"] + [f"--{k.replace('_', '-')} {v}" for k, v in budget.items()])
         + (f" --methods {' '.join(args.methods)}" if tuple(args.methods) != DEFAULT_METHODS else "")
+        + (f" --lr-round {args.lr_round:g}" if args.lr_round is not None else "")
         + (f" --threads {args.threads}" if args.threads else "")
         + (f" --synthetic-dir {args.synthetic_dir}" if args.synthetic_dir else "")
         + (f" --out {args.out}" if args.out != str(RESULTS) else ""),
@@ -131,6 +138,8 @@ def main() -> None:
                     opts["synthetic"] = synthetic[opts.pop("data")]
                 if opts:
                     opts.update(recon_iters=args.recon_iters, device=args.device, seed=args.seed)
+                    if args.lr_round is not None:
+                        opts["lr_round"] = args.lr_round
                 t = time.perf_counter()
                 q, report = dfquant.quantize(model, method, w, a, progress=bool(opts), **opts)
                 dt = time.perf_counter() - t

@@ -8,7 +8,7 @@ import dfquant
 from dfquant.data import digits_model, load_digits_split
 from dfquant.errors import DfquantError
 from dfquant.evaluate import evaluate
-from dfquant.genie import find_units, initial_rounding
+from dfquant.genie import find_units, initial_rounding, lr_round_for
 from dfquant.qmodules import QUANT_LAYERS
 from dfquant.quantizer import minmax_params, qrange, to_grid
 from dfquant.squant import squant_round
@@ -48,6 +48,17 @@ def test_units_and_loss_record(genie_run):
         assert u["after"] < u["before"], u  # each unit's output error drops from its start
     assert info["reconstruction_time_s"] > 0 and "synthesis_time_s" in info
     assert any("Genie-M" in n for n in report.notes)
+
+
+def test_rounding_lr_keeps_the_release_lr_times_iterations(model, images, genie_run):
+    assert lr_round_for(20000) == pytest.approx(1e-3)  # the release's setting
+    assert lr_round_for(500) == pytest.approx(0.04)  # the CPU budget
+    info = genie_run[1].config["genie"]
+    assert info["lr_round"] == pytest.approx(1e-3 * 20000 / 80)
+    # the point of the rule: at the end of a short run the soft rounding has been decided
+    assert max(u["soft_undecided"] for u in info["units"]) < 0.05
+    _, report = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, synthetic=images, recon_iters=2, lr_round=1e-3, **TINY)
+    assert report.config["genie"]["lr_round"] == 1e-3  # an explicit rate is used as given
 
 
 def test_result_is_a_valid_quantized_model(model, genie_run):
@@ -182,6 +193,7 @@ def test_find_units_blocks():
         dict(synthetic=torch.zeros(4, 3, 8, 8)),  # wrong image shape
         dict(samples=1000),  # more than the given images
         dict(keep_best="yes"),
+        dict(lr_round=-0.1),
     ],
 )
 def test_bad_options_raise(model, images, opts):

@@ -42,6 +42,12 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", type=int, default=None, help="number of synthetic images")
     g.add_argument("--distill-iters", type=int, default=None, help="synthesis iterations per batch")
     g.add_argument("--recon-iters", type=int, default=None, help="reconstruction iterations per block")
+    g.add_argument(
+        "--lr-round",
+        type=float,
+        default=None,
+        help="Adam lr of the learned rounding (default: 1e-3 x 20000 / recon-iters, the release's lr x iterations)",
+    )
     g.add_argument("--act-calib", default=None, choices=["bn", "data"], help="activation ranges from BN statistics or synthetic data")
     g.add_argument("--save-synthetic", default=None, help="write the synthetic images to this file")
     g.add_argument("--synthetic", default=None, help="use the synthetic images in this file instead of synthesizing")
@@ -130,7 +136,7 @@ def _eval_data(args, dataset: str):
 
 def _genie_options(args) -> Dict[str, Any]:
     opts: Dict[str, Any] = {}
-    for key in ("samples", "distill_iters", "recon_iters", "act_calib", "save_synthetic"):
+    for key in ("samples", "distill_iters", "recon_iters", "lr_round", "act_calib", "save_synthetic"):
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
     if args.synthetic:
