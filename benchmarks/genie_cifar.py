@@ -22,7 +22,7 @@ import torch
 import dfquant
 from dfquant.assets import CIFAR_RESNET_WEIGHTS, asset_path
 from dfquant.data import load_cifar10_npz
-from dfquant.genie import CPU_BUDGET
+from dfquant.genie import CPU_BUDGET, lr_round_for
 from dfquant.synthesis import load_images, save_images, synthesize
 
 RESULTS = Path(__file__).parent / "results" / "genie_cifar"
@@ -65,7 +65,8 @@ def main() -> None:
         help="Adam lr of the rounding variables (default: dfquant.genie.lr_round_for(recon_iters), the release's lr x iterations)",
     )
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of synthesis and (unless --recon-seed) reconstruction")
+    ap.add_argument("--recon-seed", type=int, default=None, help="seed of the reconstruction only (same synthetic images)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument(
@@ -92,12 +93,15 @@ def main() -> None:
         + " ".join([f"--models {' '.join(args.models)}", f"--settings {' '.join(args.settings)}"] + [f"--{k.replace('_', '-')} {v}" for k, v in budget.items()])
         + (f" --methods {' '.join(args.methods)}" if tuple(args.methods) != DEFAULT_METHODS else "")
         + (f" --lr-round {args.lr_round:g}" if args.lr_round is not None else "")
+        + (f" --seed {args.seed}" if args.seed else "")
+        + (f" --recon-seed {args.recon_seed}" if args.recon_seed is not None else "")
         + (f" --threads {args.threads}" if args.threads else "")
         + (f" --synthetic-dir {args.synthetic_dir}" if args.synthetic_dir else "")
         + (f" --out {args.out}" if args.out != str(RESULTS) else ""),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {args.device}",
         "torch": torch.__version__,
         "budget": budget,
+        "lr_round": args.lr_round if args.lr_round is not None else lr_round_for(args.recon_iters),
         "n_images": int(data[1].numel()),
         "models": {},
     }
@@ -137,7 +141,8 @@ def main() -> None:
                 if "data" in opts:
                     opts["synthetic"] = synthetic[opts.pop("data")]
                 if opts:
-                    opts.update(recon_iters=args.recon_iters, device=args.device, seed=args.seed)
+                    seed = args.seed if args.recon_seed is None else args.recon_seed
+                    opts.update(recon_iters=args.recon_iters, device=args.device, seed=seed)
                     if args.lr_round is not None:
                         opts["lr_round"] = args.lr_round
                 t = time.perf_counter()
@@ -178,6 +183,9 @@ def to_markdown(res: dict) -> str:
         f"Machine: {res['machine']}, torch {res['torch']}. Budget (CPU): {b['samples']} synthetic images, "
         f"{b['distill_iters']} synthesis iterations per batch, {b['recon_iters']} reconstruction iterations per block "
         "(the paper: 1024 images, 4000 and 20000).",
+        f"Rounding learning rate of the reconstructed rows: {res['lr_round']:g}"
+        + (" (`lr_round_for`: the release's 1e-3 x 20000 iterations / iterations)." if res.get("lr_round_rule", True) else "."),
+        *([res["note"]] if res.get("note") else []),
         f"Data: the first {res['n_images']} CIFAR-10 test images, used only to measure (standard error about ±1 point).",
         "Protocol: image input float, classifier input 8 bit, all weights at the given bits; activation ranges start from BN statistics. "
         "Weight grids: per-channel min/max for RTN and SQuant (SQuant's protocol); the Lp clipping search (Genie's release) for the "

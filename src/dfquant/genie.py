@@ -69,8 +69,8 @@ The weight step sizes start from the quantized model's and its zero points are k
 learned methods that model's weight grid is, by default, the release's: per output channel, the
 clipped range ``[r * min, r * max]`` (r = 1.00, 0.99, ..., 0.01) minimising the mean
 ``|w - Q(w)|^2.4`` (:func:`dfquant.quantizer.lp_params`, ``w_range="lp"``); ``w_range="minmax"``
-starts from SQuant's min/max grid instead. (Measured on CIFAR ResNet-20 at W2A4, Genie from RTN:
-73.3 % top-1 from the min/max grid, 81.7 % from the Lp grid;
+starts from SQuant's min/max grid instead. (Measured on CIFAR ResNet-20 at W2A4, Genie from RTN,
+with the release's rounding lr 1e-3: 73.3 % top-1 from the min/max grid, 81.7 % from the Lp grid;
 benchmarks/results/genie_cifar_resnet20_grid_ablation.md.)
 Activation steps start from the quantized model's BatchNorm-derived ranges
 (``act_calib="bn"``) or from a search on the synthetic data (``act_calib="data"``: the per-tensor
@@ -85,11 +85,14 @@ CIFAR ResNet-20/56 are in ``benchmarks/results/genie_cifar_*.md`` with the comma
 At the CPU budget one learned run took about 4-5 min on ResNet-20 and 12-15 min on ResNet-56 (one
 torch thread, the other core busy); on a 2-core machine where anything else runs, prefer
 ``torch.set_num_threads(1)``: two OpenMP threads contending with another process run much slower.
-Four times the reconstruction budget (2000 iterations) lifts ResNet-20 at W4A4 above SQuant and
-W2A4 by about 5 points (``genie_cifar_resnet20_recon2000.md``). At the CPU budget and the release's
-learning rates most soft rounding values are still between 0.01 and 0.99 when the hard rounding is
-taken (``soft_undecided`` in each unit's record) and a few percent of the codes change; the same
-seed gives the same model bit for bit in separate processes.
+With the release's rounding lr (1e-3) at this budget about 77 % of the soft rounding values were
+still between 0.01 and 0.99 when the hard rounding was taken (``soft_undecided`` in each unit's
+record) and 3-4 % of the codes changed; with :func:`lr_round_for`'s 0.04 all are decided and 13-16 %
+change (``genie_lr_round.md``). Against the release's lr (``genie_cifar_resnet*_lr0.001.md``) that
+lifted Genie's top-1 on ResNet-20 from 90.4 to 92.4 at W4A4 and from 81.7 to 89.0 at W2A4, and on
+ResNet-56 from 90.4 to 92.1 at W2A4; ResNet-56 at W4A4 fell from 93.1 to 92.4 (6 of 846 images)
+while its logit error against FP32 also fell (1.25 to 1.09). The same seed gives the same model
+bit for bit in separate processes.
 
 Deviations from the release
 ---------------------------
