@@ -34,17 +34,10 @@ from dfquant.data import load_cifar10_npz
 from dfquant.genie import CPU_BUDGET
 from dfquant.synthesis import load_images
 
+from act_nsigma import logit_mse  # sibling benchmark scripts (benchmarks/ is on sys.path when run)
+from genie_cifar import parse_setting
+
 RESULTS = Path(__file__).parent / "results" / "genie_lr_round"
-
-
-def parse_setting(s: str):
-    w, a = s.upper().lstrip("W").split("A")
-    return int(w), int(a)
-
-
-@torch.no_grad()
-def logit_mse(qmodel, model, images: torch.Tensor) -> float:
-    return float((qmodel(images) - model(images)).pow(2).sum(1).mean())
 
 
 def run(args) -> dict:

@@ -665,19 +665,18 @@ def reconstruct_model(
     samples = pick(samples, "samples", base)
     distill_iters = pick(distill_iters, "distill_iters", base)
     distill_batch = pick(distill_batch, "distill_batch", base)
+    recon_iters = _check_int(pick(recon_iters, "recon_iters", base), "recon_iters", 0)
     st = _Settings(
-        recon_iters=_check_int(pick(recon_iters, "recon_iters", base), "recon_iters", 0),
+        recon_iters=recon_iters,
         batch_size=_check_int(pick(batch_size, "batch_size", base), "batch_size", 1),
         lr_w_scale=_check_float(pick(lr_w_scale, "lr_w_scale", hp), "lr_w_scale"),
         lr_a_scale=_check_float(pick(lr_a_scale, "lr_a_scale", hp), "lr_a_scale"),
-        lr_round=0.0 if lr_round is None else _check_float(lr_round, "lr_round"),
+        lr_round=lr_round_for(recon_iters) if lr_round is None else _check_float(lr_round, "lr_round"),
         round_weight=_check_float(pick(round_weight, "round_weight", hp), "round_weight"),
         beta=_check_beta(pick(beta, "beta", hp)),
         warmup=_check_float(pick(warmup, "warmup", hp), "warmup", 0.0, 1.0),
         drop_prob=_check_float(pick(drop_prob, "drop_prob", hp), "drop_prob", 0.0, 1.0),
     )
-    if lr_round is None:
-        st.lr_round = lr_round_for(st.recon_iters)
     if samples is not None:
         samples = _check_int(samples, "samples", 1)
     if distill_iters is not None:
