@@ -87,7 +87,7 @@ torch thread, the other core busy); on a 2-core machine where anything else runs
 ``torch.set_num_threads(1)``: two OpenMP threads contending with another process run much slower.
 With the release's rounding lr (1e-3) at this budget about 77 % of the soft rounding values were
 still between 0.01 and 0.99 when the hard rounding was taken (``soft_undecided`` in each unit's
-record) and 3-4 % of the codes changed; with :func:`lr_round_for`'s 0.04 all are decided and 13-16 %
+record) and 2.9-4.2 % of the codes changed; with :func:`lr_round_for`'s 0.04 all are decided and 13-16 %
 change (``genie_lr_round.md``). Against the release's lr (``genie_cifar_resnet*_lr0.001.md``) that
 lifted Genie's top-1 on ResNet-20 from 90.4 to 92.4 at W4A4 and from 81.7 to 89.0 at W2A4, and on
 ResNet-56 from 90.4 to 92.1 at W2A4; ResNet-56 at W4A4 fell from 93.1 to 92.4 (6 of 846 images)
