@@ -148,8 +148,10 @@ def main() -> None:
                 t = time.perf_counter()
                 q, report = dfquant.quantize(model, method, w, a, progress=bool(opts), **opts)
                 dt = time.perf_counter() - t
-                ev = dfquant.evaluate(q, data, reference=model)
+                ev = dfquant.evaluate(q, data, reference=model, predictions=True)
                 row = {"setting": setting, "method": label, "top1": ev["top1"], "drop": ev["top1"] - entry["fp32_top1"], "agree_top1": ev["agree_top1"], "logit_mse": ev["logit_mse"], "quantize_s": dt}
+                # per test image, 1 where the prediction is right: for paired tests (benchmarks/paired.py)
+                row["correct"] = "".join("1" if c else "0" for c in ev["correct"])
                 if opts:
                     row["reconstruction_s"] = report.config["genie"].get("reconstruction_time_s", dt)
                 entry["rows"].append(row)

@@ -1,7 +1,9 @@
-"""Top-1 / top-5 accuracy of a (quantized or float) classifier on an evaluation set."""
+"""Top-1 / top-5 accuracy of a (quantized or float) classifier on an evaluation set, and a paired
+test for whether two models' accuracies on the same images really differ."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, Tuple, Union
+import math
+from typing import Any, Dict, Iterable, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -24,18 +26,29 @@ def _batches(data: EvalData, batch_size: int):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: EvalData, batch_size: int = 256, progress: bool = False, device: str = "cpu", reference: "nn.Module | None" = None) -> Dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    data: EvalData,
+    batch_size: int = 256,
+    progress: bool = False,
+    device: str = "cpu",
+    reference: "nn.Module | None" = None,
+    predictions: bool = False,
+) -> Dict[str, Any]:
     """Accuracy (%) of ``model`` on ``data``: an (images, labels) pair or an iterable of batches.
 
     With a ``reference`` model (the FP32 original), also ``agree_top1``: the share of images whose
     top-1 class matches the reference's, and ``logit_mse``: the mean squared difference of the two
-    models' logits; both measure quantization damage with less noise than accuracy.
+    models' logits; both measure quantization damage with less noise than accuracy. With
+    ``predictions=True`` also ``predictions`` (each image's top-1 class) and ``correct`` (whether it
+    is right), in data order, for a paired comparison of two models (:func:`paired_comparison`).
     """
     model = model.eval().to(device)
     if reference is not None:
         reference = reference.eval().to(device)
     correct1 = correct5 = total = agree = 0
     sq_err = 0.0
+    preds, hits = [], []
     for x, y in progress_bar(_batches(data, batch_size), desc="evaluating", enable=progress):
         x, y = x.to(device), y.to(device)
         try:
@@ -48,6 +61,9 @@ def evaluate(model: nn.Module, data: EvalData, batch_size: int = 256, progress: 
         correct1 += int(hit[:, 0].sum())
         correct5 += int(hit.any(dim=1).sum())
         total += int(y.numel())
+        if predictions:
+            preds.append(top[:, 0].cpu())
+            hits.append(hit[:, 0].cpu())
         if reference is not None:
             ref_logits = reference(x)
             agree += int((ref_logits.argmax(dim=1) == top[:, 0]).sum())
@@ -58,4 +74,34 @@ def evaluate(model: nn.Module, data: EvalData, batch_size: int = 256, progress: 
     if reference is not None:
         out["agree_top1"] = 100.0 * agree / total
         out["logit_mse"] = sq_err / total
+    if predictions:
+        out["predictions"] = torch.cat(preds).tolist()
+        out["correct"] = torch.cat(hits).tolist()
     return out
+
+
+def paired_comparison(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> Dict[str, Any]:
+    """Exact McNemar test of two models scored on the same images.
+
+    ``correct_a`` / ``correct_b``: per image, whether model A / B classified it correctly (the
+    ``correct`` list of :func:`evaluate` with ``predictions=True``). Only the discordant images
+    carry information: ``a_only`` (A right, B wrong) and ``b_only``. Under the hypothesis that both
+    models are equally accurate each discordant image is a fair coin, so the two-sided p-value is
+    ``min(1, 2 * P(Binomial(a_only + b_only, 1/2) <= min(a_only, b_only)))``. On a few hundred
+    images a difference of a handful of images is typically far from significant; this says how far.
+    """
+    a = [bool(v) for v in correct_a]
+    b = [bool(v) for v in correct_b]
+    if len(a) != len(b):
+        raise DfquantError(f"paired comparison needs the same images for both models: {len(a)} vs {len(b)} results")
+    a_only = sum(x and not y for x, y in zip(a, b))
+    b_only = sum(y and not x for x, y in zip(a, b))
+    n = a_only + b_only
+    tail = sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1)) / 2.0**n
+    return {
+        "n": len(a),
+        "a_only": a_only,
+        "b_only": b_only,
+        "diff_points": 100.0 * (a_only - b_only) / max(len(a), 1),
+        "p_value": min(1.0, 2.0 * tail),
+    }

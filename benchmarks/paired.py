@@ -1,0 +1,108 @@
+"""Paired significance of the CIFAR-10 comparisons: exact McNemar tests on the same 846 test images.
+
+    python benchmarks/paired.py --results benchmarks/results/genie_cifar_resnet56_w4a4_paired.json
+
+Accuracy differences of a few images on 846 are noise-sized (standard error about one point); this
+says how far from significant each comparison the issues' done-means name is. For every model and
+setting of ``benchmarks/squant_cifar.py`` it compares SQuant with round-to-nearest (both
+deterministic and fast, so they are recomputed here); for every row of the given
+``genie_cifar.py`` result files that carries per-image results (``correct``, written since that
+field was added) it compares the row with SQuant, and the Genie rows with the ZeroQ row where the
+file has one. Where a result file has an RTN or SQuant row, its accuracy must equal the one
+recomputed here (the methods are deterministic), or the script stops.
+Writes benchmarks/results/paired.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import dfquant
+from dfquant.assets import CIFAR_RESNET_WEIGHTS, asset_path
+from dfquant.data import load_cifar10_npz
+
+from genie_cifar import parse_setting
+from squant_cifar import SETTINGS
+
+OUT = Path(__file__).parent / "results" / "paired"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
+    ap.add_argument("--results", nargs="*", default=[], help="genie_cifar.py result JSONs whose rows carry 'correct'")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_cifar10_npz()
+    learned = {}  # model -> setting -> label -> row
+    for f in args.results:
+        for name, m in json.loads(Path(f).read_text())["models"].items():
+            for r in m["rows"]:
+                learned.setdefault(name, {}).setdefault(r["setting"], {})[r["method"]] = dict(r, source=Path(f).name)
+
+    res = {"command": "python benchmarks/paired.py" + "".join(f" --results {f}" for f in args.results) + (f" --threads {args.threads}" if args.threads else ""), "n_images": int(data[1].numel()), "pairs": []}
+    for name in args.models:
+        path = asset_path(CIFAR_RESNET_WEIGHTS[name])
+        if path is None:
+            raise SystemExit(f"missing shared weights for {name}: set DFQUANT_ASSETS")
+        model = dfquant.create_model(name, weights=str(path))
+        settings = list(dict.fromkeys([f"W{w}A{a}" for w, a in SETTINGS] + list(learned.get(name, {}))))
+        for setting in settings:
+            w, a = parse_setting(setting)
+            base = {}
+            for method, label in (("rtn", "RTN"), ("squant", "SQuant")):
+                ev = dfquant.evaluate(dfquant.quantize(model, method, w, a)[0], data, predictions=True)
+                base[label] = {"top1": ev["top1"], "correct": ev["correct"]}
+                stored = learned.get(name, {}).get(setting, {}).get(label)
+                if stored is not None and abs(stored["top1"] - ev["top1"]) > 1e-9:
+                    raise SystemExit(f"{name} {setting} {label}: {stored['source']} has {stored['top1']:.2f}, recomputed {ev['top1']:.2f}")
+            pairs = [("SQuant", base["SQuant"], "RTN", base["RTN"])]
+            rows = {k: dict(r, correct=[c == "1" for c in r["correct"]]) for k, r in learned.get(name, {}).get(setting, {}).items() if "correct" in r and k not in base}
+            for label, row in rows.items():
+                pairs.append((label, row, "SQuant", base["SQuant"]))
+            zeroq = next((r for k, r in rows.items() if k.startswith("ZeroQ")), None)
+            if zeroq is not None:
+                pairs += [(label, row, "ZeroQ data + recon.", zeroq) for label, row in rows.items() if label.startswith("Genie")]
+            for la, ra, lb, rb in pairs:
+                p = dfquant.paired_comparison(ra["correct"], rb["correct"])
+                entry = {"model": name, "setting": setting, "a": la, "b": lb, "top1_a": ra["top1"], "top1_b": rb["top1"], **p}
+                if "source" in ra:
+                    entry["source"] = ra["source"]
+                res["pairs"].append(entry)
+                print(f"{name} {setting} {la} vs {lb}: {ra['top1']:.2f} vs {rb['top1']:.2f}, {p['a_only']} vs {p['b_only']} discordant, p = {p['p_value']:.3f}", flush=True)
+
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    out.with_suffix(".md").write_text(to_markdown(res))
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+def to_markdown(res: dict) -> str:
+    lines = [
+        "# Paired significance of the CIFAR-10 comparisons (exact McNemar test)",
+        "",
+        f"Command: `{res['command']}` (assets from `../shared`).",
+        f"Data: the first {res['n_images']} CIFAR-10 test images; both models of a pair are scored on the same images.",
+        "`A only` = images A classifies correctly and B does not; `B only` the reverse. Only these discordant images carry",
+        "information: if A and B were equally accurate each would be a fair coin, and p is the two-sided exact binomial",
+        "probability of a split at least this uneven. p above 0.05 means the test set cannot tell the two apart.",
+        "Genie rows come from the named result file (same settings, seeds and budget as stated there); RTN and SQuant are recomputed.",
+        "",
+        "| model | setting | A | B | top-1 A | top-1 B | A only | B only | p |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in res["pairs"]:
+        src = f" ({p['source']})" if "source" in p else ""
+        lines.append(f"| {p['model']} | {p['setting']} | {p['a']}{src} | {p['b']} | {p['top1_a']:.2f} | {p['top1_b']:.2f} | {p['a_only']} | {p['b_only']} | {p['p_value']:.3f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

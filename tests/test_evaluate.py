@@ -1,0 +1,54 @@
+"""Evaluation: per-image predictions and the exact McNemar test of two models on the same images."""
+import math
+
+import pytest
+import torch
+
+import dfquant
+from dfquant.errors import DfquantError
+
+
+def test_predictions_match_the_accuracy(digits):
+    model, (x, y) = digits
+    q, _ = dfquant.quantize(model, "rtn", 3, 3)
+    ev = dfquant.evaluate(q, (x, y), batch_size=64, predictions=True)
+    assert len(ev["predictions"]) == len(ev["correct"]) == y.numel()
+    assert ev["correct"] == [p == int(t) for p, t in zip(ev["predictions"], y)]
+    assert ev["predictions"] == q.eval()(x).argmax(dim=1).tolist()
+    assert 100.0 * sum(ev["correct"]) / y.numel() == pytest.approx(ev["top1"])
+    assert "predictions" not in dfquant.evaluate(q, (x, y))
+
+
+def test_paired_comparison_counts_and_exact_p_value():
+    a = [True] * 10 + [False] * 1 + [True] * 5 + [False] * 4
+    b = [False] * 10 + [True] * 1 + [True] * 5 + [False] * 4
+    r = dfquant.paired_comparison(a, b)
+    assert (r["n"], r["a_only"], r["b_only"]) == (20, 10, 1)
+    # two-sided exact binomial: 2 * P(Bin(11, 1/2) <= 1) = 2 * 12 / 2048
+    assert r["p_value"] == pytest.approx(24 / 2048)
+    assert r["diff_points"] == pytest.approx(100 * 9 / 20)
+    swapped = dfquant.paired_comparison(b, a)
+    assert (swapped["a_only"], swapped["b_only"], swapped["p_value"]) == (1, 10, r["p_value"])
+
+
+def test_paired_comparison_without_discordant_images_is_not_significant():
+    same = [True, False, True]
+    assert dfquant.paired_comparison(same, same)["p_value"] == 1.0
+    # a balanced split is the least significant outcome
+    assert dfquant.paired_comparison([True, False], [False, True])["p_value"] == 1.0
+
+
+def test_paired_comparison_matches_a_binomial_sum():
+    g = torch.Generator().manual_seed(0)
+    a = (torch.rand(500, generator=g) < 0.9).tolist()
+    b = (torch.rand(500, generator=g) < 0.85).tolist()
+    r = dfquant.paired_comparison(a, b)
+    n, k = r["a_only"] + r["b_only"], min(r["a_only"], r["b_only"])
+    expected = min(1.0, 2 * sum(math.comb(n, i) * 0.5**n for i in range(k + 1)))
+    assert r["p_value"] == pytest.approx(expected)
+    assert 0.0 < r["p_value"] < 1.0
+
+
+def test_paired_comparison_needs_the_same_images():
+    with pytest.raises(DfquantError, match="same images"):
+        dfquant.paired_comparison([True, False], [True])
