@@ -93,7 +93,7 @@ lifted Genie's top-1 on ResNet-20 from 90.4 to 92.4 at W4A4 and from 81.7 to 89.
 ResNet-56 from 90.4 to 92.1 at W2A4; ResNet-56 at W4A4 fell from 93.1 to 92.4 (6 of 846 images)
 while its logit error against FP32 also fell (1.25 to 1.09). With 2000 iterations per unit
 (``genie_cifar_resnet*_recon2000.md``, about 4x the time) the logit error of every run fell a
-further 12-18 % and top-1 moved within the 846-image test set's noise. The same seed gives the
+further 11-18 % and top-1 moved within the 846-image test set's noise. The same seed gives the
 same model bit for bit in separate processes.
 
 Deviations from the release
