@@ -1,21 +1,25 @@
 """Paired significance of the CIFAR-10 comparisons: exact McNemar tests on the same 846 test images.
 
-    python benchmarks/paired.py --results benchmarks/results/genie_cifar_resnet56_w4a4_paired.json
+    python benchmarks/paired.py --threads 1 --results benchmarks/results/per_image/*.json
 
 Accuracy differences of a few images on 846 are noise-sized (standard error about one point); this
 says how far from significant each comparison the issues' done-means name is. For every model and
 setting of ``benchmarks/squant_cifar.py`` it compares SQuant with round-to-nearest (both
 deterministic and fast, so they are recomputed here); for every row of the given
 ``genie_cifar.py`` result files that carries per-image results (``correct``, written since that
-field was added) it compares the row with SQuant, and the Genie rows with the ZeroQ row where the
-file has one. Where a result file has an RTN or SQuant row, its accuracy must equal the one
+field was added) it compares the row with SQuant, and the Genie rows with the ZeroQ row of the same
+model and setting where one is given. Where a result file has an RTN or SQuant row, its accuracy must equal the one
 recomputed here (the methods are deterministic), or the script stops.
+The files in benchmarks/results/per_image/ are re-runs of the ``genie_cifar.py`` CPU-budget tables
+(the command is inside each; same seeds and cached synthetic images), made once the rows kept
+per-image results: every top-1 in them equals the committed table's.
 Writes benchmarks/results/paired.{md,json}.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -42,9 +46,12 @@ def main() -> None:
     data = load_cifar10_npz()
     learned = {}  # model -> setting -> label -> row
     for f in args.results:
-        for name, m in json.loads(Path(f).read_text())["models"].items():
+        res_f = json.loads(Path(f).read_text())
+        seed = re.search(r"--recon-seed (\d+)", res_f["command"])
+        for name, m in res_f["models"].items():
             for r in m["rows"]:
-                learned.setdefault(name, {}).setdefault(r["setting"], {})[r["method"]] = dict(r, source=Path(f).name)
+                label = r["method"] + (f", recon. seed {seed.group(1)}" if seed and r["method"] not in ("RTN", "SQuant") else "")
+                learned.setdefault(name, {}).setdefault(r["setting"], {})[label] = dict(r, source=Path(f).name)
 
     res = {"command": "python benchmarks/paired.py" + "".join(f" --results {f}" for f in args.results) + (f" --threads {args.threads}" if args.threads else ""), "n_images": int(data[1].numel()), "pairs": []}
     for name in args.models:
