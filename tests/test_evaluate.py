@@ -49,6 +49,14 @@ def test_paired_comparison_matches_a_binomial_sum():
     assert 0.0 < r["p_value"] < 1.0
 
 
+def test_paired_comparison_on_a_large_test_set():
+    # more than 1023 discordant images (an ImageNet-sized evaluation) must not overflow
+    r = dfquant.paired_comparison([True] * 1600 + [False] * 1400, [False] * 1600 + [True] * 1400)
+    assert (r["a_only"], r["b_only"]) == (1600, 1400)
+    assert 0.0 < r["p_value"] < 1e-3
+    assert dfquant.paired_comparison([True] * 1500 + [False] * 1500, [False] * 1500 + [True] * 1500)["p_value"] == 1.0
+
+
 def test_paired_comparison_needs_the_same_images():
     with pytest.raises(DfquantError, match="same images"):
         dfquant.paired_comparison([True, False], [True])

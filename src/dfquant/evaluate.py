@@ -97,7 +97,8 @@ def paired_comparison(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> D
     a_only = sum(x and not y for x, y in zip(a, b))
     b_only = sum(y and not x for x, y in zip(a, b))
     n = a_only + b_only
-    tail = sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1)) / 2.0**n
+    # exact integer arithmetic: 2.0**n overflows a float beyond n = 1023 discordant images
+    tail = sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1)) / 2**n
     return {
         "n": len(a),
         "a_only": a_only,
