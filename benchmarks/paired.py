@@ -85,6 +85,7 @@ def main() -> None:
                 print(f"{name} {setting} {la} vs {lb}: {ra['top1']:.2f} vs {rb['top1']:.2f}, {p['a_only']} vs {p['b_only']} discordant, p = {p['p_value']:.3f}", flush=True)
 
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2))
     out.with_suffix(".md").write_text(to_markdown(res))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
