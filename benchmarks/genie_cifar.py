@@ -76,6 +76,19 @@ def main() -> None:
         "a later run with the same settings reuses them and reports the synthesis time measured when they were made",
     )
     ap.add_argument(
+        "--synthesis-shards",
+        type=int,
+        default=1,
+        help="make the synthetic set as K independent synthesis runs of samples/K images with seeds seed, seed+1, ... "
+        "(each cached on its own), so parallel processes can make them; the reported synthesis time is the sum of the shards'",
+    )
+    ap.add_argument(
+        "--only-shard",
+        type=int,
+        default=None,
+        help="synthesize (into --synthetic-dir) only this shard of --synthesis-shards for each model and generator, then stop",
+    )
+    ap.add_argument(
         "--resume",
         action="store_true",
         help="keep the rows already in --out's JSON (same command) and run only the missing ones",
@@ -83,6 +96,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.synthesis_shards < 1 or args.samples % args.synthesis_shards:
+        raise SystemExit(f"--synthesis-shards must divide --samples ({args.samples}), got {args.synthesis_shards}")
+    if args.only_shard is not None:
+        if not args.synthetic_dir or not 0 <= args.only_shard < args.synthesis_shards:
+            raise SystemExit("--only-shard needs --synthetic-dir and a shard index below --synthesis-shards")
+        for name in args.models:
+            model = dfquant.create_model(name, weights=str(asset_path(CIFAR_RESNET_WEIGHTS[name])))
+            for gen in dict.fromkeys(METHODS[k][2]["data"] for k in args.methods if "data" in METHODS[k][2]):
+                _, dt = synthetic_shard(model, name, gen, args, args.only_shard)
+                print(f"{name}: {gen} shard {args.only_shard} synthesis {dt:.0f} s", flush=True)
+        return
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,10 +121,13 @@ def main() -> None:
         + (f" --recon-seed {args.recon_seed}" if args.recon_seed is not None else "")
         + (f" --threads {args.threads}" if args.threads else "")
         + (f" --synthetic-dir {args.synthetic_dir}" if args.synthetic_dir else "")
+        + (f" --synthesis-shards {args.synthesis_shards}" if args.synthesis_shards != 1 else "")
         + (f" --out {args.out}" if args.out != str(RESULTS) else ""),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {args.device}",
         "torch": torch.__version__,
         "budget": budget,
+        "seed": args.seed,
+        "synthesis_shards": args.synthesis_shards,
         "lr_round": args.lr_round if args.lr_round is not None else lr_round_for(args.recon_iters),
         "n_images": int(data[1].numel()),
         "models": {},
@@ -161,18 +188,26 @@ def main() -> None:
 
 
 def synthetic_images(model, name: str, gen: str, args):
-    """(images, synthesis wall time in s), from the cache directory when it holds this run's images."""
+    """(images, synthesis wall time in s) of the whole synthetic set: its shards concatenated, times summed."""
+    parts = [synthetic_shard(model, name, gen, args, j) for j in range(args.synthesis_shards)]
+    return torch.cat([images for images, _ in parts]), sum(dt for _, dt in parts)
+
+
+def synthetic_shard(model, name: str, gen: str, args, shard: int):
+    """(images, synthesis wall time in s) of one shard (seed + shard, samples / shards images), from the
+    cache directory when it holds them. One shard (the default) is the whole set with the run's seed."""
+    n, seed = args.samples // args.synthesis_shards, args.seed + shard
     cache = None
     if args.synthetic_dir:
-        cache = Path(args.synthetic_dir) / f"{name}_{gen}_n{args.samples}_it{args.distill_iters}_seed{args.seed}.safetensors"
+        cache = Path(args.synthetic_dir) / f"{name}_{gen}_n{n}_it{args.distill_iters}_seed{seed}.safetensors"
         if cache.is_file():
             images, meta = load_images(cache, with_metadata=True)
             return images, float(meta["synthesis_s"])
     t = time.perf_counter()
-    images = synthesize(model, args.samples, method=gen, iters=args.distill_iters, device=args.device, seed=args.seed, progress=True)
+    images = synthesize(model, n, method=gen, iters=args.distill_iters, device=args.device, seed=seed, progress=True)
     dt = time.perf_counter() - t
     if cache is not None:
-        save_images(images, cache, metadata=dict(model=name, method=gen, seed=args.seed, synthesis_s=dt, threads=torch.get_num_threads()))
+        save_images(images, cache, metadata=dict(model=name, method=gen, seed=seed, synthesis_s=dt, threads=torch.get_num_threads()))
     return images, dt
 
 
@@ -187,6 +222,14 @@ def to_markdown(res: dict) -> str:
         "(the paper: 1024 images, 4000 and 20000).",
         f"Rounding learning rate of the reconstructed rows: {res['lr_round']:g}"
         + (" (`lr_round_for`: the release's 1e-3 x 20000 iterations / iterations)." if res.get("lr_round_rule", True) else "."),
+        *(
+            [
+                f"Synthetic set: {res['synthesis_shards']} independent synthesis runs of {b['samples'] // res['synthesis_shards']} images "
+                f"(seeds {res.get('seed', 0)} to {res.get('seed', 0) + res['synthesis_shards'] - 1}), concatenated; the synthesis time is the sum of theirs."
+            ]
+            if res.get("synthesis_shards", 1) > 1
+            else []
+        ),
         *([res["note"]] if res.get("note") else []),
         f"Data: the first {res['n_images']} CIFAR-10 test images, used only to measure (standard error about ±1 point).",
         "Protocol: image input float, classifier input 8 bit, all weights at the given bits; activation ranges start from BN statistics. "
