@@ -8,7 +8,9 @@ setting of ``benchmarks/squant_cifar.py`` it compares SQuant with round-to-neare
 deterministic and fast, so they are recomputed here); for every row of the given
 ``genie_cifar.py`` result files that carries per-image results (``correct``, written since that
 field was added) it compares the row with SQuant, and the Genie rows with the ZeroQ row of the same
-model and setting where one is given. Where a result file has an RTN or SQuant row, its accuracy must equal the one
+model and setting where one is given (both at the CPU budget). A row made at another budget (more
+synthetic images, more iterations) is labelled with how its budget differs and is also compared with
+the same method's CPU-budget row when one is given. Where a result file has an RTN or SQuant row, its accuracy must equal the one
 recomputed here (the methods are deterministic), or the script stops.
 The files in benchmarks/results/per_image/ are re-runs of the ``genie_cifar.py`` CPU-budget tables
 (the command is inside each; same seeds and cached synthetic images), made once the rows kept
@@ -27,6 +29,7 @@ import torch
 import dfquant
 from dfquant.assets import CIFAR_RESNET_WEIGHTS, asset_path
 from dfquant.data import load_cifar10_npz
+from dfquant.genie import CPU_BUDGET
 
 from genie_cifar import parse_setting
 from squant_cifar import SETTINGS
@@ -48,10 +51,17 @@ def main() -> None:
     for f in args.results:
         res_f = json.loads(Path(f).read_text())
         seed = re.search(r"--recon-seed (\d+)", res_f["command"])
+        tags = budget_tags(res_f.get("budget", {}))
         for name, m in res_f["models"].items():
             for r in m["rows"]:
-                label = r["method"] + (f", recon. seed {seed.group(1)}" if seed and r["method"] not in ("RTN", "SQuant") else "")
-                learned.setdefault(name, {}).setdefault(r["setting"], {})[label] = dict(r, source=Path(f).name)
+                if r["method"] in ("RTN", "SQuant"):
+                    label, extra = r["method"], {}
+                else:
+                    label = r["method"] + (f", recon. seed {seed.group(1)}" if seed else "")
+                    # a row at another budget is also compared with the same method at the CPU budget
+                    extra = {"cpu_budget_label": label} if tags else {}
+                    label += "".join(f", {t}" for t in tags)
+                learned.setdefault(name, {}).setdefault(r["setting"], {})[label] = dict(r, source=Path(f).name, **extra)
 
     res = {"command": "python benchmarks/paired.py" + "".join(f" --results {f}" for f in args.results) + (f" --threads {args.threads}" if args.threads else ""), "n_images": int(data[1].numel()), "pairs": []}
     for name in args.models:
@@ -73,9 +83,10 @@ def main() -> None:
             rows = {k: dict(r, correct=[c == "1" for c in r["correct"]]) for k, r in learned.get(name, {}).get(setting, {}).items() if "correct" in r and k not in base}
             for label, row in rows.items():
                 pairs.append((label, row, "SQuant", base["SQuant"]))
-            zeroq = next((r for k, r in rows.items() if k.startswith("ZeroQ")), None)
-            if zeroq is not None:
-                pairs += [(label, row, "ZeroQ data + recon.", zeroq) for label, row in rows.items() if label.startswith("Genie")]
+            zeroq = next((r for k, r in rows.items() if k.startswith("ZeroQ") and "cpu_budget_label" not in r), None)
+            if zeroq is not None:  # Genie vs ZeroQ data at the same (CPU) budget
+                pairs += [(label, row, "ZeroQ data + recon.", zeroq) for label, row in rows.items() if label.startswith("Genie") and "cpu_budget_label" not in row]
+            pairs += [(label, row, row["cpu_budget_label"], rows[row["cpu_budget_label"]]) for label, row in rows.items() if row.get("cpu_budget_label") in rows]
             for la, ra, lb, rb in pairs:
                 p = dfquant.paired_comparison(ra["correct"], rb["correct"])
                 entry = {"model": name, "setting": setting, "a": la, "b": lb, "top1_a": ra["top1"], "top1_b": rb["top1"], **p}
@@ -89,6 +100,12 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(res, indent=2))
     out.with_suffix(".md").write_text(to_markdown(res))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+def budget_tags(budget: dict) -> list:
+    """How a result file's budget differs from the CPU budget, as label suffixes ("1024 images")."""
+    names = {"samples": "images", "distill_iters": "synthesis iters", "recon_iters": "recon. iters"}
+    return [f"{budget[k]} {v}" for k, v in names.items() if k in budget and budget[k] != CPU_BUDGET[k]]
 
 
 def to_markdown(res: dict) -> str:
