@@ -8,7 +8,7 @@ setting of ``benchmarks/squant_cifar.py`` it compares SQuant with round-to-neare
 deterministic and fast, so they are recomputed here); for every row of the given
 ``genie_cifar.py`` result files that carries per-image results (``correct``, written since that
 field was added) it compares the row with SQuant, and the Genie rows with the ZeroQ row of the same
-model and setting where one is given (both at the CPU budget). A row made at another budget (more
+model, setting and budget where one is given. A row made at another budget (more
 synthetic images, more iterations) is labelled with how its budget differs and is also compared with
 the same method's CPU-budget row when one is given. Where a result file has an RTN or SQuant row, its accuracy must equal the one
 recomputed here (the methods are deterministic), or the script stops.
@@ -60,7 +60,8 @@ def main() -> None:
                     label = r["method"] + (f", recon. seed {seed.group(1)}" if seed else "")
                     # a row at another budget is also compared with the same method at the CPU budget
                     extra = {"cpu_budget_label": label} if tags else {}
-                    label += "".join(f", {t}" for t in tags)
+                    extra["budget"] = "".join(f", {t}" for t in tags)
+                    label += extra["budget"]
                 learned.setdefault(name, {}).setdefault(r["setting"], {})[label] = dict(r, source=Path(f).name, **extra)
 
     res = {"command": "python benchmarks/paired.py" + "".join(f" --results {f}" for f in args.results) + (f" --threads {args.threads}" if args.threads else ""), "n_images": int(data[1].numel()), "pairs": []}
@@ -83,9 +84,9 @@ def main() -> None:
             rows = {k: dict(r, correct=[c == "1" for c in r["correct"]]) for k, r in learned.get(name, {}).get(setting, {}).items() if "correct" in r and k not in base}
             for label, row in rows.items():
                 pairs.append((label, row, "SQuant", base["SQuant"]))
-            zeroq = next((r for k, r in rows.items() if k.startswith("ZeroQ") and "cpu_budget_label" not in r), None)
-            if zeroq is not None:  # Genie vs ZeroQ data at the same (CPU) budget
-                pairs += [(label, row, "ZeroQ data + recon.", zeroq) for label, row in rows.items() if label.startswith("Genie") and "cpu_budget_label" not in row]
+            zeroq = {r["budget"]: (k, r) for k, r in rows.items() if k.startswith("ZeroQ")}
+            # Genie vs ZeroQ data at the same budget
+            pairs += [(label, row, *zeroq[row["budget"]]) for label, row in rows.items() if label.startswith("Genie") and row["budget"] in zeroq]
             pairs += [(label, row, row["cpu_budget_label"], rows[row["cpu_budget_label"]]) for label, row in rows.items() if row.get("cpu_budget_label") in rows]
             for la, ra, lb, rb in pairs:
                 p = dfquant.paired_comparison(ra["correct"], rb["correct"])
