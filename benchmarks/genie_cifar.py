@@ -2,6 +2,9 @@
 
     python benchmarks/genie_cifar.py                     # ResNet-20 and ResNet-56, CPU budget
     python benchmarks/genie_cifar.py --models resnet20 --settings W4A4 W2A4
+    # 1024 images made by parallel processes (one per shard), then the table from them:
+    python benchmarks/genie_cifar.py --samples 1024 --synthesis-shards 4 --synthetic-dir DIR --only-shard 1 &
+    python benchmarks/genie_cifar.py --samples 1024 --synthesis-shards 4 --synthetic-dir DIR
 
 Writes benchmarks/results/genie_cifar.{md,json} (the JSON after every row, so a long run that is
 stopped keeps what it finished). Needs the shared assets (DFQUANT_ASSETS or ../shared). The CIFAR-10
