@@ -105,7 +105,7 @@ def main() -> None:
         if not args.synthetic_dir or not 0 <= args.only_shard < args.synthesis_shards:
             raise SystemExit("--only-shard needs --synthetic-dir and a shard index below --synthesis-shards")
         for name in args.models:
-            model = dfquant.create_model(name, weights=str(asset_path(CIFAR_RESNET_WEIGHTS[name])))
+            model = load_model(name)
             for gen in dict.fromkeys(METHODS[k][2]["data"] for k in args.methods if "data" in METHODS[k][2]):
                 _, dt = synthetic_shard(model, name, gen, args, args.only_shard)
                 print(f"{name}: {gen} shard {args.only_shard} synthesis {dt:.0f} s", flush=True)
@@ -148,10 +148,7 @@ def main() -> None:
         out.with_suffix(".md").write_text(to_markdown(res))
 
     for name in args.models:
-        path = asset_path(CIFAR_RESNET_WEIGHTS[name])
-        if path is None:
-            raise SystemExit(f"missing shared weights for {name}: set DFQUANT_ASSETS")
-        model = dfquant.create_model(name, weights=str(path))
+        model = load_model(name)
         entry = res["models"][name] = {"fp32_top1": dfquant.evaluate(model, data)["top1"], "synthesis_s": {}, "rows": []}
         kept = {(r["setting"], r["method"]): r for r in done.get(name, {}).get("rows", [])}
         synthetic = {}
@@ -188,6 +185,14 @@ def main() -> None:
                 print(f"{name} {setting} {label:<22} {ev['top1']:6.2f} ({row['drop']:+.2f})  {dt:7.1f} s", flush=True)
                 save()
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+def load_model(name: str):
+    """The pretrained CIFAR model from the shared assets, or a clear stop when they are missing."""
+    path = asset_path(CIFAR_RESNET_WEIGHTS[name])
+    if path is None:
+        raise SystemExit(f"missing shared weights for {name}: set DFQUANT_ASSETS")
+    return dfquant.create_model(name, weights=str(path))
 
 
 def synthetic_images(model, name: str, gen: str, args):
