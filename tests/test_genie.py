@@ -163,7 +163,7 @@ def test_act_calib_data_and_zeroq(model, images, tmp_path):
     assert all("after_act_calib" in u for u in info["units"] if u["name"] != "conv1")
     # a saved file can be given back as the synthetic data
     q2, r2 = dfquant.quantize(model, method="zeroq", w_bits=4, a_bits=4, act_calib="data", recon_iters=10, synthetic=str(path), **TINY | dict(samples=32))
-    assert r2.config["genie"]["data"]["source"] == "given"
+    assert r2.config["genie"]["data"]["source"] == "files" and r2.config["genie"]["data"]["files"] == [str(path)]
     assert all(torch.equal(q.state_dict()[k], q2.state_dict()[k]) for k in q.state_dict())
 
 

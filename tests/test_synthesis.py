@@ -13,6 +13,8 @@ from dfquant.synthesis import (
     SwingConv2d,
     _apply_swing,
     bn_statistics_loss,
+    images_metadata,
+    load_image_files,
     load_images,
     save_image_grid,
     save_images,
@@ -201,6 +203,20 @@ def test_save_images_round_trip(tmp_path, synthetic):
     with pytest.raises(DfquantError, match="not found"):
         load_images(tmp_path / "missing.safetensors")
 
+
+
+def test_load_image_files_concatenates_parts_in_order(tmp_path, synthetic):
+    a = save_images(synthetic["genie"][:5], tmp_path / "a.safetensors", metadata={"seed": 0})
+    b = save_images(synthetic["zeroq"][:3], tmp_path / "b.safetensors", metadata={"seed": 1})
+    x, metas = load_image_files([b, a])
+    assert torch.equal(x, torch.cat([synthetic["zeroq"][:3], synthetic["genie"][:5]]))
+    assert [m["seed"] for m in metas] == ["1", "0"]
+    assert torch.equal(load_image_files(str(a))[0], synthetic["genie"][:5])
+    assert images_metadata(b)["shape"] == "3x1x8x8"
+    with pytest.raises(DfquantError, match="hold the same images"):
+        load_image_files([a, b, a])
+    with pytest.raises(DfquantError, match="not found"):
+        images_metadata(tmp_path / "missing.safetensors")
 
 def test_png_grid(tmp_path, synthetic):
     from PIL import Image

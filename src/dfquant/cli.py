@@ -50,7 +50,14 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--act-calib", default=None, choices=["bn", "data"], help="activation ranges from BN statistics or synthetic data")
     g.add_argument("--save-synthetic", default=None, help="write the synthetic images to this file")
-    g.add_argument("--synthetic", default=None, help="use the synthetic images in this file instead of synthesizing")
+    g.add_argument(
+        "--synthetic",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="use the synthetic images in these files (concatenated, e.g. parts made by parallel "
+        "`dfquant synthesize --seed i` runs) instead of synthesizing",
+    )
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run synthesis and reconstruction")
     g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same quantized model)")
 
@@ -140,9 +147,13 @@ def _genie_options(args) -> Dict[str, Any]:
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
     if args.synthetic:
-        from .synthesis import load_images
+        from .synthesis import images_metadata
 
-        opts["synthetic"] = load_images(args.synthetic)
+        for path in args.synthetic:
+            made_for = images_metadata(path).get("model")
+            if made_for and made_for != args.model:
+                print(f"dfquant: note: {path} was synthesized from {made_for}, not {args.model}", file=sys.stderr)
+        opts["synthetic"] = list(args.synthetic)
     opts["device"] = args.device
     opts["seed"] = args.seed
     return opts
@@ -251,7 +262,9 @@ def cmd_synthesize(args) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         out = out.with_suffix(".safetensors")
-    save_images(images, out, metadata={"model": args.model, "method": args.method, "seed": args.seed})
+    meta = {"model": args.model, "method": args.method, "seed": args.seed, "synthesis_s": round(dt, 3)}
+    meta.update(kw)
+    save_images(images, out, metadata=meta)
     png = out.with_suffix(".png")
     save_image_grid(images, png)
     print(f"wrote {len(images)} images to {out} and a grid of the first {min(64, len(images))} to {png} ({dt:.1f} s)")

@@ -631,8 +631,9 @@ def reconstruct_model(
             per batch and images per batch (``None`` under the gpu budget: the method's own).
         recon_iters: Adam iterations per unit (0: no training; the result is the start).
         batch_size: reconstruction batch size.
-        synthetic: a (N, C, H, W) tensor (or a file from :func:`dfquant.synthesis.save_images`)
-            of images to use instead of synthesizing; with ``samples`` the first ``samples``.
+        synthetic: a (N, C, H, W) tensor, or a file or list of files from
+            :func:`dfquant.synthesis.save_images` (concatenated in order), of images to use
+            instead of synthesizing; with ``samples`` the first ``samples``.
         save_synthetic: path to save the images used (safetensors).
         act_calib: ``"bn"`` keeps the BatchNorm-derived activation ranges as LSQ's start,
             ``"data"`` first searches each range on the synthetic data.
@@ -712,10 +713,14 @@ def reconstruct_model(
     t0 = time.perf_counter()
     data_method = "zeroq" if getattr(cfg, "method", "genie") == "zeroq" else "genie"
     if synthetic is not None:
-        if isinstance(synthetic, (str, Path)):
-            from .synthesis import load_images
+        files = None
+        if isinstance(synthetic, (str, Path)) or (
+            isinstance(synthetic, (list, tuple)) and synthetic and all(isinstance(p, (str, Path)) for p in synthetic)
+        ):
+            from .synthesis import load_image_files
 
-            synthetic = load_images(synthetic)
+            files = [str(p) for p in ([synthetic] if isinstance(synthetic, (str, Path)) else synthetic)]
+            synthetic, _ = load_image_files(files)
         if not isinstance(synthetic, torch.Tensor) or synthetic.dim() != 4 or synthetic.shape[0] < 1:
             raise DfquantError("synthetic must be a non-empty (N, C, H, W) tensor of images")
         if samples_given:
@@ -727,6 +732,8 @@ def reconstruct_model(
             raise DfquantError(f"synthetic images have shape {tuple(synthetic.shape[1:])} per image; the model expects {tuple(expected)}")
         images = synthetic.detach().float().cpu()
         info["data"] = dict(source="given", n=int(images.shape[0]))
+        if files is not None:
+            info["data"].update(source="files", files=files)
     else:
         from .synthesis import synthesize
 

@@ -111,6 +111,8 @@ __all__ = [
     "synthesize",
     "save_images",
     "load_images",
+    "load_image_files",
+    "images_metadata",
     "save_image_grid",
 ]
 
@@ -593,24 +595,60 @@ def save_images(images: torch.Tensor, path, metadata: Optional[Dict[str, object]
     return path
 
 
-def load_images(path, with_metadata: bool = False):
-    """Load images saved by :func:`save_images` (and, if asked, their metadata dict)."""
+def _open_images_file(path: Path, read_images: bool):
     from safetensors import safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise DfquantError(f"synthetic images file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             if "images" not in f.keys():
                 raise DfquantError(f"{path} holds no 'images' tensor")
-            images = f.get_tensor("images")
+            images = f.get_tensor("images") if read_images else None
             meta = dict(f.metadata() or {})
     except DfquantError:
         raise
     except Exception as exc:  # corrupt or foreign file
         raise DfquantError(f"cannot read synthetic images from {path}: {exc}") from None
+    return images, meta
+
+
+def load_images(path, with_metadata: bool = False):
+    """Load images saved by :func:`save_images` (and, if asked, their metadata dict)."""
+    images, meta = _open_images_file(Path(path), read_images=True)
     return (images, meta) if with_metadata else images
+
+
+def images_metadata(path) -> Dict[str, str]:
+    """The metadata of an images file from :func:`save_images` (model, method, seed, shape, ...),
+    without reading the images; a clear error if the file is missing or not such a file."""
+    return _open_images_file(Path(path), read_images=False)[1]
+
+
+def load_image_files(paths: Sequence) -> Tuple[torch.Tensor, List[Dict[str, str]]]:
+    """Load several image files and concatenate them, in the order given, with their metadata.
+
+    For a synthetic set made in parts, e.g. 1024 images as four parallel ``dfquant synthesize -n
+    256 --seed i`` runs (each part is an independent synthesis with its own seed). Fails with a
+    clear error when the files' per-image shapes differ or when two files hold the same images
+    (the same part given twice would silently weight those images double).
+    """
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    if not paths:
+        raise DfquantError("no synthetic images files given")
+    sets = [load_images(p, with_metadata=True) for p in paths]
+    first_shape = tuple(sets[0][0].shape[1:])
+    for p, (x, _) in zip(paths[1:], sets[1:]):
+        if tuple(x.shape[1:]) != first_shape:
+            raise DfquantError(
+                f"synthetic images in {p} have shape {tuple(x.shape[1:])} per image, but those in {paths[0]} have {first_shape}"
+            )
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            if sets[i][0].shape == sets[j][0].shape and torch.equal(sets[i][0], sets[j][0]):
+                raise DfquantError(f"{paths[i]} and {paths[j]} hold the same images; give each part once")
+    images = torch.cat([x for x, _ in sets]) if len(sets) > 1 else sets[0][0]
+    return images, [m for _, m in sets]
 
 
 def save_image_grid(
