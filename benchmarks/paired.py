@@ -40,7 +40,7 @@ OUT = Path(__file__).parent / "results" / "paired"
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
-    ap.add_argument("--results", nargs="*", default=[], help="genie_cifar.py result JSONs whose rows carry 'correct'")
+    ap.add_argument("--results", nargs="*", action="extend", default=[], help="genie_cifar.py result JSONs whose rows carry 'correct' (the flag may repeat)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
