@@ -142,3 +142,23 @@ def test_synthetic_parts_of_another_shape_or_model(capsys, digits, tmp_path):
     # images made from another model are allowed (a deliberate experiment) but named in a note
     code, _, err = run(capsys, "quantize", "--model", "digits_cnn", "--method", "genie", "--synthetic", str(ok), "--recon-iters", "1", "--eval", "none")
     assert code == 0 and "was synthesized from resnet20, not digits_cnn" in err
+
+
+def test_ctrl_c_during_synthesis_leaves_no_output_file(digits, tmp_path):
+    """A real SIGINT while `dfquant synthesize` runs: exit 130, one line, and no file at all."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "syn.safetensors"
+    argv = [sys.executable, "-m", "dfquant.cli", "--progress", "--threads", "1", "synthesize", "--model", "digits_cnn", "-n", "16", "--iters", "100000", "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen, deadline = b"", time.monotonic() + 120
+    while b"1/100000" not in seen and proc.poll() is None and time.monotonic() < deadline:
+        seen += os.read(proc.stderr.fileno(), 4096)  # the progress bar: synthesis has started
+    assert b"1/100000" in seen, seen[-500:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "dfquant: interrupted" in err.decode() and "Traceback" not in err.decode()
+    assert list(tmp_path.iterdir()) == []

@@ -22,7 +22,7 @@ def test_save_load_exact(digits, tmp_path, fold):
         assert torch.equal(q(x), q2(x))
     doc = json.loads(side.read_text())
     assert doc["config"]["method"] == "squant" and doc["layers"]["conv2"]["w_bits"] == 4
-    assert not list(tmp_path.glob("*.partial"))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["digits.json", "digits.safetensors"]
 
 
 def test_load_with_explicit_architecture(digits, tmp_path):

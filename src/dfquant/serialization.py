@@ -3,14 +3,14 @@
 A save writes two files: ``NAME.safetensors`` (every tensor of the quantized model: int8 weight
 codes, per-channel scales and zero points, biases, BN buffers, activation scales) with the config
 in its metadata, and ``NAME.json`` (the same config plus the report, for people and tools). Both
-are written to a temporary file and renamed, so an interrupted save never leaves half a file.
+are written to temporary files and renamed together, so an interrupted save never leaves half a
+file or a model beside another model's sidecar.
 Loading rebuilds the float architecture (from the registry name, or a model you pass), swaps in
 the quantized layers the config lists, and loads the tensors: the result equals the saved model.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -18,20 +18,11 @@ import torch
 import torch.nn as nn
 
 from .errors import DfquantError
+from .files import atomic_write_all
 from .qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from .quantizer import QParams
 
 FORMAT = "dfquant-quantized-v1"
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def layer_layout(qmodel: nn.Module) -> Dict[str, Dict[str, Any]]:
@@ -67,10 +58,14 @@ def save_quantized(qmodel: nn.Module, path: "str | Path", *, model_name: Optiona
         "config": config or {},
     }
     tensors = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items()}
-    _atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"dfquant": json.dumps(meta, default=str)}))
     side = path.with_suffix(".json")
     doc = dict(meta, report=report)
-    _atomic_write(side, lambda p: p.write_text(json.dumps(doc, indent=2, default=str)))
+    atomic_write_all(
+        [
+            (path, lambda p: save_file(tensors, str(p), metadata={"dfquant": json.dumps(meta, default=str)})),
+            (side, lambda p: p.write_text(json.dumps(doc, indent=2, default=str))),
+        ]
+    )
     return path, side
 
 

@@ -89,7 +89,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -99,6 +98,7 @@ import torch.nn.functional as F
 
 from .devices import resolve_device as _resolve_device
 from .errors import DfquantError
+from .files import atomic_write
 
 __all__ = [
     "GENIE_DEFAULTS",
@@ -563,10 +563,6 @@ def synthesize(
 # --------------------------------------------------------------------------------------------
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def save_images(images: torch.Tensor, path, metadata: Optional[Dict[str, object]] = None) -> Path:
     """Save images to a safetensors file (key ``"images"``), atomically.
 
@@ -585,13 +581,8 @@ def save_images(images: torch.Tensor, path, metadata: Optional[Dict[str, object]
     meta.setdefault("format", "dfquant-synthetic-images")
     meta["shape"] = "x".join(str(s) for s in images.shape)
     meta["dtype"] = str(images.dtype).replace("torch.", "")
-    tmp = _tmp_path(path)
-    try:
-        save_file({"images": images.detach().cpu().contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    data = {"images": images.detach().cpu().contiguous()}
+    atomic_write(path, lambda p: save_file(data, str(p), metadata=meta))
     return path
 
 
@@ -714,11 +705,5 @@ def save_image_grid(
     png_path = Path(png_path)
     if png_path.parent and not png_path.parent.exists():
         png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(png_path)
-    try:
-        img.save(str(tmp), format="PNG")
-        os.replace(tmp, png_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(png_path, lambda p: img.save(str(p), format="PNG"))
     return png_path

@@ -1,0 +1,38 @@
+"""Writing output files so that an interrupted run (Ctrl-C, a kill, a full disk) never leaves half
+a file: each file is written under a hidden temporary name beside its target and renamed over it
+only when every file of the group is complete (``os.replace`` is atomic on one file system)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence, Tuple
+
+Writer = Callable[[Path], object]
+
+
+def temp_path(path: Path) -> Path:
+    """The temporary name ``path`` is written under: hidden, and unique per process."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_all(targets: Sequence[Tuple["str | Path", Writer]]) -> None:
+    """Write each ``(path, write)`` pair via ``write(temporary_path)``, then rename them all.
+
+    Nothing is renamed until every writer has finished, so a group (a model and its sidecar) is
+    replaced together or not at all; the temporary files are removed whatever happens.
+    """
+    pairs = [(Path(p), temp_path(Path(p)), w) for p, w in targets]
+    try:
+        for _, tmp, write in pairs:
+            write(tmp)
+        for path, tmp, _ in pairs:
+            os.replace(tmp, path)
+    finally:
+        for _, tmp, _ in pairs:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def atomic_write(path: "str | Path", write: Writer) -> None:
+    """Write one file atomically (see :func:`atomic_write_all`)."""
+    atomic_write_all([(path, write)])
