@@ -83,6 +83,10 @@ def test_fold_bn_option(digits):
         (dict(act_range="percentile"), "unknown activation range"),
         (dict(skip=("nolayer",)), "names no quantizable layer"),
         (dict(bogus=1), "unknown option"),
+        (dict(method="rtn", init="squant"), "applies to the learned methods"),
+        (dict(method="squant-k", squant_channel=False), "of method 'squant' only"),
+        (dict(method="genie", squant_kernel=False), "not of 'genie'"),
+        (dict(method="squant", recon_iters=10), "unknown option"),
     ],
 )
 def test_bad_arguments(digits, kwargs, match):

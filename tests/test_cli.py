@@ -63,6 +63,11 @@ def test_quantize_report_table(capsys, digits):
         (["quantize", "--model", "digits_cnn", "--weights", "/no/such/file.pth"], "weights file not found"),
         (["evaluate", "/no/such/model.safetensors"], "not found"),
         (["quantize", "--model", "digits_cnn", "--eval", "cifar10", "--data", "/no/such.npz"], "not found"),
+        (["quantize", "--model", "digits_cnn", "--method", "squant", "--synthetic", "a.safetensors", "--recon-iters", "5"], "--recon-iters, --synthetic apply only to --method genie or zeroq, not to squant"),
+        (["quantize", "--model", "digits_cnn", "--method", "rtn", "--init", "squant"], "--init applies only to --method genie or zeroq"),
+        (["quantize", "--model", "digits_cnn", "--method", "squant-k", "--save-synthetic", "s.safetensors"], "--save-synthetic applies only"),
+        (["quantize", "--model", "digits_cnn", "--method", "rtn", "--no-kernel"], "--no-kernel/--no-channel switch the levels of --method squant only"),
+        (["quantize", "--model", "digits_cnn", "--method", "genie", "--no-channel"], "not of genie"),
     ],
 )
 def test_errors_are_one_line(capsys, digits, argv, message):

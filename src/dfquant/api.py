@@ -78,6 +78,14 @@ class QuantConfig:
             raise DfquantError(f"unknown weight range rule {self.w_range!r}; choose {' or '.join(WEIGHT_RANGES)}")
         if self.init not in ("rtn", "squant"):
             raise DfquantError(f"unknown initial rounding {self.init!r}; choose rtn or squant")
+        # Settings a method would silently ignore are refused: the model would not be the one asked for.
+        if self.init != "rtn" and self.method not in LEARNED_METHODS:
+            raise DfquantError(f"init={self.init!r} applies to the learned methods ({', '.join(LEARNED_METHODS)}) only, not to {self.method!r}")
+        if not (self.squant_kernel and self.squant_channel) and self.method != "squant":
+            raise DfquantError(
+                f"squant_kernel/squant_channel switch SQuant's levels of method 'squant' only, not of {self.method!r} "
+                "(the levels have their own methods: squant-e, squant-k, squant-c)"
+            )
         self.skip = tuple(self.skip)
         return self
 

@@ -38,7 +38,7 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--last-input-bits", type=_bits_or_none, default=8, help="bits of the classifier's input (default 8; 'none': same as --a-bits)")
     p.add_argument("--skip", action="append", default=[], help="leave this layer in float (repeatable)")
     g = p.add_argument_group("learned methods (genie, zeroq)")
-    g.add_argument("--init", default="rtn", choices=["rtn", "squant"], help="rounding that reconstruction starts from")
+    g.add_argument("--init", default=None, choices=["rtn", "squant"], help="rounding that reconstruction starts from (default rtn)")
     g.add_argument("--samples", type=int, default=None, help="number of synthetic images")
     g.add_argument("--distill-iters", type=int, default=None, help="synthesis iterations per batch")
     g.add_argument("--recon-iters", type=int, default=None, help="reconstruction iterations per block")
@@ -141,8 +141,34 @@ def _eval_data(args, dataset: str):
     return load_eval_data(name, args.data, limit=args.limit)
 
 
+# quantize flags that only the learned methods use (dest -> flag, value when not given); --device
+# and --seed are left out: they do not change what a rounding method (deterministic, instant) makes
+LEARNED_FLAGS = {
+    "init": ("--init", None),
+    "samples": ("--samples", None),
+    "distill_iters": ("--distill-iters", None),
+    "recon_iters": ("--recon-iters", None),
+    "lr_round": ("--lr-round", None),
+    "act_calib": ("--act-calib", None),
+    "save_synthetic": ("--save-synthetic", None),
+    "synthetic": ("--synthetic", None),
+}
+
+
+def _refuse_learned_flags(args) -> None:
+    """A rounding method would ignore these flags: refuse them rather than quietly drop them."""
+    from .api import LEARNED_METHODS
+
+    given = [flag for dest, (flag, unset) in LEARNED_FLAGS.items() if getattr(args, dest) != unset]
+    if given:
+        verb = "apply" if len(given) > 1 else "applies"
+        raise DfquantError(f"{', '.join(given)} {verb} only to --method {' or '.join(LEARNED_METHODS)}, not to {args.method} (it uses no data and no training)")
+
+
 def _genie_options(args) -> Dict[str, Any]:
     opts: Dict[str, Any] = {}
+    if args.init is not None:
+        opts["init"] = args.init
     for key in ("samples", "distill_iters", "recon_iters", "lr_round", "act_calib", "save_synthetic"):
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
@@ -161,9 +187,14 @@ def _genie_options(args) -> Dict[str, Any]:
 
 def cmd_quantize(args) -> int:
     import dfquant
+    from .api import LEARNED_METHODS
     from .models import model_spec
     from .serialization import save_quantized
 
+    if (args.no_kernel or args.no_channel) and args.method != "squant":
+        raise DfquantError(f"--no-kernel/--no-channel switch the levels of --method squant only, not of {args.method} (squant-e, squant-k and squant-c are methods of their own)")
+    if args.method not in LEARNED_METHODS:
+        _refuse_learned_flags(args)
     spec = model_spec(args.model)
     model = _load_model(args)
     data = _eval_data(args, spec.dataset)
@@ -177,9 +208,8 @@ def cmd_quantize(args) -> int:
         quantize_first_input=args.quantize_first_input,
         last_input_bits=args.last_input_bits,
         skip=tuple(args.skip),
-        init=args.init,
     )
-    if args.method in ("genie", "zeroq"):
+    if args.method in LEARNED_METHODS:
         options.update(_genie_options(args))
     result: Dict[str, Any] = {"model": args.model, "method": args.method, "w_bits": args.w_bits, "a_bits": args.a_bits}
     if data is not None:
