@@ -167,3 +167,12 @@ def test_ctrl_c_during_synthesis_leaves_no_output_file(digits, tmp_path):
     assert proc.returncode == 130
     assert "dfquant: interrupted" in err.decode() and "Traceback" not in err.decode()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_first_input_uses_the_models_input_range(capsys, digits):
+    """--quantize-first-input quantizes the image at 8 bits over the digits input range [-1, 1]."""
+    code, out, _ = run(capsys, "quantize", "--model", "digits_cnn", "--quantize-first-input", "--json")
+    res = json.loads(out)
+    assert code == 0 and "conv1" not in res["float_inputs"]
+    code, out, _ = run(capsys, "quantize", "--model", "digits_cnn", "--json")
+    assert code == 0 and "conv1" in json.loads(out)["float_inputs"]

@@ -81,6 +81,14 @@ class QuantConfig:
         # Settings a method would silently ignore are refused: the model would not be the one asked for.
         if self.init != "rtn" and self.method not in LEARNED_METHODS:
             raise DfquantError(f"init={self.init!r} applies to the learned methods ({', '.join(LEARNED_METHODS)}) only, not to {self.method!r}")
+        if self.a_bits is None:
+            for name, unset in (("n_sigma", None), ("act_range", "dfq"), ("quantize_first_input", False), ("input_range", None)):
+                if getattr(self, name) != unset:
+                    raise DfquantError(f"{name} sets how activations are quantized, but a_bits=None quantizes none (weight-only)")
+        if self.n_sigma is not None and self.act_range != "dfq":
+            raise DfquantError(f"n_sigma is the n of the dfq range rule (beta + n*gamma); act_range={self.act_range!r} does not use it")
+        if self.input_range is not None and not self.quantize_first_input:
+            raise DfquantError("input_range is the image's range for quantize_first_input=True; the image input stays float otherwise")
         if not (self.squant_kernel and self.squant_channel) and self.method != "squant":
             raise DfquantError(
                 f"squant_kernel/squant_channel switch SQuant's levels of method 'squant' only, not of {self.method!r} "

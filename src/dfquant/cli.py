@@ -34,7 +34,11 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--act-range", default="dfq", choices=["dfq", "mse"], help="BN-statistics range rule (default dfq)")
     p.add_argument("--n-sigma", type=float, default=None, help="dfq rule: n in beta + n*gamma (default per bit-width)")
-    p.add_argument("--quantize-first-input", action="store_true", help="also quantize the image input (8 bits)")
+    p.add_argument(
+        "--quantize-first-input",
+        action="store_true",
+        help="also quantize the image input (8 bits; its range from the model's input normalization of pixels in [0, 1], no data)",
+    )
     p.add_argument("--last-input-bits", type=_bits_or_none, default=8, help="bits of the classifier's input (default 8; 'none': same as --a-bits)")
     p.add_argument("--skip", action="append", default=[], help="leave this layer in float (repeatable)")
     g = p.add_argument_group("learned methods (genie, zeroq)")
@@ -188,6 +192,7 @@ def _genie_options(args) -> Dict[str, Any]:
 def cmd_quantize(args) -> int:
     import dfquant
     from .api import LEARNED_METHODS
+    from .data import input_range
     from .models import model_spec
     from .serialization import save_quantized
 
@@ -206,6 +211,7 @@ def cmd_quantize(args) -> int:
         act_range=args.act_range,
         n_sigma=args.n_sigma,
         quantize_first_input=args.quantize_first_input,
+        input_range=input_range(spec.dataset) if args.quantize_first_input else None,
         last_input_bits=args.last_input_bits,
         skip=tuple(args.skip),
     )
@@ -278,6 +284,8 @@ def cmd_evaluate(args) -> int:
 def cmd_synthesize(args) -> int:
     from pathlib import Path
 
+    from .data import input_normalization
+    from .models import model_spec
     from .synthesis import save_image_grid, save_images, synthesize
 
     model = _load_model(args)
@@ -296,7 +304,8 @@ def cmd_synthesize(args) -> int:
     meta.update(kw)
     save_images(images, out, metadata=meta)
     png = out.with_suffix(".png")
-    save_image_grid(images, png)
+    mean, std = input_normalization(model_spec(args.model).dataset)  # so the grid shows the images' colours
+    save_image_grid(images, png, mean=mean, std=std)
     print(f"wrote {len(images)} images to {out} and a grid of the first {min(64, len(images))} to {png} ({dt:.1f} s)")
     return 0
 

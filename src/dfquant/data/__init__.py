@@ -9,7 +9,30 @@ from __future__ import annotations
 from .cifar import load_cifar10_npz
 from .digits import digits_model, load_digits_split
 
-__all__ = ["load_cifar10_npz", "load_digits_split", "digits_model", "load_eval_data"]
+__all__ = ["load_cifar10_npz", "load_digits_split", "digits_model", "load_eval_data", "input_normalization", "input_range"]
+
+
+def input_normalization(dataset: str):
+    """(mean, std) per channel that a dataset's images are normalised with, after scaling pixels to [0, 1]."""
+    from ..errors import DfquantError
+    from .cifar import CIFAR_MEAN, CIFAR_STD
+    from .digits import DIGITS_MEAN, DIGITS_STD
+    from .imagenet import IMAGENET_MEAN, IMAGENET_STD
+
+    table = {"digits": (DIGITS_MEAN, DIGITS_STD), "cifar10": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+    if dataset not in table:
+        raise DfquantError(f"no input normalization known for dataset {dataset!r}; choose {', '.join(table)}")
+    return table[dataset]
+
+
+def input_range(dataset: str):
+    """The per-tensor range ``(lo, hi)`` of a dataset's normalised model input, known without any
+    image: pixels in [0, 1] map to ``[(0 - mean_c) / std_c, (1 - mean_c) / std_c]`` per channel, and
+    the tensor's range spans all channels. Used to quantize the image input data-free."""
+    mean, std = input_normalization(dataset)
+    lo = min((0.0 - m) / s for m, s in zip(mean, std))
+    hi = max((1.0 - m) / s for m, s in zip(mean, std))
+    return float(lo), float(hi)
 
 
 def load_eval_data(name: str, path: "str | None" = None, limit: "int | None" = None):

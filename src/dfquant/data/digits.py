@@ -14,6 +14,8 @@ import torch.nn as nn
 from ..assets import cache_dir
 
 Split = Tuple[torch.Tensor, torch.Tensor]
+# pixels (0..16) / 16, then normalised with this mean and std: the model's input lies in [-1, 1]
+DIGITS_MEAN, DIGITS_STD = (0.5,), (0.5,)
 _CACHE_NAME = "digits_cnn-v1.pt"
 
 
@@ -23,7 +25,7 @@ def load_digits_split() -> Tuple[Split, Split]:
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5
+    x = (d.images.astype(np.float32) / 16.0 - DIGITS_MEAN[0]) / DIGITS_STD[0]
     y = d.target.astype(np.int64)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
