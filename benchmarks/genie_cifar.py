@@ -179,6 +179,8 @@ def main() -> None:
                 row = {"setting": setting, "method": label, "top1": ev["top1"], "drop": ev["top1"] - entry["fp32_top1"], "agree_top1": ev["agree_top1"], "logit_mse": ev["logit_mse"], "quantize_s": dt}
                 # per test image, 1 where the prediction is right: for paired tests (benchmarks/paired.py)
                 row["correct"] = "".join("1" if c else "0" for c in ev["correct"])
+                # per test image, the mean squared logit error against FP32 (6 significant digits): for sign tests
+                row["logit_sq_err"] = [float(f"{v:.6g}") for v in ev["logit_sq_err"]]
                 if opts:
                     row["reconstruction_s"] = report.config["genie"].get("reconstruction_time_s", dt)
                 entry["rows"].append(row)

@@ -15,6 +15,9 @@ recomputed here (the methods are deterministic), or the script stops.
 The files in benchmarks/results/per_image/ are re-runs of the ``genie_cifar.py`` CPU-budget tables
 (the command is inside each; same seeds and cached synthetic images), made once the rows kept
 per-image results: every top-1 in them equals the committed table's.
+Where both models of a pair have per-image logit errors against FP32 (RTN and SQuant, recomputed;
+result rows written since they keep ``logit_sq_err``), an exact sign test also says which of the two
+is closer to FP32 on more images (``dfquant.paired_error_comparison``).
 Writes benchmarks/results/paired.{md,json}.
 """
 from __future__ import annotations
@@ -75,8 +78,8 @@ def main() -> None:
             w, a = parse_setting(setting)
             base = {}
             for method, label in (("rtn", "RTN"), ("squant", "SQuant")):
-                ev = dfquant.evaluate(dfquant.quantize(model, method, w, a)[0], data, predictions=True)
-                base[label] = {"top1": ev["top1"], "correct": ev["correct"]}
+                ev = dfquant.evaluate(dfquant.quantize(model, method, w, a)[0], data, reference=model, predictions=True)
+                base[label] = {"top1": ev["top1"], "correct": ev["correct"], "logit_sq_err": ev["logit_sq_err"]}
                 stored = learned.get(name, {}).get(setting, {}).get(label)
                 if stored is not None and abs(stored["top1"] - ev["top1"]) > 1e-9:
                     raise SystemExit(f"{name} {setting} {label}: {stored['source']} has {stored['top1']:.2f}, recomputed {ev['top1']:.2f}")
@@ -91,10 +94,17 @@ def main() -> None:
             for la, ra, lb, rb in pairs:
                 p = dfquant.paired_comparison(ra["correct"], rb["correct"])
                 entry = {"model": name, "setting": setting, "a": la, "b": lb, "top1_a": ra["top1"], "top1_b": rb["top1"], **p}
+                for side, r in (("a", ra), ("b", rb)):
+                    if "logit_sq_err" in r:
+                        entry[f"logit_mse_{side}"] = sum(r["logit_sq_err"]) / len(r["logit_sq_err"])
+                if "logit_sq_err" in ra and "logit_sq_err" in rb:  # which is closer to FP32, image by image
+                    e = dfquant.paired_error_comparison(ra["logit_sq_err"], rb["logit_sq_err"])
+                    entry["closer"] = {k: e[k] for k in ("a_closer", "b_closer", "ties", "median_diff", "p_value")}
                 if "source" in ra:
                     entry["source"] = ra["source"]
                 res["pairs"].append(entry)
-                print(f"{name} {setting} {la} vs {lb}: {ra['top1']:.2f} vs {rb['top1']:.2f}, {p['a_only']} vs {p['b_only']} discordant, p = {p['p_value']:.3f}", flush=True)
+                closer = f"; closer to FP32 on {entry['closer']['a_closer']} vs {entry['closer']['b_closer']} images, p = {entry['closer']['p_value']:.2g}" if "closer" in entry else ""
+                print(f"{name} {setting} {la} vs {lb}: {ra['top1']:.2f} vs {rb['top1']:.2f}, {p['a_only']} vs {p['b_only']} discordant, p = {p['p_value']:.3f}{closer}", flush=True)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +121,7 @@ def budget_tags(budget: dict) -> list:
 
 def to_markdown(res: dict) -> str:
     lines = [
-        "# Paired significance of the CIFAR-10 comparisons (exact McNemar test)",
+        "# Paired significance of the CIFAR-10 comparisons (exact McNemar test of accuracy, sign test of fidelity)",
         "",
         f"Command: `{res['command']}` (assets from `../shared`).",
         f"Data: the first {res['n_images']} CIFAR-10 test images; both models of a pair are scored on the same images.",
@@ -127,6 +137,26 @@ def to_markdown(res: dict) -> str:
         src = f" ({p['source']})" if "source" in p else ""
         lines.append(f"| {p['model']} | {p['setting']} | {p['a']}{src} | {p['b']} | {p['top1_a']:.2f} | {p['top1_b']:.2f} | {p['a_only']} | {p['b_only']} | {p['p_value']:.3f} |")
     lines.append("")
+    closer = [p for p in res["pairs"] if "closer" in p]
+    if closer:
+        lines += [
+            "## Which model is closer to FP32, image by image (exact sign test)",
+            "",
+            "For the pairs where both models' per-image logit errors are known (RTN and SQuant, recomputed here, and result rows",
+            "made since the rows keep `logit_sq_err`): `A closer` = images on which A's mean squared logit difference from",
+            "the FP32 model is the smaller, `B closer` the reverse, ties dropped; p is the two-sided exact binomial (sign test)",
+            "probability of a split at least this uneven if neither model were closer more often. Every image counts here, not",
+            "only the few whose top-1 changes, so this resolves differences in fidelity that the accuracy test above cannot;",
+            "it says which model stays nearer the original, not which is more accurate.",
+            "",
+            "| model | setting | A | B | logit MSE A | logit MSE B | A closer | B closer | p |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in closer:
+            c = p["closer"]
+            mse = lambda key: f"{p[key]:.3f}" if key in p else "-"  # noqa: E731
+            lines.append(f"| {p['model']} | {p['setting']} | {p['a']} | {p['b']} | {mse('logit_mse_a')} | {mse('logit_mse_b')} | {c['a_closer']} | {c['b_closer']} | {c['p_value']:.2g} |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Evaluation: per-image predictions and the exact McNemar test of two models on the same images."""
+"""Evaluation: per-image predictions and logit errors, the exact McNemar test and the sign test of two models on the same images."""
 import math
 
 import pytest
@@ -60,3 +60,44 @@ def test_paired_comparison_on_a_large_test_set():
 def test_paired_comparison_needs_the_same_images():
     with pytest.raises(DfquantError, match="same images"):
         dfquant.paired_comparison([True, False], [True])
+
+
+def test_per_image_logit_errors_average_to_the_logit_mse(digits):
+    model, (x, y) = digits
+    q, _ = dfquant.quantize(model, "rtn", 3, 3)
+    ev = dfquant.evaluate(q, (x, y), batch_size=64, reference=model, predictions=True)
+    errs = ev["logit_sq_err"]
+    assert len(errs) == y.numel() and min(errs) >= 0.0
+    assert sum(errs) / len(errs) == pytest.approx(ev["logit_mse"], rel=1e-6)
+    with torch.no_grad():
+        first = float(((q(x[:1]) - model(x[:1])) ** 2).mean())
+    assert errs[0] == pytest.approx(first, rel=1e-5)
+    assert "logit_sq_err" not in dfquant.evaluate(q, (x, y), predictions=True)  # no reference, no errors
+
+
+def test_paired_error_comparison_sign_test():
+    a = [0.1, 0.2, 0.3, 0.5, 1.0, 2.0]
+    b = [0.2, 0.3, 0.3, 0.4, 2.0, 3.0]  # A lower on 4 images, B on 1, one tie
+    r = dfquant.paired_error_comparison(a, b)
+    assert (r["a_closer"], r["b_closer"], r["ties"], r["n"]) == (4, 1, 1, 6)
+    assert r["p_value"] == pytest.approx(2 * (1 + 5) / 2**5)  # P(Bin(5, 1/2) <= 1), two-sided
+    assert r["median_diff"] == pytest.approx(-0.1)
+    swapped = dfquant.paired_error_comparison(b, a)
+    assert (swapped["a_closer"], swapped["b_closer"], swapped["p_value"]) == (1, 4, r["p_value"])
+
+
+def test_paired_error_comparison_resolves_a_consistent_small_gain():
+    # B is a little worse on 60 of 100 images and a little better on 40: p of a 60:40 split
+    a = [1.0] * 100
+    b = [1.01] * 60 + [0.99] * 40
+    r = dfquant.paired_error_comparison(a, b)
+    expected = 2 * sum(math.comb(100, k) for k in range(41)) / 2**100
+    assert (r["a_closer"], r["b_closer"]) == (60, 40) and r["p_value"] == pytest.approx(expected)
+    assert dfquant.paired_error_comparison(a, a)["p_value"] == 1.0
+
+
+def test_paired_error_comparison_bad_input():
+    with pytest.raises(DfquantError, match="same images"):
+        dfquant.paired_error_comparison([0.1, 0.2], [0.1])
+    with pytest.raises(DfquantError, match="NaN"):
+        dfquant.paired_error_comparison([float("nan")], [0.1])
