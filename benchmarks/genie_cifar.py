@@ -42,6 +42,19 @@ METHODS = {
 DEFAULT_METHODS = ("rtn", "squant", "zeroq", "genie", "genie-squant")
 
 
+def cpu_name() -> str:
+    """The CPU's model name and the vector instruction set torch's kernels use (results in float differ between them)."""
+    name = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = f"{platform.machine()} {line.split(':', 1)[1].strip()}"
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def parse_setting(s: str):
     w, a = s.upper().lstrip("W").split("A")
     return int(w), int(a)
@@ -126,7 +139,7 @@ def main() -> None:
         + (f" --synthetic-dir {args.synthetic_dir}" if args.synthetic_dir else "")
         + (f" --synthesis-shards {args.synthesis_shards}" if args.synthesis_shards != 1 else "")
         + (f" --out {args.out}" if args.out != str(RESULTS) else ""),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {args.device}",
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} torch threads, device {args.device}",
         "torch": torch.__version__,
         "budget": budget,
         "seed": args.seed,

@@ -12,6 +12,8 @@ model, setting and budget where one is given. A row made at another budget (more
 synthetic images, more iterations) is labelled with how its budget differs and is also compared with
 the same method's CPU-budget row when one is given. Where a result file has an RTN or SQuant row, its accuracy must equal the one
 recomputed here (the methods are deterministic), or the script stops.
+A result file may carry a ``label`` (``merge_results.py --label``, e.g. "2nd CPU" for a re-run on another
+machine), which is added to its learned rows' names so they stand beside the rows of the same budget.
 The files in benchmarks/results/per_image/ are re-runs of the ``genie_cifar.py`` CPU-budget tables
 (the command is inside each; same seeds and cached synthetic images), made once the rows kept
 per-image results: every top-1 in them equals the committed table's.
@@ -60,10 +62,12 @@ def main() -> None:
                 if r["method"] in ("RTN", "SQuant"):
                     label, extra = r["method"], {}
                 else:
-                    label = r["method"] + (f", recon. seed {seed.group(1)}" if seed else "")
+                    suffix = f", {res_f['label']}" if res_f.get("label") else ""
+                    label = r["method"] + (f", recon. seed {seed.group(1)}" if seed else "") + suffix
                     # a row at another budget is also compared with the same method at the CPU budget
                     extra = {"cpu_budget_label": label} if tags else {}
                     extra["budget"] = "".join(f", {t}" for t in tags)
+                    extra["group"] = extra["budget"] + suffix  # Genie is compared with the ZeroQ row of its own budget and run
                     label += extra["budget"]
                 learned.setdefault(name, {}).setdefault(r["setting"], {})[label] = dict(r, source=Path(f).name, **extra)
 
@@ -87,9 +91,9 @@ def main() -> None:
             rows = {k: dict(r, correct=[c == "1" for c in r["correct"]]) for k, r in learned.get(name, {}).get(setting, {}).items() if "correct" in r and k not in base}
             for label, row in rows.items():
                 pairs.append((label, row, "SQuant", base["SQuant"]))
-            zeroq = {r["budget"]: (k, r) for k, r in rows.items() if k.startswith("ZeroQ")}
-            # Genie vs ZeroQ data at the same budget
-            pairs += [(label, row, *zeroq[row["budget"]]) for label, row in rows.items() if label.startswith("Genie") and row["budget"] in zeroq]
+            zeroq = {r["group"]: (k, r) for k, r in rows.items() if k.startswith("ZeroQ")}
+            # Genie vs ZeroQ data at the same budget (and from the same run where a file is labelled)
+            pairs += [(label, row, *zeroq[row["group"]]) for label, row in rows.items() if label.startswith("Genie") and row["group"] in zeroq]
             pairs += [(label, row, row["cpu_budget_label"], rows[row["cpu_budget_label"]]) for label, row in rows.items() if row.get("cpu_budget_label") in rows]
             for la, ra, lb, rb in pairs:
                 p = dfquant.paired_comparison(ra["correct"], rb["correct"])
