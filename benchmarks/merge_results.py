@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from genie_cifar import to_markdown
+from genie_cifar import METHODS, to_markdown
 
 MUST_AGREE = ("budget", "lr_round", "n_images", "synthesis_shards")
 
@@ -54,7 +54,7 @@ def main() -> None:
     if args.label is not None:
         res["label"] = args.label
     for name, m in res["models"].items():  # settings in the order first seen, methods in the usual column order
-        order = ["RTN", "SQuant", "ZeroQ data + recon.", "Genie (D + M)", "Genie, SQuant init"]
+        order = [label for label, _, _ in METHODS.values()]
         m["rows"].sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
         settings = list(dict.fromkeys(r["setting"] for r in m["rows"]))
         m["rows"].sort(key=lambda r: settings.index(r["setting"]))
