@@ -41,6 +41,19 @@ def merge(results: list) -> dict:
     return out
 
 
+def read_result(path: str) -> dict:
+    """A genie_cifar.py result file, or a one-line exit naming what is wrong with it."""
+    try:
+        res = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise SystemExit(f"cannot read {path}: {e.strerror}")
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path} is not JSON ({e.msg}, line {e.lineno})")
+    if not isinstance(res, dict) or not {"command", "budget", "models"} <= set(res):
+        raise SystemExit(f"{path} is not a genie_cifar.py result (needs 'command', 'budget' and 'models')")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="+")
@@ -48,7 +61,7 @@ def main() -> None:
     ap.add_argument("--note", default=None, help="a sentence for the table's header (replaces the first file's note)")
     ap.add_argument("--label", default=None, help="added to the learned rows' names by paired.py (e.g. '2nd CPU' for a re-run on another machine)")
     args = ap.parse_args()
-    res = merge([json.loads(Path(f).read_text()) for f in args.files])
+    res = merge([read_result(f) for f in args.files])
     if args.note is not None:
         res["note"] = args.note
     if args.label is not None:
