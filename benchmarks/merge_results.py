@@ -1,6 +1,6 @@
 """Merge ``genie_cifar.py`` result files made by parallel commands (one process per core) into one table.
 
-    python benchmarks/merge_results.py --out benchmarks/results/NAME [--note TEXT] A.json B.json ...
+    python benchmarks/merge_results.py --out benchmarks/results/NAME [--note TEXT] [--label TEXT] A.json B.json ...
 
 The budget, lr and data of every file must agree (a table mixes no budgets); rows of the same
 model, setting and method in a later file replace the earlier one's (so a committed table plus a
@@ -66,8 +66,8 @@ def main() -> None:
         res["note"] = args.note
     if args.label is not None:
         res["label"] = args.label
+    order = [label for label, _, _ in METHODS.values()]
     for name, m in res["models"].items():  # settings in the order first seen, methods in the usual column order
-        order = [label for label, _, _ in METHODS.values()]
         m["rows"].sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
         settings = list(dict.fromkeys(r["setting"] for r in m["rows"]))
         m["rows"].sort(key=lambda r: settings.index(r["setting"]))
