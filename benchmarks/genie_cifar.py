@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -157,8 +158,7 @@ def main() -> None:
         done = old["models"]
 
     def save():
-        out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-        out.with_suffix(".md").write_text(to_markdown(res))
+        write_results(res, out)
 
     for name in args.models:
         model = load_model(name)
@@ -232,6 +232,13 @@ def synthetic_shard(model, name: str, gen: str, args, shard: int):
     if cache is not None:
         save_images(images, cache, metadata=dict(model=name, method=gen, seed=seed, synthesis_s=dt, threads=torch.get_num_threads()))
     return images, dt
+
+
+def write_results(res: dict, out: Path) -> None:
+    """OUT.json (indented, but each per-image list of numbers on one line) and OUT.md."""
+    text = re.sub(r"\[\n\s+([-0-9.eE+,\s]+?)\n\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", json.dumps(res, indent=2))
+    out.with_suffix(".json").write_text(text)
+    out.with_suffix(".md").write_text(to_markdown(res))
 
 
 def to_markdown(res: dict) -> str:

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from genie_cifar import METHODS, to_markdown
+from genie_cifar import METHODS, write_results
 
 MUST_AGREE = ("budget", "lr_round", "n_images", "synthesis_shards")
 
@@ -73,8 +73,7 @@ def main() -> None:
         m["rows"].sort(key=lambda r: settings.index(r["setting"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    out.with_suffix(".md").write_text(to_markdown(res))
+    write_results(res, out)
     print(f"wrote {out.with_suffix('.md')}")
 
 
