@@ -8,8 +8,9 @@ One call quantizes a model without touching any data::
 from .api import METHODS, QuantConfig, quantize
 from .errors import DfquantError
 from .evaluate import evaluate, paired_comparison, paired_error_comparison
+from .export import OnnxRuntimeModel, export_onnx
 from .models import create_model, list_models
 from .squant import squant_round
 
-__all__ = ["quantize", "QuantConfig", "METHODS", "evaluate", "paired_comparison", "paired_error_comparison", "squant_round", "create_model", "list_models", "DfquantError"]
+__all__ = ["quantize", "QuantConfig", "METHODS", "evaluate", "paired_comparison", "paired_error_comparison", "squant_round", "create_model", "list_models", "DfquantError", "export_onnx", "OnnxRuntimeModel"]
 __version__ = "0.1.0"

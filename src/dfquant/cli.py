@@ -94,11 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_options(q)
     _add_eval_options(q)
     q.add_argument("--out", default=None, help="save the quantized model to FILE.safetensors (+ FILE.json)")
+    q.add_argument("--onnx", default=None, metavar="FILE", help="also export the quantized model to FILE.onnx (QDQ; see `dfquant export`)")
     q.add_argument("--json", action="store_true", help="print one JSON object with the results")
     q.add_argument("--report", action="store_true", help="print the per-layer report table")
 
     e = sub.add_parser("evaluate", help="load a saved quantized model (or a float one) and evaluate it")
-    e.add_argument("file", nargs="?", help="a .safetensors file written by `dfquant quantize --out`")
+    e.add_argument("file", nargs="?", help="a .safetensors file written by `dfquant quantize --out`, or an .onnx file (run by onnxruntime)")
     _add_model_options(e, required=False)
     _add_eval_options(e)
     e.add_argument("--json", action="store_true")
@@ -112,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output file (.safetensors); a PNG grid is written beside it")
+
+    x = sub.add_parser("export", help="export a saved quantized model to ONNX with QuantizeLinear/DequantizeLinear nodes (int8 weight codes)")
+    x.add_argument("file", help="a .safetensors file written by `dfquant quantize --out`")
+    x.add_argument("--out", required=True, help="output file (.onnx)")
+    x.add_argument(
+        "--check",
+        type=int,
+        default=16,
+        metavar="N",
+        help="run the file with onnxruntime on N random inputs and compare with dfquant's model (default 16; 0: no check)",
+    )
+    x.add_argument("--json", action="store_true", help="print one JSON object with the export summary")
 
     sub.add_parser("list", help="list models and methods")
     return parser
@@ -200,6 +213,11 @@ def cmd_quantize(args) -> int:
         raise DfquantError(f"--no-kernel/--no-channel switch the levels of --method squant only, not of {args.method} (squant-e, squant-k and squant-c are methods of their own)")
     if args.method not in LEARNED_METHODS:
         _refuse_learned_flags(args)
+    if args.onnx:  # refused before any work is done
+        from .export import require_onnx, check_output_path
+
+        require_onnx()
+        check_output_path(args.onnx)
     spec = model_spec(args.model)
     model = _load_model(args)
     data = _eval_data(args, spec.dataset)
@@ -235,6 +253,12 @@ def cmd_quantize(args) -> int:
     if args.out:
         paths = save_quantized(qmodel, args.out, model_name=args.model, config=report.config, report=report.to_dict())
         result["out"] = str(paths[0])
+    if args.onnx:
+        result["onnx"] = _export(qmodel, args.onnx, 16, {"model_name": args.model, "config": report.config})
+        if data is not None:  # what the deployed file scores, beside the fake-quant figure
+            from .export import OnnxRuntimeModel
+
+            result["onnx_top1"] = dfquant.evaluate(OnnxRuntimeModel(args.onnx, threads=args.threads), data, progress=args.progress_on)["top1"]
     if args.json:
         print(json.dumps(result, default=str))
         return 0
@@ -251,6 +275,10 @@ def cmd_quantize(args) -> int:
         print(f"  unsupported layers left in float: {', '.join(report.unsupported)}")
     if args.out:
         print(f"  saved {paths[0]} and {paths[1]}")
+    if args.onnx:
+        _print_export(result["onnx"], indent="  ")
+        if "onnx_top1" in result:
+            print(f"  the ONNX file run by onnxruntime: top-1 {result['onnx_top1']:.2f} %")
     return 0
 
 
@@ -259,7 +287,18 @@ def cmd_evaluate(args) -> int:
     from .models import model_spec
     from .serialization import load_quantized
 
-    if args.file:
+    if args.file and args.file.endswith(".onnx"):
+        from .export import OnnxRuntimeModel
+
+        qmodel = OnnxRuntimeModel(args.file, threads=args.threads)
+        info = qmodel.metadata
+        name = info.get("model_name") or args.model
+        if name is None and args.eval is None:
+            raise DfquantError(f"{args.file} has no dfquant metadata naming its model: give --model NAME or --eval DATASET")
+        dataset = model_spec(name).dataset if name else args.eval
+        cfg = info.get("config", {})
+        what = f"{args.file} ({name}, {cfg.get('method')} W{cfg.get('w_bits')}A{cfg.get('a_bits')}, run by onnxruntime)"
+    elif args.file:
         qmodel, info = load_quantized(args.file)
         name = info.get("model_name")
         dataset = model_spec(name).dataset if name else "digits"
@@ -310,6 +349,52 @@ def cmd_synthesize(args) -> int:
     return 0
 
 
+def _export(qmodel, out: str, check: int, metadata: Dict[str, Any]) -> Dict[str, Any]:
+    """Export to ONNX and (check > 0) compare onnxruntime's outputs with the model's on random inputs."""
+    import torch
+
+    from .export import check_onnx, export_onnx
+
+    summary = export_onnx(qmodel, out, metadata=metadata)
+    if check > 0:
+        gen = torch.Generator().manual_seed(0)
+        inputs = torch.randn(check, *qmodel.input_size, generator=gen)
+        summary["check"] = check_onnx(qmodel, summary["path"], inputs)
+    return summary
+
+
+def _print_export(summary: Dict[str, Any], indent: str = "") -> None:
+    print(
+        f"{indent}exported {summary['path']} ({summary['bytes'] / 1024:.0f} KiB, opset {summary['opset']}): "
+        f"{summary['int8_weights']} int8 weight tensors, {summary['quantized_inputs']} quantized layer inputs"
+    )
+    if summary["float_weights"]:
+        print(f"{indent}  weights stored as their exact float values (an 8-bit grid without 0: no int8 zero point fits): {', '.join(summary['float_weights'])}")
+    if summary["float_batchnorm"]:
+        print(f"{indent}  {summary['float_batchnorm']} BatchNormalization ops stay float in the file (quantize with --fold-bn for integer deployment)")
+    if "check" in summary:
+        c = summary["check"]
+        for key, what in (("file", "the export's graph in torch"), ("model", "dfquant's model (float biases)")):
+            print(
+                f"{indent}  onnxruntime vs {what} on {c['n']} random inputs: max |diff| {c[key]['max_abs_diff']:.3g} "
+                f"({c[key]['rel_max_diff']:.2g} of the largest output), arg-max agreement {100 * c[key]['argmax_agreement']:.1f} %"
+            )
+
+
+def cmd_export(args) -> int:
+    from .serialization import load_quantized
+
+    if args.check < 0:
+        raise DfquantError(f"--check must be 0 or more, got {args.check}")
+    qmodel, info = load_quantized(args.file)
+    summary = _export(qmodel, args.out, args.check, {"model_name": info.get("model_name"), "config": info.get("config", {})})
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_export(summary)
+    return 0
+
+
 def cmd_list(args) -> int:
     from .api import METHODS
     from .models import list_models, model_spec
@@ -340,7 +425,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    handlers = {"quantize": cmd_quantize, "evaluate": cmd_evaluate, "synthesize": cmd_synthesize, "list": cmd_list, "demo": cmd_demo}
+    handlers = {"quantize": cmd_quantize, "evaluate": cmd_evaluate, "synthesize": cmd_synthesize, "list": cmd_list, "demo": cmd_demo, "export": cmd_export}
     try:
         return handlers[args.command](args)
     except DfquantError as exc:

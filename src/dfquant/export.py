@@ -1,0 +1,312 @@
+"""Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear (QDQ) nodes.
+
+The QDQ format is how ONNX carries a quantized network to an integer runtime (ONNX Runtime,
+TensorRT, OpenVINO): every quantized weight is stored as its integer codes (int8 initializers)
+followed by a per-output-channel ``DequantizeLinear``, every quantized layer input is a
+``QuantizeLinear`` -> ``DequantizeLinear`` pair with the layer's scale and zero point. A runtime
+fuses ``DQ -> Conv`` patterns into integer kernels where it supports them and otherwise computes in
+float on the exact dequantized values, so the exported file computes what the dfquant model
+computes (up to float rounding of the kernels).
+
+Codes narrower than 8 bits are carried in 8-bit containers: a weight's b-bit codes are int8 values
+in ``[-2^(b-1), 2^(b-1) - 1]``; an activation input of b < 8 bits is ``QuantizeLinear`` to uint8,
+then a ``Clip`` of the codes to ``[0, 2^b - 1]``, then ``DequantizeLinear``: round, add the zero
+point, clamp to the b-bit range, exactly dfquant's quantizer. (A float ``Clip`` before the
+``QuantizeLinear`` would say the same, but runtimes may drop a clip in front of a quantizer.) A runtime therefore sees 8-bit tensors whose values use
+only 2^b levels; packing them into 4- or 2-bit storage is up to the runtime.
+
+One deliberate difference from dfquant's (fake-quant) model: the bias of a layer whose input is
+quantized is stored as int32 codes at scale input scale x weight scale, the unit of an integer
+kernel's accumulator. ONNX Runtime does the same to a float bias of every conv it can run in
+integers, so without it the file would mean different things to different runtimes. At 8 bits the
+rounding is negligible; at 4 bits it moves some outputs by a code (``benchmarks/onnx_export.py``
+measures the effect on accuracy; :func:`check_onnx` reports it).
+
+What is not quantized in the dfquant model (the image input under the paper's protocol, BatchNorm
+unless the model was quantized with ``fold_bn``, ReLU, residual additions, pooling) stays in float
+in the ONNX graph too. For integer deployment quantize with ``fold_bn=True``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import DfquantError
+from .files import atomic_write
+from .qmodules import ActQuantizer, QuantConv2d, QuantLinear, _QuantWeightLayer
+from .quantizer import qrange
+
+#: ONNX opset of the exported graph (per-axis DequantizeLinear needs >= 13).
+OPSET = 18
+#: The "format" of the dfquant metadata stored in an exported file.
+FORMAT = "dfquant-onnx-qdq-v1"
+
+
+def _qd():
+    """torch's ``quantized_decomposed`` ops, which the ONNX exporter writes as Q/DQ nodes."""
+    try:
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the ops)
+
+        return torch.ops.quantized_decomposed
+    except (ImportError, AttributeError):
+        raise DfquantError(f"this torch ({torch.__version__}) lacks the quantized_decomposed ops ONNX QDQ export uses") from None
+
+
+class _QDQInput(nn.Module):
+    """A layer input's quantizer as QuantizeLinear(uint8) [-> Clip of the codes] -> DequantizeLinear."""
+
+    def __init__(self, act: ActQuantizer, layer_name: str):
+        super().__init__()
+        zp = int(act.zero_point)
+        if not 0 <= zp <= 255:
+            lo, hi = act.range
+            raise DfquantError(
+                f"layer {layer_name!r}: its input range [{lo:.4g}, {hi:.4g}] lies so far from 0 that the zero point {zp} "
+                "does not fit ONNX's uint8 QuantizeLinear; this model cannot be exported as QDQ"
+            )
+        self.scale, self.zero_point, self.bits = float(act.scale), zp, act.bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = _qd()
+        q = qd.quantize_per_tensor(x, self.scale, self.zero_point, 0, 255, torch.uint8)
+        if self.bits < 8:
+            q = torch.clamp(q, *qrange(self.bits, False))  # the b-bit codes inside the uint8 container
+        return qd.dequantize_per_tensor(q, self.scale, self.zero_point, 0, 255, torch.uint8)
+
+
+class _QDQLayer(nn.Module):
+    """A QuantConv2d / QuantLinear as int8 weight codes -> DequantizeLinear(axis 0) -> Conv / Gemm
+    (with the bias as int32 codes -> DequantizeLinear when the input is quantized)."""
+
+    def __init__(self, layer: _QuantWeightLayer, name: str):
+        super().__init__()
+        zp = layer.weight_zero_point.detach().round()
+        # A channel whose weights all have one sign has a grid without 0: at 8 bits its zero point
+        # can fall outside int8 (a folded depthwise kernel of 9 weights, say). No 8-bit container
+        # with an 8-bit zero point holds such a grid, so that layer's weight is stored as its exact
+        # dequantized float values, which runtimes run in float. (As int32 codes it would be exact
+        # too, but ONNX Runtime 1.32 then fuses it into an 8-bit QLinearConv and rejects the graph.)
+        self.wide = bool(torch.any(zp < -128) or torch.any(zp > 127))
+        self.is_conv = isinstance(layer, QuantConv2d)
+        if self.is_conv:
+            self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
+        self.register_buffer("w_scale", layer.weight_scale.detach().clone())
+        if self.wide:
+            self.register_buffer("weight_float", layer.weight.detach().clone())
+        else:
+            self.register_buffer("weight_int", layer.weight_int.detach().clone())
+            self.register_buffer("w_zero_point", zp.to(torch.int64))
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.input_qdq = None if layer.input_quant is None else _QDQInput(layer.input_quant, name)
+        self.register_buffer("bias_int", None)
+        self.register_buffer("bias_scale", None)
+        if self.bias is not None and self.input_qdq is not None:
+            # An integer kernel adds the bias to its int32 accumulator, whose unit is input scale x
+            # weight scale: the bias is stored as int32 codes on that grid (what ONNX Runtime does to
+            # a float bias of a QDQ conv), so every runtime adds the same values.
+            self.bias_scale = (layer.input_quant.scale * layer.weight_scale).float()
+            codes = torch.round(self.bias.double() / self.bias_scale.double())
+            if codes.abs().max() >= 2**31:
+                raise DfquantError(f"layer {name!r}: its bias does not fit int32 at scale input x weight scale")
+            self.bias_int = codes.to(torch.int32)
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_qdq is not None:
+            x = self.input_qdq(x)
+        qd = _qd()
+        if self.wide:
+            w = self.weight_float
+        else:
+            w = qd.dequantize_per_channel(self.weight_int, self.w_scale, self.w_zero_point, 0, -128, 127, torch.int8)
+        bias = self.bias
+        if self.bias_int is not None:
+            zeros = torch.zeros_like(self.bias_int, dtype=torch.int64)
+            bias = qd.dequantize_per_channel(self.bias_int, self.bias_scale, zeros, 0, -(2**31), 2**31 - 1, torch.int32)
+        if self.is_conv:
+            return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.linear(x, w, bias)
+
+
+def qdq_model(qmodel: nn.Module) -> nn.Module:
+    """A copy of ``qmodel`` whose quantized layers are written with Q/DQ ops (what gets exported)."""
+    found = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    if not found:
+        raise DfquantError("the model has no dfquant quantized layer: quantize it (dfquant.quantize) before exporting")
+    out = copy.deepcopy(qmodel).eval()
+    for name, layer in found:
+        out.set_submodule(name, _QDQLayer(layer, name))
+    out.requires_grad_(False)
+    return out
+
+
+def require_onnx() -> None:
+    """Clear error when the optional export packages are missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401  (the torch.onnx exporter needs it)
+    except ImportError:
+        raise DfquantError("ONNX export needs the onnx and onnxscript packages: pip install 'dfquant[onnx]'") from None
+
+
+def check_output_path(path: "str | Path") -> Path:
+    """The output path, or a clear error when it does not end in .onnx or its folder is missing."""
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise DfquantError(f"the ONNX output file must end in .onnx, got {path.name}")
+    if not path.parent.exists():
+        raise DfquantError(f"output folder does not exist: {path.parent}")
+    return path
+
+
+def export_onnx(
+    qmodel: nn.Module,
+    path: "str | Path",
+    input_size: Optional[Sequence[int]] = None,
+    *,
+    dynamic_batch: bool = True,
+    metadata: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Write ``qmodel`` (from :func:`dfquant.quantize` or a loaded save) to ``path`` as an ONNX QDQ model.
+
+    ``input_size`` is (C, H, W), default the model's ``input_size``; the batch dimension is dynamic
+    unless ``dynamic_batch=False``. The file is written atomically. Returns a summary: the path,
+    the opset, how many weights are stored as int8 codes (and which layers' as their exact float
+    values, see ``_QDQLayer``), how many layer inputs are quantized, the
+    count of each ONNX op and the float ops a runtime cannot run in integers (BatchNormalization
+    left unfolded is named there: quantize with ``fold_bn=True`` for integer deployment).
+    ``metadata`` (JSON-able: model name, config) is stored in the file's metadata under "dfquant".
+    """
+    require_onnx()
+    import onnx
+
+    path = check_output_path(path)
+    input_size = tuple(input_size or getattr(qmodel, "input_size", None) or ())
+    if len(input_size) != 3:
+        raise DfquantError("give the model's input size (C, H, W): the model does not record one")
+    _qd()  # the ops must be registered before the exporter builds its table of ONNX functions
+    m = qdq_model(qmodel)
+    x = torch.zeros(2, *input_size)
+    dyn = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
+    with _quiet_exporter():
+        try:
+            program = torch.onnx.export(m, (x,), dynamo=True, opset_version=OPSET, input_names=["x"], output_names=["logits"], dynamic_shapes=dyn)
+        except Exception as exc:  # the exporter's messages are pages long: keep the first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DfquantError(f"the ONNX exporter could not convert this model: {_ANSI.sub('', first)}") from None
+    model = program.model_proto
+    doc = dict(metadata or {}, format=FORMAT, input_size=list(input_size))
+    onnx.helper.set_model_props(model, {"dfquant": json.dumps(doc, default=str)})
+    onnx.checker.check_model(model)
+    atomic_write(path, lambda p: onnx.save_model(model, str(p)))
+    ops = Counter(n.op_type for n in model.graph.node)
+    wide = [name for name, mod in m.named_modules() if isinstance(mod, _QDQLayer) and mod.wide]
+    return {
+        "path": str(path),
+        "opset": OPSET,
+        "int8_weights": sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2),
+        "quantized_inputs": ops.get("QuantizeLinear", 0),
+        "ops": dict(sorted(ops.items())),
+        "float_batchnorm": ops.get("BatchNormalization", 0),
+        "float_weights": wide,
+        "bytes": path.stat().st_size,
+    }
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter narrates its steps on stdout and logs warnings (no torchvision): keep output clean."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def check_onnx(qmodel: nn.Module, path: "str | Path", inputs: torch.Tensor) -> Dict[str, Any]:
+    """Run the exported file with ONNX Runtime on ``inputs`` and compare it with two references.
+
+    ``file``: torch running the export's own graph (:func:`qdq_model`, biases on the int32 grid):
+    checks that the file computes what was meant; they differ only by float summation order, which
+    can move a value lying within rounding of a step boundary by one code. ``model``: dfquant's
+    quantized model (float biases): adds the int32 bias rounding every integer runtime applies.
+    Each: the largest absolute output difference, that relative to the largest output, and the
+    fraction of inputs whose arg-max agrees.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise DfquantError("checking the ONNX file needs onnxruntime: pip install 'dfquant[onnx]'") from None
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    inputs = inputs.float()
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0])
+    with torch.no_grad():
+        refs = {"file": qdq_model(qmodel)(inputs), "model": qmodel.eval()(inputs)}
+    out: Dict[str, Any] = {"n": int(inputs.shape[0])}
+    for key, want in refs.items():
+        if got.shape != want.shape:
+            raise DfquantError(f"the ONNX file's output shape {tuple(got.shape)} differs from the model's {tuple(want.shape)}")
+        diff = float((got - want).abs().max())
+        out[key] = {
+            "max_abs_diff": diff,
+            "rel_max_diff": diff / max(float(want.abs().max()), 1e-12),
+            "argmax_agreement": float((got.argmax(1) == want.argmax(1)).float().mean()),
+        }
+    return out
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An exported .onnx file run by ONNX Runtime, callable like the torch model (for evaluation).
+
+    ``metadata`` is what :func:`export_onnx` stored (model name, config), or {} for a file that
+    dfquant did not write.
+    """
+
+    def __init__(self, path: "str | Path", threads: Optional[int] = None):
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise DfquantError("running an ONNX file needs onnxruntime: pip install 'dfquant[onnx]'") from None
+        path = Path(path)
+        if not path.is_file():
+            raise DfquantError(f"ONNX file not found: {path}")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DfquantError(f"{path} is not an ONNX model onnxruntime can run: {first}") from None
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.metadata: Dict[str, Any] = json.loads(props["dfquant"]) if "dfquant" in props else {}
+        self.input_name = self.session.get_inputs()[0].name
+        size = self.metadata.get("input_size")
+        if size:
+            self.input_size = tuple(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0])

@@ -1,0 +1,207 @@
+"""ONNX QDQ export: the file carries the exact integer codes and scales, onnxruntime computes what
+dfquant's model computes, low-bit inputs keep their b-bit range, and bad requests fail clearly."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dfquant
+from dfquant import DfquantError
+from dfquant.cli import main
+from dfquant.qmodules import QUANT_LAYERS
+
+onnx = pytest.importorskip("onnx", reason="ONNX export is the optional extra dfquant[onnx] (installed by dfquant[test])")
+ort = pytest.importorskip("onnxruntime", reason="checking an exported file needs onnxruntime (dfquant[onnx])")
+from dfquant.export import check_onnx, export_onnx  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits_w4a4(digits):
+    model, _ = digits
+    qmodel, _ = dfquant.quantize(model, "squant", 4, 4)
+    return qmodel
+
+
+@pytest.fixture(scope="module")
+def digits_onnx(digits_w4a4, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "digits_w4a4.onnx"
+    return export_onnx(digits_w4a4, path)
+
+
+def _initializers(path):
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_weights_are_stored_as_the_exact_int8_codes(digits_w4a4, digits_onnx):
+    inits = _initializers(digits_onnx["path"])
+    layers = {n: m for n, m in digits_w4a4.named_modules() if isinstance(m, QUANT_LAYERS)}
+    assert digits_onnx["int8_weights"] == len(layers)
+    for name, layer in layers.items():
+        codes = inits[f"{name}.weight_int"]
+        assert codes.dtype == np.int8
+        np.testing.assert_array_equal(codes, layer.weight_int.numpy())
+    graph = onnx.load(digits_onnx["path"]).graph
+    # Each weight's DequantizeLinear carries the layer's per-channel scale and zero point.
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0].endswith(".weight_int"):
+            layer = layers[node.input[0][: -len(".weight_int")]]
+            np.testing.assert_array_equal(inits[node.input[1]], layer.weight_scale.numpy())
+            np.testing.assert_array_equal(inits[node.input[2]].astype(np.float32), layer.weight_zero_point.numpy())
+
+
+def test_onnxruntime_matches_the_quantized_model_on_real_images(digits, digits_w4a4, digits_onnx):
+    _, (x, _) = digits
+    c = check_onnx(digits_w4a4, digits_onnx["path"], x)
+    assert c["n"] == len(x)
+    for ref in ("file", "model"):  # the digits CNN's convs have no bias: both references agree
+        assert c[ref]["argmax_agreement"] >= 0.99
+        assert c[ref]["rel_max_diff"] < 1e-2, c
+    # The export is not the float model: it differs from it as the quantized model does.
+    with torch.no_grad():
+        gap = (digits[0](x) - digits_w4a4(x)).abs().max().item()
+    assert c["model"]["max_abs_diff"] < 0.05 * gap
+
+
+def test_low_bit_inputs_keep_their_b_bit_range(digits_w4a4, digits_onnx):
+    # Inputs 50x larger drive every 4-bit input past its top code 15; an 8-bit container without the
+    # clip would saturate at 255 instead and the outputs would differ by far more than rounding.
+    big = 50 * torch.randn(16, *digits_w4a4.input_size, generator=torch.Generator().manual_seed(1))
+    c = check_onnx(digits_w4a4, digits_onnx["path"], big)
+    assert c["model"]["rel_max_diff"] < 1e-3, c
+    assert digits_onnx["quantized_inputs"] == 3  # conv1's input (the image) stays float by the protocol
+
+
+@pytest.fixture(scope="module")
+def folded_resnet20_w4a4():
+    torch.manual_seed(0)
+    model = dfquant.create_model("resnet20")
+    for m in model.modules():  # non-trivial BN statistics so the ranges are not all alike
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    qmodel, _ = dfquant.quantize(model, "squant", 4, 4, fold_bn=True)
+    return qmodel
+
+
+def test_cifar_resnet_with_option_a_shortcuts_and_folded_bn_exports_with_a_dynamic_batch(folded_resnet20_w4a4, tmp_path):
+    summary = export_onnx(folded_resnet20_w4a4, tmp_path / "r20.onnx", metadata={"model_name": "resnet20"})
+    assert summary["float_batchnorm"] == 0 and summary["int8_weights"] == 20
+    for n in (1, 5):
+        c = check_onnx(folded_resnet20_w4a4, summary["path"], torch.randn(n, 3, 32, 32))
+        # A value within float rounding of a 4-bit step boundary can move one code (a whole step) in
+        # one of the two runtimes; through 19 random layers that shows as a few per cent at most.
+        assert c["n"] == n and c["file"]["rel_max_diff"] < 5e-2, c
+    meta = json.loads({p.key: p.value for p in onnx.load(summary["path"]).metadata_props}["dfquant"])
+    assert meta["model_name"] == "resnet20" and meta["input_size"] == [3, 32, 32]
+
+
+def test_biases_are_int32_codes_on_the_accumulator_grid_so_runtimes_agree(folded_resnet20_w4a4, tmp_path):
+    path = export_onnx(folded_resnet20_w4a4, tmp_path / "r20.onnx")["path"]
+    inits = _initializers(path)
+    graph = onnx.load(path).graph
+    checked = 0
+    for name, layer in folded_resnet20_w4a4.named_modules():
+        if isinstance(layer, QUANT_LAYERS) and layer.input_quant is not None:
+            conv = next(n for n in graph.node if n.op_type in ("Conv", "Gemm") and f"{name}.weight_int" in _dq_sources(graph, n))
+            bias_dq = next(n for n in graph.node if n.output[0] == conv.input[2])
+            codes, scale = inits[bias_dq.input[0]], inits[bias_dq.input[1]]
+            assert codes.dtype == np.int32
+            expected_scale = (layer.input_quant.scale * layer.weight_scale).numpy()
+            np.testing.assert_array_equal(scale, expected_scale)
+            np.testing.assert_array_equal(codes, np.round(layer.bias.detach().double().numpy() / expected_scale.astype(np.float64)))
+            checked += 1
+    assert checked == 19  # every conv and the classifier but the first conv (float image input)
+    # ONNX Runtime's graph optimizer no longer changes what the file computes.
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2)).numpy()
+    outs = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        outs.append(ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-4 * np.abs(outs[0]).max())
+
+
+def _dq_sources(graph, node):
+    """Names of the initializers that DequantizeLinear nodes feed into ``node``."""
+    producers = {n.output[0]: n for n in graph.node}
+    return [producers[i].input[0] for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"]
+
+
+def test_real_resnet20_w4a4_predictions_survive_the_export(resnet20, cifar10, tmp_path):
+    x, _ = cifar10
+    qmodel, _ = dfquant.quantize(resnet20, "squant", 4, 4)
+    summary = export_onnx(qmodel, tmp_path / "r20.onnx")
+    c = check_onnx(qmodel, summary["path"], x[:256])
+    assert c["file"]["argmax_agreement"] >= 0.99, c
+    assert c["model"]["argmax_agreement"] >= 0.95, c  # plus the int32 bias rounding at 4 bits
+
+
+def test_bad_requests_are_clear_errors(digits, digits_w4a4, tmp_path):
+    with pytest.raises(DfquantError, match="quantize it"):
+        export_onnx(digits[0], tmp_path / "float.onnx")
+    with pytest.raises(DfquantError, match="must end in .onnx"):
+        export_onnx(digits_w4a4, tmp_path / "model.bin")
+    with pytest.raises(DfquantError, match="output folder does not exist"):
+        export_onnx(digits_w4a4, tmp_path / "no" / "model.onnx")
+    with pytest.raises(DfquantError, match="input size"):
+        export_onnx(torch.nn.Sequential(*digits_w4a4.children()), tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def run(capsys, *argv):
+    code = main(["--no-progress", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_quantize_save_then_export_and_check(capsys, digits, tmp_path):
+    code, out, _ = run(capsys, "quantize", "--model", "digits_cnn", "--fold-bn", "--out", str(tmp_path / "q"), "--onnx", str(tmp_path / "q.onnx"), "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert res["onnx"]["float_batchnorm"] == 0 and res["onnx"]["check"]["file"]["argmax_agreement"] >= 0.9
+    assert abs(res["onnx_top1"] - res["quant_top1"]) <= 2.0  # the deployed file, on the digits test images
+    code, out, err = run(capsys, "export", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "again.onnx"))
+    assert code == 0 and "int8 weight tensors" in out and "arg-max agreement" in out and err == ""
+    # The file exported from the saved model holds the same codes as the one exported right away.
+    a, b = _initializers(tmp_path / "q.onnx"), _initializers(tmp_path / "again.onnx")
+    for name in (n for n in a if n.endswith(".weight_int")):
+        np.testing.assert_array_equal(a[name], b[name])
+    # ... and `dfquant evaluate` runs the file with onnxruntime, finding the model from its metadata.
+    code, out, _ = run(capsys, "evaluate", str(tmp_path / "again.onnx"), "--json")
+    assert code == 0 and json.loads(out)["top1"] == res["onnx_top1"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["export", "/no/such/model.safetensors", "--out", "m.onnx"], "not found"),
+        (["evaluate", "/no/such/model.onnx"], "ONNX file not found"),
+        (["evaluate", "{tmp}/junk.onnx"], "not an ONNX model onnxruntime can run"),
+        (["quantize", "--model", "digits_cnn", "--onnx", "model.bin"], "must end in .onnx"),
+        (["quantize", "--model", "digits_cnn", "--onnx", "/no/such/dir/m.onnx"], "output folder does not exist"),
+    ],
+)
+def test_cli_errors_are_one_line(capsys, digits, tmp_path, argv, message):
+    (tmp_path / "junk.onnx").write_bytes(b"\x00not onnx")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, out, err = run(capsys, *argv)
+    lines = [l for l in err.strip().splitlines() if l]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert "quantized in" not in out  # refused before quantizing
+
+
+def test_an_8_bit_grid_without_zero_is_exported_exactly_as_float_values(digits, tmp_path):
+    model = copy.deepcopy(digits[0])
+    with torch.no_grad():  # one output channel whose weights all lie far above 0
+        model.conv2.weight[0] = model.conv2.weight[0].abs() + 1.0
+    qmodel, _ = dfquant.quantize(model, "squant", 8, 8, fold_bn=True)
+    assert qmodel.conv2.weight_zero_point.min() < -128  # no int8 zero point fits this grid
+    summary = export_onnx(qmodel, tmp_path / "m.onnx")
+    assert summary["float_weights"] == ["conv2"] and summary["int8_weights"] == 3
+    c = check_onnx(qmodel, summary["path"], digits[1][0][:64])
+    assert c["file"]["rel_max_diff"] < 1e-5, c  # the float values are the grid's exact values
