@@ -68,6 +68,7 @@ def test_quantize_report_table(capsys, digits):
         (["quantize", "--model", "digits_cnn", "--method", "squant-k", "--save-synthetic", "s.safetensors"], "--save-synthetic applies only"),
         (["quantize", "--model", "digits_cnn", "--method", "rtn", "--no-kernel"], "--no-kernel/--no-channel switch the levels of --method squant only"),
         (["quantize", "--model", "digits_cnn", "--method", "genie", "--no-channel"], "not of genie"),
+        (["quantize", "--model", "digits_cnn", "--method", "zeroq", "--cle", "--bias-correction"], "--cle, --bias-correction are DFQ steps for the rounding methods"),
     ],
 )
 def test_errors_are_one_line(capsys, digits, argv, message):

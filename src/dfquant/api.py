@@ -60,6 +60,10 @@ class QuantConfig:
     w_range: Optional[str] = None
     skip: Tuple[str, ...] = ()  # layer names to leave in float
     init: str = "rtn"  # learned methods: the rounding they start from ("rtn" or "squant")
+    # DFQ baselines (Nagel et al. 2019, dfquant.dfq), for the rounding methods: cross-layer range
+    # equalization of the float model before quantizing, and analytic bias correction after.
+    cle: bool = False
+    bias_correction: bool = False
 
     def validate(self) -> "QuantConfig":
         if self.method not in METHODS:
@@ -79,6 +83,9 @@ class QuantConfig:
         if self.init not in ("rtn", "squant"):
             raise DfquantError(f"unknown initial rounding {self.init!r}; choose rtn or squant")
         # Settings a method would silently ignore are refused: the model would not be the one asked for.
+        for name in ("cle", "bias_correction"):
+            if getattr(self, name) and self.method in LEARNED_METHODS:
+                raise DfquantError(f"{name} is a DFQ step for the rounding methods ({', '.join(ROUNDING_METHODS)}), not for {self.method!r}")
         if self.init != "rtn" and self.method not in LEARNED_METHODS:
             raise DfquantError(f"init={self.init!r} applies to the learned methods ({', '.join(LEARNED_METHODS)}) only, not to {self.method!r}")
         if self.a_bits is None:
@@ -122,7 +129,17 @@ def quantize(model: nn.Module, method: str = "squant", w_bits: int = 4, a_bits: 
     if cfg.method not in LEARNED_METHODS and learned_opts:
         raise DfquantError(f"unknown option(s) for method {cfg.method!r}: {', '.join(sorted(learned_opts))}")
     t0 = time.perf_counter()
-    qmodel, report = _quantize_rounding(model, cfg, input_size)
+    base, cle_note = model, None
+    if cfg.cle:
+        from .dfq import equalize_cross_layer
+
+        base, record = equalize_cross_layer(model)
+        cle_note = record.summary()
+        cle_skipped = [f"{name}: {why}" for name, why in record.skipped]
+    qmodel, report = _quantize_rounding(base, cfg, input_size)
+    if cle_note:
+        report.notes.append(cle_note)
+        report.notes.extend(f"  not equalized: {line}" for line in cle_skipped)
     if cfg.method in LEARNED_METHODS:
         from .genie import reconstruct_model  # learned refinement on synthetic data
 
@@ -147,14 +164,14 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
         report.notes.append(graph.note)
 
     ranges: Dict[str, Any] = {}
-    if cfg.a_bits is not None:
+    if cfg.a_bits is not None or cfg.bias_correction:
+        what = "bias correction needs BN statistics for the expected inputs" if cfg.a_bits is None else (
+            "data-free activation ranges need BN statistics (quantize weights only with a_bits=None / --a-bits none)"
+        )
         if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-            raise DfquantError(
-                "the model has no BatchNorm layers: data-free activation ranges need BN statistics "
-                "(quantize weights only with a_bits=None / --a-bits none)"
-            )
+            raise DfquantError(f"the model has no BatchNorm layers: {what}")
         if graph.traced is None:
-            raise DfquantError("activation ranges need an fx-traceable model; use weight-only quantization (a_bits=None)")
+            raise DfquantError(f"the model is not fx-traceable: {what}")
         ranges = propagate_bn_stats(graph.traced, input_size)
 
     qmodel = copy.deepcopy(model).eval()
@@ -176,19 +193,34 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
         qp = weight_params(w, w_bits, cfg.w_range, per_channel=cfg.per_channel)
         grid = to_grid(w, qp)
         codes = rounding(grid, qp.qmin, qp.qmax)
+        bias, note = None, ""
+        if cfg.bias_correction:
+            bias, note = _corrected_bias(layer, from_grid(codes, qp) - w, ranges.get(name))
         dt = time.perf_counter() - t
         report.weight_time_s += dt
         if isinstance(layer, nn.Conv2d):
-            new = QuantConv2d(layer, codes, qp, act)
+            new = QuantConv2d(layer, codes, qp, act, bias=bias)
         else:
-            new = QuantLinear(layer, codes, qp, act)
+            new = QuantLinear(layer, codes, qp, act, bias=bias)
         qmodel.set_submodule(name, new)
         k_err, c_err = rounding_error_sums(codes, grid if grid.dim() > 1 else grid.unsqueeze(1))
         rel = float((from_grid(codes, qp) - w).norm() / w.norm().clamp_min(1e-12))
         report.layers.append(
-            LayerReport(name, "conv" if isinstance(layer, nn.Conv2d) else "linear", tuple(w.shape), w_bits, a_bits_used, a_range, rel, k_err, c_err, dt)
+            LayerReport(name, "conv" if isinstance(layer, nn.Conv2d) else "linear", tuple(w.shape), w_bits, a_bits_used, a_range, rel, k_err, c_err, dt, note)
         )
     return qmodel, report
+
+
+def _corrected_bias(layer: nn.Module, weight_error: torch.Tensor, found: Any):
+    """DFQ bias correction of one layer: its new bias (None: unchanged) and a note for the report."""
+    from .dfq import bias_correction
+
+    if found is None or found.stats is None:
+        return None, "not bias-corrected: no BN statistic reaches its input"
+    mean = found.stats.moments()[0].float()
+    delta = bias_correction(weight_error, mean, getattr(layer, "groups", 1))
+    old = layer.bias.detach() if layer.bias is not None else torch.zeros_like(delta)
+    return old + delta, f"bias corrected (max |change| {float(delta.abs().max()):.3g})"
 
 
 def _input_quantizer(name: str, first: str, last: str, cfg: QuantConfig, ranges: Dict[str, Any], report: QuantReport):

@@ -32,6 +32,12 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
         choices=["minmax", "lp"],
         help="weight grid: per-channel min/max (SQuant's protocol) or the Lp clipping search (default: minmax, lp for genie/zeroq)",
     )
+    p.add_argument("--cle", action="store_true", help="DFQ cross-layer range equalization of the float model first (rounding methods)")
+    p.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="DFQ analytic bias correction: cancel each layer's expected output shift from its BN-implied input mean (rounding methods)",
+    )
     p.add_argument("--act-range", default="dfq", choices=["dfq", "mse"], help="BN-statistics range rule (default dfq)")
     p.add_argument("--n-sigma", type=float, default=None, help="dfq rule: n in beta + n*gamma (default per bit-width)")
     p.add_argument(
@@ -213,6 +219,10 @@ def cmd_quantize(args) -> int:
         raise DfquantError(f"--no-kernel/--no-channel switch the levels of --method squant only, not of {args.method} (squant-e, squant-k and squant-c are methods of their own)")
     if args.method not in LEARNED_METHODS:
         _refuse_learned_flags(args)
+    else:
+        given = [flag for flag, on in (("--cle", args.cle), ("--bias-correction", args.bias_correction)) if on]
+        if given:
+            raise DfquantError(f"{', '.join(given)} {'are DFQ steps' if len(given) > 1 else 'is a DFQ step'} for the rounding methods, not for --method {args.method}")
     if args.onnx:  # refused before any work is done
         from .export import require_onnx, check_output_path
 
@@ -225,6 +235,8 @@ def cmd_quantize(args) -> int:
         squant_kernel=not args.no_kernel,
         squant_channel=not args.no_channel,
         fold_bn=args.fold_bn,
+        cle=args.cle,
+        bias_correction=args.bias_correction,
         w_range=args.w_range,
         act_range=args.act_range,
         n_sigma=args.n_sigma,

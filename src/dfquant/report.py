@@ -47,6 +47,7 @@ class QuantReport:
             shape = "x".join(str(s) for s in r.shape)
             lines.append(
                 f"{r.name[:28]:<28} {r.kind:<6} {shape:<18} {r.w_bits:>2} {a:>5} {rng:>17} {r.rel_weight_error:>8.4f} {r.kernel_err_max:>7.3f} {r.channel_err_max:>7.3f}"
+                + (f"  {r.note}" if r.note else "")
             )
         lines.append(f"quantized {len(self.layers)} layers; weight rounding {self.weight_time_s * 1000:.1f} ms; total {self.total_time_s:.2f} s")
         if self.folded_bn:

@@ -1,0 +1,201 @@
+"""DFQ baselines (Nagel et al., ICCV 2019, "Data-Free Quantization Through Weight Equalization and
+Bias Correction", arXiv 1906.04721): cross-layer range equalization and analytic bias correction.
+
+**Cross-layer equalization** (paper Sec. 4, "cross-layer range equalization"; the optimum in App. A,
+"Optimal range equalization of two layers"). For ``conv1 -> [BN] -> ReLU -> [pooling] -> conv2``
+the ReLU is positively scale-equivariant, ``relu(x / s) = relu(x) / s`` for ``s > 0`` (and so are
+max/average pooling), so dividing channel ``i`` of conv1's (BN-folded) output by ``s_i`` and
+multiplying conv2's input channel ``i`` by ``s_i`` leaves the network's function unchanged. With
+``r1_i`` the range of conv1's output channel ``i`` and ``r2_i`` the range of conv2's input channel
+``i`` (both weights with their following BN folded in, as the paper folds BN first), ``s_i = sqrt(r1_i / r2_i)`` (= ``(1 / r2_i) sqrt(r1_i r2_i)``) makes both ranges
+``sqrt(r1_i r2_i)``, the optimum of the paper's summed per-channel precision. Chains (a conv that is
+the second layer of one pair and the first of the next) are equalized by repeated passes until the
+scales settle, as the paper does. Ranges are max - min (dfquant's weight grids are asymmetric).
+The scaling goes into BN's gamma and beta when a BN follows conv1 (equivalent to scaling the folded
+weight, and it keeps the BN statistics, which set the activation ranges, consistent), else into
+conv1's weight and bias. Not done: the paper's ReLU6 -> ReLU replacement (it changes the model;
+ReLU6 pairs are skipped and listed) and "absorbing high biases" (it serves per-tensor activation
+ranges set from data; dfquant's BN ranges are per-channel Gaussians).
+
+**Bias correction** (paper Sec. 4, "quantization bias correction"; convolutions in App. B,
+"Bias correction for convolutional layers"; the expected input of a ReLU after BN from the clipped
+normal, App. C). Quantizing a weight ``W`` to ``W + eps`` shifts the layer's expected output by
+``eps E[x]``; subtracting it from the bias removes the shift. ``E[x]`` per input channel is the
+mean of the BN-implied (clipped, summed over residual branches) Gaussian that dfquant already
+carries to every layer input for the activation ranges (:mod:`dfquant.activation_ranges`); for a
+convolution ``E[x]`` is taken as spatially constant, so the correction is exact away from the
+zero-padded border (as in App. B). Layers whose input no BN statistic reaches (the image) are not
+corrected and are listed.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import DfquantError
+from .graph import analyse, trace
+
+_RELU = (nn.ReLU,)
+_POOL = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_RELU_FUNCS = {F.relu, torch.relu}
+_POOL_FUNCS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+
+
+@dataclass
+class EqualizationPair:
+    """One ``first -> [bn] -> ReLU -> second`` pair and the scales applied to it."""
+
+    first: str
+    bn: Optional[str]
+    second: str
+    second_bn: Optional[str] = None  # the BN right after ``second``, folded into it for its ranges
+    scales: torch.Tensor = field(repr=False, default=None)  # type: ignore[assignment]
+
+
+@dataclass
+class EqualizationRecord:
+    pairs: List[EqualizationPair]
+    skipped: List[Tuple[str, str]]  # (first conv, why it has no partner)
+    passes: int
+
+    def summary(self) -> str:
+        if not self.pairs:
+            return "cross-layer equalization: no conv -> [BN] -> ReLU -> conv pair found"
+        s = torch.cat([p.scales.log().abs() for p in self.pairs])
+        return (
+            f"cross-layer equalization: {len(self.pairs)} pairs in {self.passes} passes, "
+            f"scales from {math.exp(-s.max().item()):.3g} to {math.exp(s.max().item()):.3g}"
+            + (f"; {len(self.skipped)} convs without a partner (see the report)" if self.skipped else "")
+        )
+
+
+def _single_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is(node: fx.Node, modules: Dict[str, nn.Module], kinds, funcs) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), kinds)
+    if node.op == "call_function":
+        return node.target in funcs
+    if node.op == "call_method":
+        return any(getattr(f, "__name__", None) == node.target for f in funcs)
+    return False
+
+
+def equalization_pairs(model: nn.Module) -> Tuple[List[EqualizationPair], List[Tuple[str, str]]]:
+    """Pairs ``conv -> [BatchNorm2d] -> ReLU -> [pooling]* -> conv`` in the fx graph, each link
+    with a single user (so the scaled channel reaches nothing else), each conv called once and
+    ungrouped (a grouped conv's channels are tied to its groups). Returns (pairs, skipped)."""
+    gm = trace(model)
+    if gm is None:
+        raise DfquantError("cross-layer equalization needs an fx-traceable model")
+    modules = dict(gm.named_modules())
+    conv_bn = analyse(model).conv_bn
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs, skipped = [], []
+    for node in gm.graph.nodes:
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        why = None
+        nxt = _single_user(node)
+        bn = None
+        if conv.groups != 1 or calls[node.target] != 1:
+            why = "grouped or called more than once"
+        elif nxt is not None and nxt.op == "call_module" and isinstance(modules.get(nxt.target), nn.BatchNorm2d):
+            bn = nxt.target
+            nxt = _single_user(nxt)
+        if why is None and (nxt is None or not _is(nxt, modules, _RELU, _RELU_FUNCS)):
+            act = nxt.target if nxt is not None else None
+            why = "not followed by ReLU alone" + (" (ReLU6 is not scale-equivariant)" if isinstance(modules.get(act), nn.ReLU6) or act is F.relu6 else "")
+        if why is None:
+            nxt = _single_user(nxt)
+            while nxt is not None and _is(nxt, modules, _POOL, _POOL_FUNCS):
+                nxt = _single_user(nxt)
+            second = modules.get(nxt.target) if nxt is not None and nxt.op == "call_module" else None
+            if not isinstance(second, nn.Conv2d) or second.groups != 1 or calls[nxt.target] != 1 or second.in_channels != conv.out_channels:
+                why = "its ReLU output does not feed exactly one ungrouped conv"
+            else:
+                pairs.append(EqualizationPair(node.target, bn, nxt.target, conv_bn.get(nxt.target)))
+        if why is not None:
+            skipped.append((node.target, why))
+    return pairs, skipped
+
+
+def _folded_weight(model: nn.Module, conv: str, bn: Optional[str]) -> torch.Tensor:
+    """The conv's weight with the BN that follows it folded in (the weight itself without one)."""
+    w = model.get_submodule(conv).weight.detach()
+    if bn is None:
+        return w
+    b = model.get_submodule(bn)
+    return w * (b.weight.detach() / torch.sqrt(b.running_var + b.eps)).reshape(-1, 1, 1, 1)
+
+
+def _channel_ranges(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """max - min of ``w`` over every dimension but ``dim``."""
+    flat = w.transpose(0, dim).reshape(w.shape[dim], -1)
+    return flat.max(dim=1).values - flat.min(dim=1).values
+
+
+@torch.no_grad()
+def equalize_cross_layer(model: nn.Module, max_passes: int = 20, tol: float = 1e-4) -> Tuple[nn.Module, EqualizationRecord]:
+    """A copy of ``model`` with every equalization pair's ranges equalized (same function).
+
+    Passes repeat until no scale moves by more than ``tol`` (relative) or ``max_passes``. The
+    original model is not modified.
+    """
+    eq = copy.deepcopy(model).eval()
+    pairs, skipped = equalization_pairs(eq)
+    total = {id(p): torch.ones(eq.get_submodule(p.first).out_channels) for p in pairs}
+    passes = 0
+    for passes in range(1, max_passes + 1):
+        worst = 0.0
+        for p in pairs:
+            first, second = eq.get_submodule(p.first), eq.get_submodule(p.second)
+            r1 = _channel_ranges(_folded_weight(eq, p.first, p.bn), 0)
+            r2 = _channel_ranges(_folded_weight(eq, p.second, p.second_bn), 1)
+            s = torch.sqrt(r1 / r2)
+            s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))  # dead channels stay as they are
+            if p.bn is not None:
+                bn = eq.get_submodule(p.bn)
+                bn.weight.div_(s)
+                bn.bias.div_(s)
+            else:
+                first.weight.div_(s.reshape(-1, 1, 1, 1))
+                if first.bias is not None:
+                    first.bias.div_(s)
+            second.weight.mul_(s.reshape(1, -1, 1, 1))
+            total[id(p)] *= s
+            worst = max(worst, float((s - 1).abs().max()) if s.numel() else 0.0)
+        if worst < tol:
+            break
+    for p in pairs:
+        p.scales = total[id(p)]
+    return eq, EqualizationRecord(pairs, skipped, passes if pairs else 0)
+
+
+def bias_correction(weight_error: torch.Tensor, input_mean: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """The bias change ``-eps E[x]`` that cancels the expected output shift of a quantized layer.
+
+    ``weight_error``: ``W_q - W``, shape (out, in/groups, kh, kw) or (out, in); ``input_mean``:
+    ``E[x]`` per input channel (in,). For a convolution the kernel's spatial taps all see the same
+    channel mean, so they sum (App. B).
+    """
+    eps = weight_error.reshape(weight_error.shape[0], weight_error.shape[1], -1).sum(dim=2)  # (out, in/groups)
+    out, per_group = eps.shape
+    if input_mean.numel() != per_group * groups:
+        raise DfquantError(f"input mean has {input_mean.numel()} channels, the layer expects {per_group * groups}")
+    mean_per_out = input_mean.reshape(groups, per_group).repeat_interleave(out // groups, dim=0)  # (out, in/groups)
+    return -(eps * mean_per_out.to(eps.dtype)).sum(dim=1)
