@@ -91,6 +91,10 @@ def test_fold_bn_option(digits):
         (dict(method="squant-k", squant_channel=False), "of method 'squant' only"),
         (dict(method="genie", squant_kernel=False), "not of 'genie'"),
         (dict(method="squant", recon_iters=10), "unknown option"),
+        (dict(layer_w_bits={"nope": 8}), "given for no quantizable layer: nope"),
+        (dict(layer_w_bits={"conv2": 9}), "weight bit-width of layer 'conv2' must be between 2 and 8"),
+        (dict(layer_w_bits={"conv2": 8}, skip=("conv2",)), "both skipped and given a bit-width: conv2"),
+        (dict(layer_w_bits=[("conv2", 8)]), "must map layer names to bit-widths"),
     ],
 )
 def test_bad_arguments(digits, kwargs, match):
@@ -159,3 +163,23 @@ def test_weight_range_rule_defaults_and_errors(digits):
     assert (q.conv2.weight - w).norm() < (mm.conv2.weight - w).norm()  # clipping helps at 2 bits
     with pytest.raises(dfquant.DfquantError, match="weight range"):
         dfquant.quantize(model, "rtn", 4, 4, w_range="max")
+
+
+def test_per_layer_weight_bits_override_and_survive_save_load(digits, tmp_path):
+    from dfquant.qmodules import QUANT_LAYERS
+
+    model, (x, _) = digits
+    qmodel, report = dfquant.quantize(model, "squant", 2, 4, layer_w_bits={"conv2": 8, "fc": 6})
+    bits = {l.name: l.w_bits for l in report.layers}
+    assert bits == {"conv1": 2, "conv2": 8, "conv3": 2, "fc": 6}
+    for name, layer in qmodel.named_modules():
+        if isinstance(layer, QUANT_LAYERS):
+            lo, hi = -(2 ** (bits[name] - 1)), 2 ** (bits[name] - 1) - 1
+            assert layer.w_bits == bits[name] and lo <= int(layer.weight_int.min()) and int(layer.weight_int.max()) <= hi
+    # 8 bits where the 2-bit model hurts most makes that layer's weights nearly exact
+    assert next(l for l in report.layers if l.name == "conv2").rel_weight_error < 0.01
+    path, _ = dfquant.save_quantized(qmodel, tmp_path / "mixed", model_name="digits_cnn", config=report.config)
+    loaded, info = dfquant.load_quantized(path)
+    assert info["config"]["layer_w_bits"] == {"conv2": 8, "fc": 6}
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))

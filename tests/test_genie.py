@@ -204,3 +204,11 @@ def test_bad_options_raise(model, images, opts):
 def test_options_rejected_for_rounding_methods(model):
     with pytest.raises(DfquantError):
         dfquant.quantize(model, "rtn", 4, 4, recon_iters=3)
+
+
+def test_per_layer_bits_are_kept_through_reconstruction(model, images):
+    qmodel, report = dfquant.quantize(model, method="genie", w_bits=2, a_bits=4, synthetic=images, recon_iters=5, layer_w_bits={"conv2": 8}, **TINY)
+    assert {l.name: l.w_bits for l in report.layers}["conv2"] == 8
+    assert qmodel.conv2.w_bits == 8 and qmodel.conv1.w_bits == 2
+    assert int(qmodel.conv2.weight_int.max()) > 1 or int(qmodel.conv2.weight_int.min()) < -2  # an 8-bit grid, not a 2-bit one
+    assert -2 <= int(qmodel.conv1.weight_int.min()) and int(qmodel.conv1.weight_int.max()) <= 1

@@ -10,7 +10,8 @@ from .errors import DfquantError
 from .evaluate import evaluate, paired_comparison, paired_error_comparison
 from .export import OnnxRuntimeModel, export_onnx
 from .models import create_model, list_models
+from .serialization import load_quantized, save_quantized
 from .squant import squant_round
 
-__all__ = ["quantize", "QuantConfig", "METHODS", "evaluate", "paired_comparison", "paired_error_comparison", "squant_round", "create_model", "list_models", "DfquantError", "export_onnx", "OnnxRuntimeModel"]
+__all__ = ["quantize", "QuantConfig", "METHODS", "evaluate", "paired_comparison", "paired_error_comparison", "squant_round", "create_model", "list_models", "DfquantError", "export_onnx", "OnnxRuntimeModel", "save_quantized", "load_quantized"]
 __version__ = "0.1.0"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
@@ -54,6 +54,8 @@ class QuantConfig:
     input_range: Optional[Tuple[float, float]] = None  # the image's range, needed to quantize it
     last_input_bits: Optional[int] = 8  # the classifier's input: 8 bits by the paper's protocol
     first_last_w_bits: Optional[int] = None  # None: same as w_bits (SQuant quantizes all layers)
+    # Per-layer weight bit-widths by layer name (mixed precision); they override w_bits and first_last_w_bits.
+    layer_w_bits: Dict[str, int] = field(default_factory=dict)
     per_channel: bool = True
     # The weight grid: "minmax" (SQuant's protocol) or "lp" (the clipping search Genie's release
     # starts from). None: "lp" for the learned methods, "minmax" for the rounding methods.
@@ -74,6 +76,11 @@ class QuantConfig:
         for name in ("first_input_bits", "last_input_bits", "first_last_w_bits"):
             if getattr(self, name) is not None:
                 check_bits(getattr(self, name), name)
+        if not isinstance(self.layer_w_bits, dict):
+            raise DfquantError(f"layer_w_bits must map layer names to bit-widths, got {type(self.layer_w_bits).__name__}")
+        for layer, bits in self.layer_w_bits.items():
+            check_bits(bits, f"the weight bit-width of layer {layer!r}")
+        self.layer_w_bits = dict(self.layer_w_bits)
         if self.act_range not in ("mse", "dfq"):
             raise DfquantError(f"unknown activation range rule {self.act_range!r}; choose mse or dfq")
         if self.w_range is None:
@@ -156,9 +163,16 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
     graph = analyse(model)
     if not graph.layers:
         raise DfquantError("the model has no Conv2d or Linear layer to quantize")
-    unknown_skip = [s for s in cfg.skip if s not in {l.name for l in graph.layers}]
+    names = {l.name for l in graph.layers}
+    unknown_skip = [s for s in cfg.skip if s not in names]
     if unknown_skip:
         raise DfquantError(f"--skip names no quantizable layer: {', '.join(unknown_skip)}")
+    unknown_bits = [s for s in cfg.layer_w_bits if s not in names]
+    if unknown_bits:
+        raise DfquantError(f"layer bit-widths given for no quantizable layer: {', '.join(unknown_bits)} (see the report's layer names)")
+    both = [s for s in cfg.layer_w_bits if s in cfg.skip]
+    if both:
+        raise DfquantError(f"layer(s) both skipped and given a bit-width: {', '.join(both)}")
     report = QuantReport(cfg.method, cfg.w_bits, cfg.a_bits, config=dict(cfg.__dict__), unsupported=list(graph.unsupported))
     if graph.note:
         report.notes.append(graph.note)
@@ -187,6 +201,7 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
             report.float_inputs.append((name, "skipped on request (weights and input in float)"))
             continue
         w_bits = cfg.first_last_w_bits if (cfg.first_last_w_bits and name in (first, last)) else cfg.w_bits
+        w_bits = cfg.layer_w_bits.get(name, w_bits)
         act, a_range, a_bits_used = _input_quantizer(name, first, last, cfg, ranges, report)
         t = time.perf_counter()
         w = layer.weight.detach()

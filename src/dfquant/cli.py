@@ -19,6 +19,16 @@ def _bits_or_none(s: str) -> Optional[int]:
         raise argparse.ArgumentTypeError(f"expected an integer 2..8 or 'none', got {s!r}") from None
 
 
+def _layer_bits(s: str):
+    name, sep, bits = s.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=BITS (e.g. layer1.0.conv1=8), got {s!r}")
+    try:
+        return name, int(bits)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer bit-width after '=', got {s!r}") from None
+
+
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="squant", help="rtn, squant, squant-e, squant-k, squant-c, genie, zeroq (default squant)")
     p.add_argument("--w-bits", type=int, default=4, help="weight bit-width, 2..8 (default 4)")
@@ -47,6 +57,14 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--last-input-bits", type=_bits_or_none, default=8, help="bits of the classifier's input (default 8; 'none': same as --a-bits)")
     p.add_argument("--skip", action="append", default=[], help="leave this layer in float (repeatable)")
+    p.add_argument(
+        "--layer-bits",
+        action="append",
+        default=[],
+        type=_layer_bits,
+        metavar="NAME=BITS",
+        help="weight bit-width of one layer, overriding --w-bits (repeatable; layer names as in --report)",
+    )
     g = p.add_argument_group("learned methods (genie, zeroq)")
     g.add_argument("--init", default=None, choices=["rtn", "squant"], help="rounding that reconstruction starts from (default rtn)")
     g.add_argument("--samples", type=int, default=None, help="number of synthetic images")
@@ -244,6 +262,7 @@ def cmd_quantize(args) -> int:
         input_range=input_range(spec.dataset) if args.quantize_first_input else None,
         last_input_bits=args.last_input_bits,
         skip=tuple(args.skip),
+        layer_w_bits=dict(args.layer_bits),
     )
     if args.method in LEARNED_METHODS:
         options.update(_genie_options(args))
