@@ -184,9 +184,8 @@ def export_onnx(
     ``input_size`` is (C, H, W), default the model's ``input_size``; the batch dimension is dynamic
     unless ``dynamic_batch=False``. The file is written atomically. Returns a summary: the path,
     the opset, how many weights are stored as int8 codes (and which layers' as their exact float
-    values, see ``_QDQLayer``), how many layer inputs are quantized, the
-    count of each ONNX op and the float ops a runtime cannot run in integers (BatchNormalization
-    left unfolded is named there: quantize with ``fold_bn=True`` for integer deployment).
+    values, see ``_QDQLayer``), how many layer inputs are quantized, the count of each ONNX op, and
+    how many BatchNormalization ops stay float (quantize with ``fold_bn=True`` for integer deployment).
     ``metadata`` (JSON-able: model name, config) is stored in the file's metadata under "dfquant".
     """
     require_onnx()
