@@ -136,17 +136,14 @@ def quantize(model: nn.Module, method: str = "squant", w_bits: int = 4, a_bits: 
     if cfg.method not in LEARNED_METHODS and learned_opts:
         raise DfquantError(f"unknown option(s) for method {cfg.method!r}: {', '.join(sorted(learned_opts))}")
     t0 = time.perf_counter()
-    base, cle_note = model, None
-    if cfg.cle:
+    base, cle_notes = model, []
+    if cfg.cle:  # on the float model, before anything is quantized (learned methods refuse it)
         from .dfq import equalize_cross_layer
 
         base, record = equalize_cross_layer(model)
-        cle_note = record.summary()
-        cle_skipped = [f"{name}: {why}" for name, why in record.skipped]
+        cle_notes = [record.summary()] + [f"  not equalized: {name}: {why}" for name, why in record.skipped]
     qmodel, report = _quantize_rounding(base, cfg, input_size)
-    if cle_note:
-        report.notes.append(cle_note)
-        report.notes.extend(f"  not equalized: {line}" for line in cle_skipped)
+    report.notes.extend(cle_notes)
     if cfg.method in LEARNED_METHODS:
         from .genie import reconstruct_model  # learned refinement on synthetic data
 
