@@ -28,17 +28,9 @@ from dfquant.assets import CIFAR_RESNET_WEIGHTS, CIFAR10_TEST_NPZ, asset_path
 from dfquant.data import load_cifar10_npz
 from dfquant.export import export_onnx, qdq_model
 from genie_cifar import cpu_name
+from squant_cifar import best_time
 
 SETTINGS = [(8, 8), (6, 6), (4, 4)]
-
-
-def timed(fn, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def run_batches(fn, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
@@ -73,10 +65,10 @@ def main() -> None:
             with torch.no_grad():
                 torch_logits = run_batches(qmodel, x)
                 file_logits = run_batches(qdq_model(qmodel), x)  # the file's own graph, in torch
-                torch_s = timed(lambda: run_batches(qmodel, x))
+                torch_s = best_time(lambda: run_batches(qmodel, x), 3)
             ort_run = lambda b: torch.from_numpy(sess.run(None, {"x": b.numpy()})[0])  # noqa: E731
             ort_logits = run_batches(ort_run, x)
-            ort_s = timed(lambda: run_batches(ort_run, x))
+            ort_s = best_time(lambda: run_batches(ort_run, x), 3)
             row = {
                 "model": name,
                 "setting": f"W{w_bits}A{a_bits}",

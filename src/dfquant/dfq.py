@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import DfquantError
-from .graph import analyse, trace
+from .graph import analyse, bn_fold_scale, trace
 
 _RELU = (nn.ReLU,)
 _POOL = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -139,8 +139,7 @@ def _folded_weight(model: nn.Module, conv: str, bn: Optional[str]) -> torch.Tens
     w = model.get_submodule(conv).weight.detach()
     if bn is None:
         return w
-    b = model.get_submodule(bn)
-    return w * (b.weight.detach() / torch.sqrt(b.running_var + b.eps)).reshape(-1, 1, 1, 1)
+    return w * bn_fold_scale(model.get_submodule(bn)).reshape(-1, 1, 1, 1)
 
 
 def _channel_ranges(w: torch.Tensor, dim: int) -> torch.Tensor:

@@ -202,9 +202,8 @@ def export_onnx(
     with _quiet_exporter():
         try:
             program = torch.onnx.export(m, (x,), dynamo=True, opset_version=OPSET, input_names=["x"], output_names=["logits"], dynamic_shapes=dyn)
-        except Exception as exc:  # the exporter's messages are pages long: keep the first line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DfquantError(f"the ONNX exporter could not convert this model: {_ANSI.sub('', first)}") from None
+        except Exception as exc:
+            raise DfquantError(f"the ONNX exporter could not convert this model: {_first_line(exc)}") from None
     model = program.model_proto
     doc = dict(metadata or {}, format=FORMAT, input_size=list(input_size))
     onnx.helper.set_model_props(model, {"dfquant": json.dumps(doc, default=str)})
@@ -225,6 +224,12 @@ def export_onnx(
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_line(exc: Exception) -> str:
+    """The first line of an exporter/runtime error (their messages are pages long), without colour codes."""
+    text = str(exc).strip()
+    return _ANSI.sub("", text.splitlines()[0]) if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -251,15 +256,8 @@ def check_onnx(qmodel: nn.Module, path: "str | Path", inputs: torch.Tensor) -> D
     Each: the largest absolute output difference, that relative to the largest output, and the
     fraction of inputs whose arg-max agrees.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise DfquantError("checking the ONNX file needs onnxruntime: pip install 'dfquant[onnx]'") from None
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     inputs = inputs.float()
-    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0])
+    got = OnnxRuntimeModel(path)(inputs)
     with torch.no_grad():
         refs = {"file": qdq_model(qmodel)(inputs), "model": qmodel.eval()(inputs)}
     out: Dict[str, Any] = {"n": int(inputs.shape[0])}
@@ -298,8 +296,7 @@ class OnnxRuntimeModel(nn.Module):
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DfquantError(f"{path} is not an ONNX model onnxruntime can run: {first}") from None
+            raise DfquantError(f"{path} is not an ONNX model onnxruntime can run: {_first_line(exc)}") from None
         props = self.session.get_modelmeta().custom_metadata_map
         self.metadata: Dict[str, Any] = json.loads(props["dfquant"]) if "dfquant" in props else {}
         self.input_name = self.session.get_inputs()[0].name

@@ -80,6 +80,11 @@ def analyse(model: nn.Module) -> ModelGraph:
     return ModelGraph(layers, unsupported, gm, conv_bn)
 
 
+def bn_fold_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Per channel, the factor folding ``bn`` multiplies the preceding conv's weight by: gamma / sqrt(var + eps)."""
+    return bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+
+
 def fold_bn(model: nn.Module, graph: Optional[ModelGraph] = None) -> nn.Module:
     """Return a copy with every BN that directly follows a conv folded into it (BN -> Identity).
 
@@ -92,7 +97,7 @@ def fold_bn(model: nn.Module, graph: Optional[ModelGraph] = None) -> nn.Module:
         conv = folded.get_submodule(conv_name)
         bn = folded.get_submodule(bn_name)
         with torch.no_grad():
-            inv = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            inv = bn_fold_scale(bn)
             conv.weight.mul_(inv.reshape(-1, 1, 1, 1))
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
             new_bias = bn.bias + (bias - bn.running_mean) * inv
