@@ -136,11 +136,13 @@ def main() -> None:
         + (f" --lr-round {args.lr_round:g}" if args.lr_round is not None else "")
         + (f" --seed {args.seed}" if args.seed else "")
         + (f" --recon-seed {args.recon_seed}" if args.recon_seed is not None else "")
+        + (f" --device {args.device}" if args.device != "cpu" else "")
         + (f" --threads {args.threads}" if args.threads else "")
         + (f" --synthetic-dir {args.synthetic_dir}" if args.synthetic_dir else "")
         + (f" --synthesis-shards {args.synthesis_shards}" if args.synthesis_shards != 1 else "")
         + (f" --out {args.out}" if args.out != str(RESULTS) else ""),
         "machine": f"{cpu_name()}, {torch.get_num_threads()} torch threads, device {args.device}",
+        **({"gpu": torch.cuda.get_device_name(torch.device(args.device))} if args.device.startswith("cuda") else {}),
         "torch": torch.__version__,
         "budget": budget,
         "seed": args.seed,
@@ -265,8 +267,12 @@ def to_markdown(res: dict) -> str:
         "Protocol: image input float, classifier input 8 bit, all weights at the given bits; activation ranges start from BN statistics. "
         "Weight grids: per-channel min/max for RTN and SQuant (SQuant's protocol); the Lp clipping search (Genie's release) for the "
         "reconstructed rows unless the row says min/max grid.",
-        "Times are wall-clock on a 2-core machine shared with a second benchmark process (one torch thread each); "
-        "synthesis times were measured when the cached images were made, under the same kind of load.",
+        (
+            f"Times are wall-clock with synthesis and reconstruction on the GPU ({res['gpu']}), one process on the machine."
+            if res.get("gpu")
+            else "Times are wall-clock on a 2-core machine shared with a second benchmark process (one torch thread each); "
+            "synthesis times were measured when the cached images were made, under the same kind of load."
+        ),
         "",
     ]
     for name, m in res["models"].items():

@@ -5,7 +5,9 @@ mean and standard deviation per learned method, beside the deterministic SQuant 
 
 File i holds the rows of reconstruction seed ``--seeds[i]``. The budget, lr, data, synthesis seed
 of every file must agree (only the reconstruction seed may differ); each file's machine is listed
-(compare seeds run on the same CPU: learned rows differ across CPUs). Writes NAME.json and NAME.md.
+(compare seeds run on the same CPU: learned rows differ across CPUs). With ``--whole-run`` file i
+is instead a whole run with ``--seed`` ``--seeds[i]``: its own synthetic images and reconstruction,
+so the spread includes synthesis. Writes NAME.json and NAME.md.
 """
 from __future__ import annotations
 
@@ -18,14 +20,19 @@ MUST_AGREE = ("budget", "lr_round", "n_images", "seed")
 DETERMINISTIC = ("RTN", "SQuant")
 
 
-def summarise(files: list, seeds: list, settings: list) -> dict:
+def summarise(files: list, seeds: list, settings: list, whole_run: bool = False) -> dict:
     results = [json.loads(Path(f).read_text()) for f in files]
-    for key in MUST_AGREE:
+    if whole_run:
+        for f, seed, res in zip(files, seeds, results):
+            if res.get("seed") != seed or "--recon-seed" in res["command"]:
+                raise SystemExit(f"{f} was made with seed {res.get('seed')}, not {seed}")
+    for key in MUST_AGREE if not whole_run else [k for k in MUST_AGREE if k != "seed"]:
         values = {json.dumps(r.get(key), sort_keys=True) for r in results}
         if len(values) > 1:
             raise SystemExit(f"cannot summarise: '{key}' differs between the files ({', '.join(sorted(values))})")
+    unique = sorted(set(seeds))  # a seed may come from one file per model
     table = []
-    for model in results[0]["models"]:
+    for model in dict.fromkeys(m for r in results for m in r["models"]):
         for setting in settings:
             runs: dict = {}
             reference = {}
@@ -39,23 +46,24 @@ def summarise(files: list, seeds: list, settings: list) -> dict:
                         continue
                     runs.setdefault(row["method"], {})[seed] = {"top1": row["top1"], "logit_mse": row["logit_mse"]}
             for method, by_seed in runs.items():
-                top1 = [by_seed[s]["top1"] for s in seeds if s in by_seed]
+                top1 = [by_seed[s]["top1"] for s in unique if s in by_seed]
                 table.append(
                     {
                         "model": model,
                         "setting": setting,
                         "method": method,
-                        "fp32_top1": results[0]["models"][model]["fp32_top1"],
+                        "fp32_top1": next(r["models"][model]["fp32_top1"] for r in results if model in r["models"]),
                         "squant_top1": reference.get("SQuant"),
-                        "by_seed": {str(s): by_seed[s] for s in seeds if s in by_seed},
+                        "by_seed": {str(s): by_seed[s] for s in unique if s in by_seed},
                         "mean_top1": statistics.mean(top1),
                         "sd_top1": statistics.stdev(top1) if len(top1) > 1 else None,
-                        "mean_logit_mse": statistics.mean(by_seed[s]["logit_mse"] for s in seeds if s in by_seed),
+                        "mean_logit_mse": statistics.mean(by_seed[s]["logit_mse"] for s in unique if s in by_seed),
                         "seeds_above_squant": None if "SQuant" not in reference else sum(t > reference["SQuant"] for t in top1),
                     }
                 )
     return {
         "budget": results[0]["budget"],
+        "whole_run": whole_run,
         "seeds": seeds,
         "commands": [r["command"] for r in results],
         "machines": [r["machine"] for r in results],
@@ -65,12 +73,19 @@ def summarise(files: list, seeds: list, settings: list) -> dict:
 
 def to_markdown(doc: dict, title: str, command: str) -> str:
     seeds = doc["seeds"]
+    columns = sorted(set(seeds))
     b = doc["budget"]
     lines = [
         f"# {title}",
         "",
         f"Budget: {b['samples']} synthetic images, {b['distill_iters']} synthesis iterations, {b['recon_iters']} reconstruction "
-        f"iterations per block; the same synthetic images (synthesis seed 0, cached) for every reconstruction seed. "
+        "iterations per block; "
+        + (
+            "each seed is a whole run: its own Genie-D synthesis and reconstruction. "
+            if doc.get("whole_run")
+            else "the same synthetic images (synthesis seed 0, cached) for every reconstruction seed. "
+        )
+        + 
         f"Top-1 on the 846 CIFAR-10 test images in ../shared.",
         "",
         f"Summary: `{command}`",
@@ -81,11 +96,11 @@ def to_markdown(doc: dict, title: str, command: str) -> str:
     lines += [f"- seed {s} ({m}): `{c}`" for s, m, c in zip(seeds, doc["machines"], doc["commands"])]
     lines += [
         "",
-        "| model | setting | method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | mean logit MSE | SQuant | seeds above SQuant |",
-        "|---|---|---|" + "---|" * len(seeds) + "---|---|---|---|",
+        "| model | setting | method | " + " | ".join(f"seed {s}" for s in columns) + " | mean ± sd | mean logit MSE | SQuant | seeds above SQuant |",
+        "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|",
     ]
     for r in doc["rows"]:
-        cells = [f"{r['by_seed'][str(s)]['top1']:.2f}" if str(s) in r["by_seed"] else "–" for s in seeds]
+        cells = [f"{r['by_seed'][str(s)]['top1']:.2f}" if str(s) in r["by_seed"] else "–" for s in columns]
         sd = f" ± {r['sd_top1']:.2f}" if r["sd_top1"] is not None else ""
         sq = "–" if r["squant_top1"] is None else f"{r['squant_top1']:.2f}"
         above = "–" if r["seeds_above_squant"] is None else f"{r['seeds_above_squant']} of {len(r['by_seed'])}"
@@ -99,15 +114,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+")
     ap.add_argument("--seeds", type=int, nargs="+", required=True, help="the reconstruction seed of each file, in order")
+    ap.add_argument("--whole-run", action="store_true", help="the files differ in the run's seed (synthesis and reconstruction)")
     ap.add_argument("--settings", nargs="+", default=["W4A4"])
     ap.add_argument("--title", default="Genie and ZeroQ over reconstruction seeds")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if len(args.seeds) != len(args.files):
         raise SystemExit("give one --seeds value per file")
-    doc = summarise(args.files, args.seeds, args.settings)
+    doc = summarise(args.files, args.seeds, args.settings, args.whole_run)
     command = "python benchmarks/seed_summary.py " + " ".join(
-        ["--settings", *args.settings, "--seeds", *map(str, args.seeds), "--title", json.dumps(args.title), "--out", args.out, *args.files]
+        ["--settings", *args.settings, "--seeds", *map(str, args.seeds), *(["--whole-run"] if args.whole_run else []), "--title", json.dumps(args.title), "--out", args.out, *args.files]
     )
     doc["command"] = command
     Path(args.out + ".json").write_text(json.dumps(doc, indent=1))

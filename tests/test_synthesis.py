@@ -16,6 +16,7 @@ from dfquant.synthesis import (
     images_metadata,
     load_image_files,
     load_images,
+    reflect_shift,
     save_image_grid,
     save_images,
     synthesize,
@@ -141,6 +142,24 @@ def test_swing_conv_shifts_strided_convs_only():
     assert len(seen) > 3  # the shift really is random
     one = torch.randn(1, 2, 1, 1)  # too small to reflect-pad: passed through unshifted
     assert torch.equal(swing(one), conv(one))
+
+
+@pytest.mark.parametrize("jitter", [1, 2])
+def test_reflect_shift_equals_reflect_pad_and_crop(jitter):
+    # the GPU path of SwingConv2d: the same values as F.pad(mode="reflect") + crop, on both axes
+    x = torch.randn(2, 3, 7, 5, requires_grad=True)
+    for dy in range(2 * jitter + 1):
+        for dx in range(2 * jitter + 1):
+            ref = nn.functional.pad(x, (jitter,) * 4, mode="reflect")[:, :, dy : dy + 7, dx : dx + 5]
+            out = reflect_shift(reflect_shift(x, dy - jitter, -2), dx - jitter, -1)
+            assert torch.equal(out, ref)
+            g = torch.randn_like(out)
+            (gr,) = torch.autograd.grad(ref, x, g)
+            (go,) = torch.autograd.grad(out, x, g)
+            assert torch.allclose(go, gr, atol=1e-6)
+    assert reflect_shift(x, 0, -1) is x
+    with pytest.raises(ValueError, match="smaller than the size"):
+        reflect_shift(x, 5, -1)
 
 
 @pytest.mark.parametrize("size", [(1, 8, 8), (3, 32, 32), (3, 224, 224), (3, 30, 30)])

@@ -1,7 +1,8 @@
 """Choosing the torch device for the learned methods (synthesis, reconstruction)."""
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -26,3 +27,23 @@ def resolve_device(device: Any) -> torch.device:
             raise DfquantError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
         return dev
     raise DfquantError(f"unknown device {name!r}; choose cpu, cuda or auto")
+
+
+@contextmanager
+def deterministic_cudnn(dev: torch.device) -> Iterator[None]:
+    """On CUDA, run the block with cuDNN's deterministic algorithms and no autotuning.
+
+    cuDNN's default backward convolutions accumulate with atomics, so two Genie runs with the same
+    seed gave different codes on a GPU (13 % of them, measured on an H100:
+    ``benchmarks/results/gpu_equivalence.md``). The caller's flags are restored afterwards. A no-op
+    on the CPU, whose kernels are deterministic already.
+    """
+    if dev.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved

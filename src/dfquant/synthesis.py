@@ -96,7 +96,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .devices import resolve_device as _resolve_device
+from .devices import deterministic_cudnn, resolve_device as _resolve_device
 from .errors import DfquantError
 from .files import atomic_write
 
@@ -307,8 +307,29 @@ class SwingConv2d(nn.Module):
         h, w = x.shape[-2:]
         if j > 0 and h > j and w > j:  # reflect padding needs pad < size
             dy, dx = torch.randint(0, 2 * j + 1, (2,), generator=self.rng).tolist()
-            x = F.pad(x, (j, j, j, j), mode="reflect")[:, :, dy : dy + h, dx : dx + w]
+            if x.is_cuda:  # the same values; a backward without atomics (see reflect_shift)
+                x = reflect_shift(reflect_shift(x, dy - j, -2), dx - j, -1)
+            else:  # kept on the CPU so that earlier CPU results stay bit for bit reproducible
+                x = F.pad(x, (j, j, j, j), mode="reflect")[:, :, dy : dy + h, dx : dx + w]
         return self.conv(x)
+
+
+def reflect_shift(x: torch.Tensor, shift: int, dim: int) -> torch.Tensor:
+    """``x`` shifted by ``shift`` along ``dim``, the edge filled by reflection (edge not repeated).
+
+    Equal to reflect-padding by ``|shift|`` and cropping back to the input's size at offset
+    ``|shift| + shift``, but built from slices, flips and a concatenation: their gradients need no
+    atomic adds, so it is deterministic on a GPU, where reflection padding's backward is not.
+    """
+    n = x.shape[dim]
+    if shift == 0:
+        return x
+    if not 0 < abs(shift) < n:
+        raise ValueError(f"shift {shift} must be smaller than the size {n}")
+    if shift < 0:  # out[i] = x[|i + shift|]: first |shift| rows are x[|shift|], ..., x[1]
+        return torch.cat([x.narrow(dim, 1, -shift).flip(dim), x.narrow(dim, 0, n + shift)], dim)
+    # out[i] = x[i + shift] inside, then x[n - 2], ..., x[n - 1 - shift]
+    return torch.cat([x.narrow(dim, shift, n - shift), x.narrow(dim, n - 1 - shift, shift).flip(dim)], dim)
 
 
 def _apply_swing(model: nn.Module, rng: torch.Generator, jitter: int = 1) -> int:
@@ -473,7 +494,9 @@ def synthesize(
             for Genie (as published), off for ZeroQ (which has none).
         input_size: (C, H, W); default ``dfquant.models.input_size_of(model)``.
         device: ``"cpu"``, ``"cuda"`` (or ``"cuda:K"``) or ``"auto"`` (CUDA when available).
-        seed: the whole run is a function of the seed (bit-for-bit on CPU).
+        seed: the whole run is a function of the seed (bit for bit on the same CPU, or the same GPU
+            and software: cuDNN runs its deterministic algorithms, swing convolutions a backward
+            without atomics).
         progress: show a progress bar (stderr) with the current loss and the ETA.
 
     The images are in the model's input space (normalized), like the data it was trained on.
@@ -513,7 +536,7 @@ def synthesize(
 
     fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     out: List[torch.Tensor] = []
-    with torch.random.fork_rng(devices=fork_devices):
+    with torch.random.fork_rng(devices=fork_devices), deterministic_cudnn(dev):
         seeds = torch.Generator().manual_seed(int(seed))
         swing_rng = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=seeds)))
 
