@@ -2,6 +2,8 @@
 
     python benchmarks/genie_lr_round.py --models resnet20 --settings W4A4 --threads 1 --out benchmarks/results/genie_lr_round_w4a4
     python benchmarks/genie_lr_round.py --merge benchmarks/results/genie_lr_round_w4a4.json ... --out benchmarks/results/genie_lr_round
+    # short budgets (the cap of lr_round_for):
+    python benchmarks/genie_lr_round.py --models resnet20 --settings W4A4 W2A4 --lr-rounds 0.01 0.04 0.1 1.0 --recon-iters 20 --threads 1 --out out/bench/lr_short_it20
 
 The release trains AdaRound's rounding variables ``V`` with Adam at lr 1e-3 for 20000 iterations
 per unit. At the CPU budget's 500 iterations that lr lets each ``V`` travel at most about 0.5, so
@@ -88,7 +90,7 @@ def run(args) -> dict:
 
 def to_markdown(parts: list) -> str:
     lines = [
-        "# Genie-M rounding learning rate at the CPU budget, chosen on synthetic data",
+        "# Genie-M rounding learning rate for short budgets, chosen on synthetic data",
         "",
         "Commands:",
         "",
@@ -98,22 +100,23 @@ def to_markdown(parts: list) -> str:
         "ZeroQ images (256) are held out. `unit error`: sum over units of the hard-quantized unit output error on the "
         "training images. `held-out MSE`: logit squared error against FP32 on the ZeroQ images. `undecided`: soft rounding "
         "values not within 0.01 of 0 or 1 when hard rounding is taken. `codes changed`: weight codes that differ from the start. "
-        "Test top-1 (846 CIFAR-10 images) is shown for information; the choice uses the held-out MSE only.",
+        "Test top-1 (846 CIFAR-10 images) is shown for information only; the choices below use synthetic images only.",
         "",
-        "| model | setting | lr_round | unit error | held-out MSE | undecided | codes changed | test top-1 | time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | setting | iterations | lr_round | unit error | held-out MSE | undecided | codes changed | test top-1 | time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = [r for p in parts for r in p["rows"]]
+    rows = [dict(r, recon_iters=p["recon_iters"]) for p in parts for r in p["rows"]]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['setting']} | {r['lr_round']:g} | {r['unit_error']:.4g} | {r['held_out_logit_mse']:.4g} | "
+            f"| {r['model']} | {r['setting']} | {r['recon_iters']} | {r['lr_round']:g} | {r['unit_error']:.4g} | {r['held_out_logit_mse']:.4g} | "
             f"{100 * r['undecided']:.1f} % | {100 * r['codes_changed']:.1f} % | {r['test_top1']:.2f} | {r['quantize_s']:.0f} s |"
         )
-    lines += ["", "Lowest held-out MSE per model and setting:", ""]
-    for key in dict.fromkeys((r["model"], r["setting"]) for r in rows):
-        group = [r for r in rows if (r["model"], r["setting"]) == key]
-        best = min(group, key=lambda r: r["held_out_logit_mse"])
-        lines.append(f"- {key[0]} {key[1]}: lr_round {best['lr_round']:g}")
+    for title, key in (("Lowest held-out MSE", "held_out_logit_mse"), ("Lowest unit error", "unit_error")):
+        lines += ["", f"{title} per model, setting and iteration count:", ""]
+        for group_key in dict.fromkeys((r["model"], r["setting"], r["recon_iters"]) for r in rows):
+            group = [r for r in rows if (r["model"], r["setting"], r["recon_iters"]) == group_key]
+            best = min(group, key=lambda r: r[key])
+            lines.append(f"- {group_key[0]} {group_key[1]}, {group_key[2]} iterations: lr_round {best['lr_round']:g}")
     lines.append("")
     return "\n".join(lines)
 
@@ -134,7 +137,10 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        parts = []
+        for p in args.merge:  # a run's file, or an earlier merge's list of them
+            d = json.loads(Path(p).read_text())
+            parts += d if isinstance(d, list) else [d]
         out.with_suffix(".json").write_text(json.dumps(parts, indent=2))
     else:
         parts = [run(args)]

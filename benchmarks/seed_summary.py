@@ -16,6 +16,8 @@ import json
 import statistics
 from pathlib import Path
 
+from dfquant.evaluate import _sign_test_p
+
 MUST_AGREE = ("budget", "lr_round", "n_images", "seed")
 DETERMINISTIC = ("RTN", "SQuant")
 
@@ -59,6 +61,7 @@ def summarise(files: list, seeds: list, settings: list, whole_run: bool = False)
                         "sd_top1": statistics.stdev(top1) if len(top1) > 1 else None,
                         "mean_logit_mse": statistics.mean(by_seed[s]["logit_mse"] for s in unique if s in by_seed),
                         "seeds_above_squant": None if "SQuant" not in reference else sum(t > reference["SQuant"] for t in top1),
+                        "seeds_below_squant": None if "SQuant" not in reference else sum(t < reference["SQuant"] for t in top1),
                     }
                 )
     return {
@@ -104,6 +107,8 @@ def to_markdown(doc: dict, title: str, command: str) -> str:
         sd = f" ± {r['sd_top1']:.2f}" if r["sd_top1"] is not None else ""
         sq = "–" if r["squant_top1"] is None else f"{r['squant_top1']:.2f}"
         above = "–" if r["seeds_above_squant"] is None else f"{r['seeds_above_squant']} of {len(r['by_seed'])}"
+        if r.get("seeds_below_squant") is not None and len(r["by_seed"]) > 1:
+            above += f" (below: {r['seeds_below_squant']}; sign test p = {_sign_test_p(r['seeds_above_squant'], r['seeds_below_squant']):.2g})"
         lines.append(
             f"| {r['model']} (FP32 {r['fp32_top1']:.2f}) | {r['setting']} | {r['method']} | " + " | ".join(cells) + f" | {r['mean_top1']:.2f}{sd} | {r['mean_logit_mse']:.3f} | {sq} | {above} |"
         )

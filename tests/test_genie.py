@@ -53,12 +53,16 @@ def test_units_and_loss_record(genie_run):
 def test_rounding_lr_keeps_the_release_lr_times_iterations(model, images, genie_run):
     assert lr_round_for(20000) == pytest.approx(1e-3)  # the release's setting
     assert lr_round_for(500) == pytest.approx(0.04)  # the CPU budget
+    assert lr_round_for(200) == lr_round_for(50) == lr_round_for(1) == pytest.approx(0.1)  # the cap for short runs
     info = genie_run[1].config["genie"]
-    assert info["lr_round"] == pytest.approx(1e-3 * 20000 / 80)
-    # the point of the rule: at the end of a short run the soft rounding has been decided
-    assert max(u["soft_undecided"] for u in info["units"]) < 0.05
-    _, report = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, synthetic=images, recon_iters=2, lr_round=1e-3, **TINY)
+    assert info["lr_round"] == pytest.approx(0.1)  # 80 iterations: under the cap
+    # the point of the rule: at the end of a short run the soft rounding has (mostly) been decided,
+    # where the release's rate leaves most of it undecided
+    undecided = max(u["soft_undecided"] for u in info["units"])
+    assert undecided < 0.1
+    _, report = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, synthetic=images, recon_iters=80, lr_round=1e-3, **TINY)
     assert report.config["genie"]["lr_round"] == 1e-3  # an explicit rate is used as given
+    assert min(u["soft_undecided"] for u in report.config["genie"]["units"]) > 5 * undecided
 
 
 def test_result_is_a_valid_quantized_model(model, genie_run):
