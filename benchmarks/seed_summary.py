@@ -37,12 +37,13 @@ def summarise(files: list, seeds: list, settings: list, whole_run: bool = False)
     for model in dict.fromkeys(m for r in results for m in r["models"]):
         for setting in settings:
             runs: dict = {}
-            reference = {}
+            reference, reference_mse = {}, {}
             for seed, res in zip(seeds, results):
                 for row in res["models"].get(model, {}).get("rows", []):
                     if row["setting"] != setting:
                         continue
                     if row["method"] in DETERMINISTIC:
+                        reference_mse.setdefault(row["method"], row["logit_mse"])
                         if reference.setdefault(row["method"], row["top1"]) != row["top1"]:
                             raise SystemExit(f"{model} {setting} {row['method']} is deterministic but differs between files")
                         continue
@@ -62,6 +63,10 @@ def summarise(files: list, seeds: list, settings: list, whole_run: bool = False)
                         "mean_logit_mse": statistics.mean(by_seed[s]["logit_mse"] for s in unique if s in by_seed),
                         "seeds_above_squant": None if "SQuant" not in reference else sum(t > reference["SQuant"] for t in top1),
                         "seeds_below_squant": None if "SQuant" not in reference else sum(t < reference["SQuant"] for t in top1),
+                        "squant_logit_mse": reference_mse.get("SQuant"),
+                        "seeds_lower_mse_than_squant": None
+                        if "SQuant" not in reference_mse
+                        else sum(by_seed[s]["logit_mse"] < reference_mse["SQuant"] for s in unique if s in by_seed),
                     }
                 )
     return {
@@ -99,8 +104,8 @@ def to_markdown(doc: dict, title: str, command: str) -> str:
     lines += [f"- seed {s} ({m}): `{c}`" for s, m, c in zip(seeds, doc["machines"], doc["commands"])]
     lines += [
         "",
-        "| model | setting | method | " + " | ".join(f"seed {s}" for s in columns) + " | mean ± sd | mean logit MSE | SQuant | seeds above SQuant |",
-        "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|",
+        "| model | setting | method | " + " | ".join(f"seed {s}" for s in columns) + " | mean ± sd | mean logit MSE | SQuant | seeds above SQuant | SQuant logit MSE | seeds with lower logit MSE |",
+        "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         cells = [f"{r['by_seed'][str(s)]['top1']:.2f}" if str(s) in r["by_seed"] else "–" for s in columns]
@@ -110,7 +115,11 @@ def to_markdown(doc: dict, title: str, command: str) -> str:
         if r.get("seeds_below_squant") is not None and len(r["by_seed"]) > 1:
             above += f" (below: {r['seeds_below_squant']}; sign test p = {_sign_test_p(r['seeds_above_squant'], r['seeds_below_squant']):.2g})"
         lines.append(
-            f"| {r['model']} (FP32 {r['fp32_top1']:.2f}) | {r['setting']} | {r['method']} | " + " | ".join(cells) + f" | {r['mean_top1']:.2f}{sd} | {r['mean_logit_mse']:.3f} | {sq} | {above} |"
+            f"| {r['model']} (FP32 {r['fp32_top1']:.2f}) | {r['setting']} | {r['method']} | " + " | ".join(cells) + f" | {r['mean_top1']:.2f}{sd} | {r['mean_logit_mse']:.3f} | {sq} | {above} | "
+            + ("–" if r.get("squant_logit_mse") is None else f"{r['squant_logit_mse']:.3f}")
+            + " | "
+            + ("–" if r.get("seeds_lower_mse_than_squant") is None else f"{r['seeds_lower_mse_than_squant']} of {len(r['by_seed'])}")
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
