@@ -39,6 +39,7 @@ METHODS = {
     "genie": ("Genie (D + M)", "genie", dict(data="genie", init="rtn")),
     "genie-squant": ("Genie, SQuant init", "genie", dict(data="genie", init="squant")),
     "genie-minmax": ("Genie, min/max grid", "genie", dict(data="genie", init="rtn", w_range="minmax")),
+    "genie-actdata": ("Genie, act. ranges from data", "genie", dict(data="genie", init="rtn", act_calib="data")),
 }
 DEFAULT_METHODS = ("rtn", "squant", "zeroq", "genie", "genie-squant")
 
@@ -73,7 +74,7 @@ def main() -> None:
         nargs="+",
         default=list(DEFAULT_METHODS),
         choices=list(METHODS),
-        help="rows to run (default: all but the min/max-grid ablation)",
+        help="rows to run (default: all but the min/max-grid and activation-calibration ablations)",
     )
     ap.add_argument(
         "--lr-round",

@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from dfquant.evaluate import _sign_test_p
+from dfquant.evaluate import sign_test_p
 
 MUST_AGREE = ("budget", "lr_round", "n_images", "seed")
 DETERMINISTIC = ("RTN", "SQuant")
@@ -113,7 +113,7 @@ def to_markdown(doc: dict, title: str, command: str) -> str:
         sq = "–" if r["squant_top1"] is None else f"{r['squant_top1']:.2f}"
         above = "–" if r["seeds_above_squant"] is None else f"{r['seeds_above_squant']} of {len(r['by_seed'])}"
         if r.get("seeds_below_squant") is not None and len(r["by_seed"]) > 1:
-            above += f" (below: {r['seeds_below_squant']}; sign test p = {_sign_test_p(r['seeds_above_squant'], r['seeds_below_squant']):.2g})"
+            above += f" (below: {r['seeds_below_squant']}; sign test p = {sign_test_p(r['seeds_above_squant'], r['seeds_below_squant']):.2g})"
         lines.append(
             f"| {r['model']} (FP32 {r['fp32_top1']:.2f}) | {r['setting']} | {r['method']} | " + " | ".join(cells) + f" | {r['mean_top1']:.2f}{sd} | {r['mean_logit_mse']:.3f} | {sq} | {above} | "
             + ("–" if r.get("squant_logit_mse") is None else f"{r['squant_logit_mse']:.3f}")

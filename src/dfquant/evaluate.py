@@ -88,7 +88,7 @@ def evaluate(
     return out
 
 
-def _sign_test_p(k_a: int, k_b: int) -> float:
+def sign_test_p(k_a: int, k_b: int) -> float:
     """Two-sided exact binomial p of a split k_a : k_b of fair coin flips (the sign test)."""
     n = k_a + k_b
     # exact integer arithmetic: 2.0**n overflows a float beyond n = 1023 flips
@@ -117,7 +117,7 @@ def paired_comparison(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> D
         "a_only": a_only,
         "b_only": b_only,
         "diff_points": 100.0 * (a_only - b_only) / max(len(a), 1),
-        "p_value": _sign_test_p(a_only, b_only),
+        "p_value": sign_test_p(a_only, b_only),
     }
 
 
@@ -149,5 +149,5 @@ def paired_error_comparison(err_a: Sequence[float], err_b: Sequence[float]) -> D
         "b_closer": b_closer,
         "ties": len(a) - a_closer - b_closer,
         "median_diff": median,
-        "p_value": _sign_test_p(a_closer, b_closer),
+        "p_value": sign_test_p(a_closer, b_closer),
     }
