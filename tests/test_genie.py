@@ -59,7 +59,7 @@ def test_rounding_lr_keeps_the_release_lr_times_iterations(model, images, genie_
     # the point of the rule: at the end of a short run the soft rounding has (mostly) been decided,
     # where the release's rate leaves most of it undecided
     undecided = max(u["soft_undecided"] for u in info["units"])
-    assert undecided < 0.1
+    assert undecided < 0.15
     _, report = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, synthetic=images, recon_iters=80, lr_round=1e-3, **TINY)
     assert report.config["genie"]["lr_round"] == 1e-3  # an explicit rate is used as given
     assert min(u["soft_undecided"] for u in report.config["genie"]["units"]) > 5 * undecided
@@ -113,18 +113,21 @@ def test_synthesis_inside_is_deterministic(model):
 
 @pytest.mark.parametrize("init", ["rtn", "squant"])
 def test_zero_iterations_keeps_the_initial_codes(model, images, init):
-    q, report = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, init=init, synthetic=images, recon_iters=0, **TINY)
     ref, _ = dfquant.quantize(model, init, 4, 4, w_range="lp")  # the learned methods' default grid
-    assert report.config["w_range"] == "lp"
-    for name, lay in q.named_modules():
-        if isinstance(lay, QUANT_LAYERS):
-            other = ref.get_submodule(name)
-            assert torch.equal(lay.weight_int, other.weight_int), name
-            assert torch.equal(lay.weight_scale, other.weight_scale)
-            if lay.input_quant is not None:
-                assert torch.equal(lay.input_quant.scale, other.input_quant.scale)
-    for u in report.config["genie"]["units"]:
-        assert u["before"] == u["after"] and u["codes_changed"] == 0
+    for act_calib in ("bn", "data"):  # "data" (the default) only re-sets the activation ranges
+        q, report = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, init=init, synthetic=images, recon_iters=0, act_calib=act_calib, **TINY)
+        assert report.config["w_range"] == "lp"
+        for name, lay in q.named_modules():
+            if isinstance(lay, QUANT_LAYERS):
+                other = ref.get_submodule(name)
+                assert torch.equal(lay.weight_int, other.weight_int), name
+                assert torch.equal(lay.weight_scale, other.weight_scale)
+                if lay.input_quant is not None and act_calib == "bn":
+                    assert torch.equal(lay.input_quant.scale, other.input_quant.scale)
+        for u in report.config["genie"]["units"]:
+            assert u["codes_changed"] == 0
+            if act_calib == "bn":
+                assert u["before"] == u["after"]
 
 
 def test_keep_best_never_ends_above_the_start(model, images):

@@ -76,7 +76,7 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Adam lr of the learned rounding (default: 1e-3 x 20000 / recon-iters, the release's lr x iterations)",
     )
-    g.add_argument("--act-calib", default=None, choices=["bn", "data"], help="activation ranges from BN statistics or synthetic data")
+    g.add_argument("--act-calib", default=None, choices=["bn", "data"], help="where the learned activation steps start: a search on the synthetic data (default, as the Genie release) or the BN-statistics ranges")
     g.add_argument("--save-synthetic", default=None, help="write the synthetic images to this file")
     g.add_argument(
         "--synthetic",

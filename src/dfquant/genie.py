@@ -72,11 +72,15 @@ clipped range ``[r * min, r * max]`` (r = 1.00, 0.99, ..., 0.01) minimising the 
 starts from SQuant's min/max grid instead. (Measured on CIFAR ResNet-20 at W2A4, Genie from RTN,
 with the release's rounding lr 1e-3: 73.3 % top-1 from the min/max grid, 81.7 % from the Lp grid;
 benchmarks/results/genie_cifar_resnet20_grid_ablation.md.)
-Activation steps start from the quantized model's BatchNorm-derived ranges
-(``act_calib="bn"``) or from a search on the synthetic data (``act_calib="data"``: the per-tensor
-clipping ratio in 1.00, 0.99, ..., 0.01 of the observed range minimising the mean ``|x - Q(x)|^2.4``
-on the unit's first batch, the release's ``init_scale`` criterion, asymmetric here because dfquant's
-activation quantizers are).
+Activation steps start, by default, from a search on the synthetic data (``act_calib="data"``: the
+per-tensor clipping ratio in 1.00, 0.99, ..., 0.01 of the observed range minimising the mean
+``|x - Q(x)|^2.4`` on the unit's first batch, the release's ``init_scale`` criterion, asymmetric here
+because dfquant's activation quantizers are), or from the quantized model's BatchNorm-derived ranges
+(``act_calib="bn"``, the default until 2026-11-25, with which every committed ``genie_cifar_*`` table
+was made). The release's start is also the better one measured: on CIFAR ResNet-20/56 at W4A4 and
+W3A3 the data start left every run closer to FP32 than the BN start from the same images
+(logit MSE e.g. 0.64-0.66 against 1.07-1.13 on ResNet-56 W4A4, sign test p <= 1e-7 in every cell;
+benchmarks/results/genie_actcalib_pairs.md).
 
 Measured with the CPU budget
 ----------------------------
@@ -619,7 +623,7 @@ def reconstruct_model(
     batch_size: Optional[int] = None,
     synthetic: Any = None,
     save_synthetic: Any = None,
-    act_calib: str = "bn",
+    act_calib: str = "data",
     device: str = "auto",
     seed: int = 0,
     drop_prob: Optional[float] = None,
@@ -651,8 +655,8 @@ def reconstruct_model(
             :func:`dfquant.synthesis.save_images` (concatenated in order), of images to use
             instead of synthesizing; with ``samples`` the first ``samples``.
         save_synthetic: path to save the images used (safetensors).
-        act_calib: ``"bn"`` keeps the BatchNorm-derived activation ranges as LSQ's start,
-            ``"data"`` first searches each range on the synthetic data.
+        act_calib: ``"data"`` (default, the release's) first searches each activation range on
+            the synthetic data; ``"bn"`` keeps the BatchNorm-derived ranges as LSQ's start.
         device: ``"cpu"``, ``"cuda"``/``"cuda:K"`` or ``"auto"``. seed: all randomness.
         drop_prob, lr_w_scale, lr_a_scale, round_weight, beta, warmup: see
             :data:`HYPERPARAMETERS` (the release's values). lr_round: the rounding variables'
