@@ -126,11 +126,12 @@ Deviations from the release
   the unit, not lazily inside the first soft forward pass.
 * Rounding learning rate: by default ``lr_round = min(0.1, 1e-3 * 20000 / recon_iters)``
   (:func:`lr_round_for`), the release's 1e-3 at its 20000 iterations and 0.04 at the CPU budget's
-  500 (the cap of 0.1 holds below 200 iterations). With the release's 1e-3 at 500 iterations ``V`` can move only about 0.5 and 77 % of the soft
-  rounding values were still undecided at the end on CIFAR ResNet-20, so the final hard rounding
-  was far from what had been trained. The rule was checked on synthetic data only (lower unit
-  error on the training images and lower logit error on held-out ZeroQ images than 1e-3 and 1e-2,
-  at W4A4 and W2A4: benchmarks/results/genie_lr_round.md). ``lr_round=`` overrides it.
+  500 (the cap of 0.1 holds below 200 iterations). With the release's 1e-3 at 500 iterations ``V``
+  can move only about 0.5 and 77 % of the soft rounding values were still undecided at the end on
+  CIFAR ResNet-20, so the final hard rounding was far from what had been trained. The rule was
+  checked on synthetic data only (lower unit error on the training images and lower logit error on
+  held-out ZeroQ images than 1e-3 and 1e-2, at W4A4 and W2A4: benchmarks/results/genie_lr_round.md).
+  ``lr_round=`` overrides it.
 * Budget: :data:`CPU_BUDGET` runs far fewer images and iterations than the paper (see above).
   All randomness comes from generators seeded by ``seed``, so a run is reproducible bit for bit
   on the same CPU, and on the same GPU and software: on CUDA the run switches cuDNN to its
