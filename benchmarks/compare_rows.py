@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     rows_a, rows_b = collect(args.files, args.a), collect(args.files, args.b)
+    if not set(rows_a) & set(rows_b):
+        raise SystemExit(f"no model, setting and seed has both a {args.a!r} and a {args.b!r} row with per-image results in these files")
     table = []
     for key in sorted(set(rows_a) & set(rows_b)):
         ra, rb = rows_a[key], rows_b[key]
