@@ -33,7 +33,7 @@ RESULTS = Path(__file__).parent / "results" / "genie_cifar"
 
 # key -> (table label, dfquant method, options; "data" names the synthetic images used). The learned
 # rows start their activation steps from BN ranges (act_calib="bn"), as every committed table was made
-# (the library's default until it became the release's "data"); "genie-actdata" is the default now.
+# (the library's default until it became the release's "data"); the "-actdata" rows use today's default.
 METHODS = {
     "rtn": ("RTN", "rtn", {}),
     "squant": ("SQuant", "squant", {}),
@@ -42,6 +42,8 @@ METHODS = {
     "genie-squant": ("Genie, SQuant init", "genie", dict(data="genie", init="squant", act_calib="bn")),
     "genie-minmax": ("Genie, min/max grid", "genie", dict(data="genie", init="rtn", w_range="minmax", act_calib="bn")),
     "genie-actdata": ("Genie, act. ranges from data", "genie", dict(data="genie", init="rtn", act_calib="data")),
+    "zeroq-actdata": ("ZeroQ data + recon., act. ranges from data", "zeroq", dict(data="zeroq", init="rtn", act_calib="data")),
+    "genie-squant-actdata": ("Genie, SQuant init, act. ranges from data", "genie", dict(data="genie", init="squant", act_calib="data")),
 }
 DEFAULT_METHODS = ("rtn", "squant", "zeroq", "genie", "genie-squant")
 

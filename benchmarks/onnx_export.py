@@ -2,7 +2,8 @@
 
     python benchmarks/onnx_export.py --threads 1   # writes benchmarks/results/onnx_export.{md,json}
 
-For each model and setting (SQuant, BN folded into the convs so the file has no float BatchNorm):
+For each model and setting (SQuant, BN folded into the convs so the file has no float BatchNorm;
+4-bit weights exported twice, as int8 containers and packed as INT4):
 top-1 of dfquant's (fake-quant) model and of the exported file run by onnxruntime on the 846
 shared CIFAR-10 test images, how many images get a different prediction, the largest logit
 difference, export time and file size, and which ops ONNX Runtime's optimizer turns the QDQ
@@ -37,6 +38,46 @@ def run_batches(fn, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
     return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
+def _run_file(qmodel, name: str, w_bits: int, a_bits: int, container: str, x, y, tmp: Path, threads: int) -> dict:
+    """Export ``qmodel`` with ``container`` weight codes, run it with ONNX Runtime, compare with torch."""
+    path = tmp / f"{name}_w{w_bits}a{a_bits}_{container}.onnx"
+    t = time.perf_counter()
+    summary = export_onnx(qmodel, path, int4_weights=container == "int4")
+    export_s = time.perf_counter() - t
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    fused = Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+    with torch.no_grad():
+        torch_logits = run_batches(qmodel, x)
+        file_logits = run_batches(qdq_model(qmodel), x)  # the file's own graph, in torch
+        torch_s = best_time(lambda: run_batches(qmodel, x), 3)
+    ort_run = lambda b: torch.from_numpy(sess.run(None, {"x": b.numpy()})[0])  # noqa: E731
+    ort_logits = run_batches(ort_run, x)
+    ort_s = best_time(lambda: run_batches(ort_run, x), 3)
+    row = {
+        "model": name,
+        "setting": f"W{w_bits}A{a_bits}",
+        "weights": container,
+        "torch_top1": 100 * float((torch_logits.argmax(1) == y).float().mean()),
+        "onnx_top1": 100 * float((ort_logits.argmax(1) == y).float().mean()),
+        "prediction_changes": int((torch_logits.argmax(1) != ort_logits.argmax(1)).sum()),
+        "max_logit_diff": float((torch_logits - ort_logits).abs().max()),
+        "file_prediction_changes": int((file_logits.argmax(1) != ort_logits.argmax(1)).sum()),
+        "file_max_logit_diff": float((file_logits - ort_logits).abs().max()),
+        "export_s": export_s,
+        "kib": summary["bytes"] / 1024,
+        "convs": summary["ops"].get("Conv", 0),
+        "qlinearconv": fused.get("QLinearConv", 0),
+        "torch_ms_per_image": 1000 * torch_s / len(x),
+        "onnx_ms_per_image": 1000 * ort_s / len(x),
+    }
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
@@ -51,42 +92,9 @@ def main() -> None:
         model = dfquant.create_model(name, weights=str(asset_path(CIFAR_RESNET_WEIGHTS[name])))
         for w_bits, a_bits in SETTINGS:
             qmodel, _ = dfquant.quantize(model, "squant", w_bits, a_bits, fold_bn=True)
-            path = tmp / f"{name}_w{w_bits}a{a_bits}.onnx"
-            t = time.perf_counter()
-            summary = export_onnx(qmodel, path)
-            export_s = time.perf_counter() - t
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = args.threads
-            opts.inter_op_num_threads = 1
-            opts.log_severity_level = 3
-            opts.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
-            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            fused = Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
-            with torch.no_grad():
-                torch_logits = run_batches(qmodel, x)
-                file_logits = run_batches(qdq_model(qmodel), x)  # the file's own graph, in torch
-                torch_s = best_time(lambda: run_batches(qmodel, x), 3)
-            ort_run = lambda b: torch.from_numpy(sess.run(None, {"x": b.numpy()})[0])  # noqa: E731
-            ort_logits = run_batches(ort_run, x)
-            ort_s = best_time(lambda: run_batches(ort_run, x), 3)
-            row = {
-                "model": name,
-                "setting": f"W{w_bits}A{a_bits}",
-                "torch_top1": 100 * float((torch_logits.argmax(1) == y).float().mean()),
-                "onnx_top1": 100 * float((ort_logits.argmax(1) == y).float().mean()),
-                "prediction_changes": int((torch_logits.argmax(1) != ort_logits.argmax(1)).sum()),
-                "max_logit_diff": float((torch_logits - ort_logits).abs().max()),
-                "file_prediction_changes": int((file_logits.argmax(1) != ort_logits.argmax(1)).sum()),
-                "file_max_logit_diff": float((file_logits - ort_logits).abs().max()),
-                "export_s": export_s,
-                "kib": summary["bytes"] / 1024,
-                "convs": summary["ops"].get("Conv", 0),
-                "qlinearconv": fused.get("QLinearConv", 0),
-                "torch_ms_per_image": 1000 * torch_s / len(x),
-                "onnx_ms_per_image": 1000 * ort_s / len(x),
-            }
-            rows.append(row)
-            print(json.dumps(row))
+            for container in ["int8", "int4"] if w_bits <= 4 else ["int8"]:
+                rows.append(_run_file(qmodel, name, w_bits, a_bits, container, x, y, tmp, args.threads))
+                print(json.dumps(rows[-1]))
     command = "python benchmarks/onnx_export.py " + " ".join(
         [f"--models {' '.join(args.models)}", f"--threads {args.threads}"] + ([f"--out {args.out}"] if args.out != ap.get_default("out") else [])
     )
@@ -112,12 +120,16 @@ def main() -> None:
         "file and dfquant's model are two equally valid quantizations of the same codes; at 4 bits a one-code change early on "
         "moves the prediction of an image near a class boundary, which is why the first pair of columns counts more changes.",
         "",
-        "| model | setting | dfquant top-1 | ONNX Runtime top-1 | changed vs model | max diff vs model | changed vs file graph | max diff vs file graph | convs run as QLinearConv | export s | file KiB | torch ms/img | ORT ms/img |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Weight codes: int8 containers (the default) or, for 4-bit weights, packed INT4 tensors (`--int4-weights`, opset 21): "
+        "the same codes in half the bytes, which ONNX Runtime dequantizes and runs in float (no int4 convolution kernel), so "
+        "no conv is a QLinearConv there.",
+        "",
+        "| model | setting | weight codes | dfquant top-1 | ONNX Runtime top-1 | changed vs model | max diff vs model | changed vs file graph | max diff vs file graph | convs run as QLinearConv | export s | file KiB | torch ms/img | ORT ms/img |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['setting']} | {r['torch_top1']:.2f} | {r['onnx_top1']:.2f} | {r['prediction_changes']} | {r['max_logit_diff']:.3g} | "
+            f"| {r['model']} | {r['setting']} | {r['weights']} | {r['torch_top1']:.2f} | {r['onnx_top1']:.2f} | {r['prediction_changes']} | {r['max_logit_diff']:.3g} | "
             f"{r['file_prediction_changes']} | {r['file_max_logit_diff']:.3g} | "
             f"{r['qlinearconv']} / {r['convs']} | {r['export_s']:.1f} | {r['kib']:.0f} | {r['torch_ms_per_image']:.2f} | {r['onnx_ms_per_image']:.2f} |"
         )

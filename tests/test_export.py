@@ -52,6 +52,14 @@ def test_weights_are_stored_as_the_exact_int8_codes(digits_w4a4, digits_onnx):
             np.testing.assert_array_equal(inits[node.input[2]].astype(np.float32), layer.weight_zero_point.numpy())
 
 
+def test_the_file_carries_no_exporter_notes_or_local_source_paths(digits_onnx):
+    from pathlib import Path
+
+    raw = Path(digits_onnx["path"]).read_bytes()
+    assert str(Path(dfquant.__file__).parent).encode() not in raw and b"stack_trace" not in raw
+    assert not any(n.metadata_props for n in onnx.load(digits_onnx["path"]).graph.node)
+
+
 def test_onnxruntime_matches_the_quantized_model_on_real_images(digits, digits_w4a4, digits_onnx):
     _, (x, _) = digits
     c = check_onnx(digits_w4a4, digits_onnx["path"], x)
@@ -141,6 +149,38 @@ def test_real_resnet20_w4a4_predictions_survive_the_export(resnet20, cifar10, tm
     assert c["model"]["argmax_agreement"] >= 0.95, c  # plus the int32 bias rounding at 4 bits
 
 
+def test_int4_weights_store_the_exact_codes_of_low_bit_layers_packed(digits, digits_onnx, tmp_path):
+    _, (x, _) = digits
+    # Mixed precision: conv2 at 8 bits keeps its int8 container, the 4- and 2-bit layers are packed.
+    qmodel, _ = dfquant.quantize(digits[0], "squant", 4, 4, layer_w_bits={"conv2": 8, "conv3": 2})
+    out = export_onnx(qmodel, tmp_path / "int4.onnx", int4_weights=True)
+    assert out["opset"] >= 21 and out["int4_weights"] == 3 and out["int8_weights"] == 1
+    model = onnx.load(out["path"])
+    onnx.checker.check_model(model, full_check=True)
+    by_type = {t.name: t.data_type for t in model.graph.initializer}
+    inits = _initializers(out["path"])
+    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYERS)}
+    for node in (n for n in model.graph.node if n.op_type == "DequantizeLinear" and ".weight_int" in n.input[0]):
+        name = node.input[0].split(".weight_int")[0]
+        want = onnx.TensorProto.INT8 if name == "conv2" else onnx.TensorProto.INT4
+        assert by_type[node.input[0]] == want and by_type[node.input[2]] == want, name
+        np.testing.assert_array_equal(inits[node.input[0]].astype(np.int8), layers[name].weight_int.numpy())
+        np.testing.assert_array_equal(inits[node.input[2]].astype(np.float32), layers[name].weight_zero_point.numpy())
+    # The same model with int8 containers: onnxruntime computes the same outputs from both files.
+    ref = export_onnx(qmodel, tmp_path / "int8.onnx")
+    assert ref["int4_weights"] == 0 and out["bytes"] < ref["bytes"]
+    from dfquant.export import OnnxRuntimeModel
+
+    a, b = OnnxRuntimeModel(out["path"])(x), OnnxRuntimeModel(ref["path"])(x)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.99
+    assert check_onnx(qmodel, out["path"], x)["file"]["rel_max_diff"] < 1e-2
+    # Packing the all-4-bit model halves its weight bytes (~2 KiB of the 8-bit file is not weights).
+    all_4_bit, _ = dfquant.quantize(digits[0], "squant", 4, 4)
+    packed = export_onnx(all_4_bit, tmp_path / "all4.onnx", int4_weights=True)
+    n_weights = sum(m.weight.numel() for m in all_4_bit.modules() if isinstance(m, QUANT_LAYERS))
+    assert digits_onnx["bytes"] - packed["bytes"] >= 0.45 * n_weights
+
+
 def test_bad_requests_are_clear_errors(digits, digits_w4a4, tmp_path):
     with pytest.raises(DfquantError, match="quantize it"):
         export_onnx(digits[0], tmp_path / "float.onnx")
@@ -167,6 +207,8 @@ def test_cli_quantize_save_then_export_and_check(capsys, digits, tmp_path):
     assert abs(res["onnx_top1"] - res["quant_top1"]) <= 2.0  # the deployed file, on the digits test images
     code, out, err = run(capsys, "export", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "again.onnx"))
     assert code == 0 and "int8 weight tensors" in out and "arg-max agreement" in out and err == ""
+    code, out, err = run(capsys, "export", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "packed.onnx"), "--int4-weights", "--json")
+    assert code == 0 and json.loads(out)["int4_weights"] == 4 and json.loads(out)["check"]["file"]["argmax_agreement"] >= 0.9
     # The file exported from the saved model holds the same codes as the one exported right away.
     a, b = _initializers(tmp_path / "q.onnx"), _initializers(tmp_path / "again.onnx")
     for name in (n for n in a if n.endswith(".weight_int")):
@@ -184,6 +226,7 @@ def test_cli_quantize_save_then_export_and_check(capsys, digits, tmp_path):
         (["evaluate", "{tmp}/junk.onnx"], "not an ONNX model onnxruntime can run"),
         (["quantize", "--model", "digits_cnn", "--onnx", "model.bin"], "must end in .onnx"),
         (["quantize", "--model", "digits_cnn", "--onnx", "/no/such/dir/m.onnx"], "output folder does not exist"),
+        (["quantize", "--model", "digits_cnn", "--int4-weights"], "give --onnx FILE"),
     ],
 )
 def test_cli_errors_are_one_line(capsys, digits, tmp_path, argv, message):

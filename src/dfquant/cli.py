@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(q)
     q.add_argument("--out", default=None, help="save the quantized model to FILE.safetensors (+ FILE.json)")
     q.add_argument("--onnx", default=None, metavar="FILE", help="also export the quantized model to FILE.onnx (QDQ; see `dfquant export`)")
+    _add_int4_option(q)
     q.add_argument("--json", action="store_true", help="print one JSON object with the results")
     q.add_argument("--report", action="store_true", help="print the per-layer report table")
 
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output file (.safetensors); a PNG grid is written beside it")
 
-    x = sub.add_parser("export", help="export a saved quantized model to ONNX with QuantizeLinear/DequantizeLinear nodes (int8 weight codes)")
+    x = sub.add_parser("export", help="export a saved quantized model to ONNX with QuantizeLinear/DequantizeLinear nodes (int8 or packed int4 weight codes)")
     x.add_argument("file", help="a .safetensors file written by `dfquant quantize --out`")
     x.add_argument("--out", required=True, help="output file (.onnx)")
     x.add_argument(
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="run the file with onnxruntime on N random inputs and compare with dfquant's model (default 16; 0: no check)",
     )
+    _add_int4_option(x)
     x.add_argument("--json", action="store_true", help="print one JSON object with the export summary")
 
     sub.add_parser("list", help="list models and methods")
@@ -246,6 +248,8 @@ def cmd_quantize(args) -> int:
 
         require_onnx()
         check_output_path(args.onnx)
+    elif args.int4_weights:
+        raise DfquantError("--int4-weights sets how the ONNX export stores weights: give --onnx FILE too")
     spec = model_spec(args.model)
     model = _load_model(args)
     data = _eval_data(args, spec.dataset)
@@ -285,7 +289,7 @@ def cmd_quantize(args) -> int:
         paths = save_quantized(qmodel, args.out, model_name=args.model, config=report.config, report=report.to_dict())
         result["out"] = str(paths[0])
     if args.onnx:
-        result["onnx"] = _export(qmodel, args.onnx, 16, {"model_name": args.model, "config": report.config})
+        result["onnx"] = _export(qmodel, args.onnx, 16, {"model_name": args.model, "config": report.config}, args.int4_weights)
         if data is not None:  # what the deployed file scores, beside the fake-quant figure
             from .export import OnnxRuntimeModel
 
@@ -380,13 +384,22 @@ def cmd_synthesize(args) -> int:
     return 0
 
 
-def _export(qmodel, out: str, check: int, metadata: Dict[str, Any]) -> Dict[str, Any]:
+def _add_int4_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--int4-weights",
+        action="store_true",
+        help="store the ONNX weights of 2-4 bit layers packed as INT4 (opset 21, half the size); onnxruntime then "
+        "runs those layers in float on the dequantized weights instead of its int8 kernels",
+    )
+
+
+def _export(qmodel, out: str, check: int, metadata: Dict[str, Any], int4_weights: bool = False) -> Dict[str, Any]:
     """Export to ONNX and (check > 0) compare onnxruntime's outputs with the model's on random inputs."""
     import torch
 
     from .export import check_onnx, export_onnx
 
-    summary = export_onnx(qmodel, out, metadata=metadata)
+    summary = export_onnx(qmodel, out, metadata=metadata, int4_weights=int4_weights)
     if check > 0:
         gen = torch.Generator().manual_seed(0)
         inputs = torch.randn(check, *qmodel.input_size, generator=gen)
@@ -397,7 +410,9 @@ def _export(qmodel, out: str, check: int, metadata: Dict[str, Any]) -> Dict[str,
 def _print_export(summary: Dict[str, Any], indent: str = "") -> None:
     print(
         f"{indent}exported {summary['path']} ({summary['bytes'] / 1024:.0f} KiB, opset {summary['opset']}): "
-        f"{summary['int8_weights']} int8 weight tensors, {summary['quantized_inputs']} quantized layer inputs"
+        f"{summary['int8_weights']} int8 weight tensors, "
+        + (f"{summary['int4_weights']} packed int4 weight tensors, " if summary.get("int4_weights") else "")
+        + f"{summary['quantized_inputs']} quantized layer inputs"
     )
     if summary["float_weights"]:
         print(f"{indent}  weights stored as their exact float values (an 8-bit grid without 0: no int8 zero point fits): {', '.join(summary['float_weights'])}")
@@ -418,7 +433,7 @@ def cmd_export(args) -> int:
     if args.check < 0:
         raise DfquantError(f"--check must be 0 or more, got {args.check}")
     qmodel, info = load_quantized(args.file)
-    summary = _export(qmodel, args.out, args.check, {"model_name": info.get("model_name"), "config": info.get("config", {})})
+    summary = _export(qmodel, args.out, args.check, {"model_name": info.get("model_name"), "config": info.get("config", {})}, args.int4_weights)
     if args.json:
         print(json.dumps(summary))
     else:
