@@ -41,8 +41,8 @@ METHODS = {
     "genie": ("Genie (D + M)", "genie", dict(data="genie", init="rtn", act_calib="bn")),
     "genie-squant": ("Genie, SQuant init", "genie", dict(data="genie", init="squant", act_calib="bn")),
     "genie-minmax": ("Genie, min/max grid", "genie", dict(data="genie", init="rtn", w_range="minmax", act_calib="bn")),
-    "genie-actdata": ("Genie, act. ranges from data", "genie", dict(data="genie", init="rtn", act_calib="data")),
     "zeroq-actdata": ("ZeroQ data + recon., act. ranges from data", "zeroq", dict(data="zeroq", init="rtn", act_calib="data")),
+    "genie-actdata": ("Genie, act. ranges from data", "genie", dict(data="genie", init="rtn", act_calib="data")),
     "genie-squant-actdata": ("Genie, SQuant init, act. ranges from data", "genie", dict(data="genie", init="squant", act_calib="data")),
 }
 DEFAULT_METHODS = ("rtn", "squant", "zeroq", "genie", "genie-squant")
@@ -269,7 +269,9 @@ def to_markdown(res: dict) -> str:
         ),
         *([res["note"]] if res.get("note") else []),
         f"Data: the first {res['n_images']} CIFAR-10 test images, used only to measure (standard error about ±1 point).",
-        "Protocol: image input float, classifier input 8 bit, all weights at the given bits; activation ranges start from BN statistics. "
+        "Protocol: image input float, classifier input 8 bit, all weights at the given bits; activation ranges from BN statistics "
+        "(RTN, SQuant), and the reconstructed rows' activation steps start from them too unless the row says "
+        "'act. ranges from data' (the release's clipping search on the synthetic images, the library's default). "
         "Weight grids: per-channel min/max for RTN and SQuant (SQuant's protocol); the Lp clipping search (Genie's release) for the "
         "reconstructed rows unless the row says min/max grid.",
         (

@@ -1,6 +1,6 @@
 """Merge ``genie_cifar.py`` result files made by parallel commands (one process per core) into one table.
 
-    python benchmarks/merge_results.py --out benchmarks/results/NAME [--note TEXT] [--label TEXT] A.json B.json ...
+    python benchmarks/merge_results.py --out benchmarks/results/NAME [--methods KEY ...] [--note TEXT] [--label TEXT] A.json B.json ...
 
 The budget, lr and data of every file must agree (a table mixes no budgets); rows of the same
 model, setting and method in a later file replace the earlier one's (so a committed table plus a
@@ -59,9 +59,14 @@ def main() -> None:
     ap.add_argument("files", nargs="+")
     ap.add_argument("--out", required=True, help="path without suffix; NAME.json and NAME.md are written")
     ap.add_argument("--note", default=None, help="a sentence for the table's header (replaces the first file's note)")
+    ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), help="keep only these rows (genie_cifar.py's method keys)")
     ap.add_argument("--label", default=None, help="added to the learned rows' names by paired.py (e.g. '2nd CPU' for a re-run on another machine)")
     args = ap.parse_args()
     res = merge([read_result(f) for f in args.files])
+    if args.methods is not None:
+        keep = {METHODS[k][0] for k in args.methods}
+        for m in res["models"].values():
+            m["rows"] = [r for r in m["rows"] if r["method"] in keep]
     if args.note is not None:
         res["note"] = args.note
     if args.label is not None:
