@@ -76,7 +76,13 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Adam lr of the learned rounding (default: 1e-3 x 20000 / recon-iters, the release's lr x iterations, at most 0.1)",
     )
-    g.add_argument("--act-calib", default=None, choices=["bn", "data"], help="where the learned activation steps start: a search on the synthetic data (default, as the Genie release) or the BN-statistics ranges")
+    g.add_argument(
+        "--act-calib",
+        default=None,
+        choices=["bn", "data"],
+        help="where the learned activation steps start: a search on the synthetic data (default, as the Genie release; "
+        "measured closer to FP32 with Genie's images) or the BN-statistics ranges (measured closer with --method zeroq's images)",
+    )
     g.add_argument("--save-synthetic", default=None, help="write the synthetic images to this file")
     g.add_argument(
         "--synthetic",
