@@ -209,6 +209,10 @@ def test_cli_quantize_save_then_export_and_check(capsys, digits, tmp_path):
     assert code == 0 and "int8 weight tensors" in out and "arg-max agreement" in out and err == ""
     code, out, err = run(capsys, "export", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "packed.onnx"), "--int4-weights", "--json")
     assert code == 0 and json.loads(out)["int4_weights"] == 4 and json.loads(out)["check"]["file"]["argmax_agreement"] >= 0.9
+    assert err == ""
+    # An 8-bit model has nothing to pack: the command says so rather than staying silent.
+    code, out, err = run(capsys, "quantize", "--model", "digits_cnn", "--w-bits", "8", "--a-bits", "8", "--onnx", str(tmp_path / "w8.onnx"), "--int4-weights", "--json")
+    assert code == 0 and json.loads(out)["onnx"]["int4_weights"] == 0 and "packed nothing" in err
     # The file exported from the saved model holds the same codes as the one exported right away.
     a, b = _initializers(tmp_path / "q.onnx"), _initializers(tmp_path / "again.onnx")
     for name in (n for n in a if n.endswith(".weight_int")):

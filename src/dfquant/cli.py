@@ -406,6 +406,8 @@ def _export(qmodel, out: str, check: int, metadata: Dict[str, Any], int4_weights
     from .export import check_onnx, export_onnx
 
     summary = export_onnx(qmodel, out, metadata=metadata, int4_weights=int4_weights)
+    if int4_weights and not summary["int4_weights"]:
+        print("note: --int4-weights packed nothing: no layer has 2-4 bit weight codes whose zero points fit int4", file=sys.stderr)
     if check > 0:
         gen = torch.Generator().manual_seed(0)
         inputs = torch.randn(check, *qmodel.input_size, generator=gen)
