@@ -240,8 +240,8 @@ def export_onnx(
 def _strip_exporter_notes(model) -> None:
     """Drop the notes torch's exporter attaches to every node (the FX node, module path and Python
     stack trace): they are for debugging the exporter, carry the paths of this machine's source
-    files into a file meant to be shipped, and made up over 40 % of a ResNet-20's bytes."""
-    for graph in [model.graph, *(f for f in model.functions)]:
+    files into a file meant to be shipped, and made up about 40 % of a ResNet-20's bytes."""
+    for graph in [model.graph, *model.functions]:
         for node in graph.node:
             del node.metadata_props[:]
 
