@@ -38,8 +38,18 @@ def run_batches(fn, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
     return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
-def _run_file(qmodel, name: str, w_bits: int, a_bits: int, container: str, x, y, tmp: Path, threads: int) -> dict:
-    """Export ``qmodel`` with ``container`` weight codes, run it with ONNX Runtime, compare with torch."""
+def _torch_reference(qmodel, x: torch.Tensor) -> dict:
+    """dfquant's model and the export's own graph run in torch (once per model, for every container)."""
+    with torch.no_grad():
+        return {
+            "logits": run_batches(qmodel, x),
+            "file_logits": run_batches(qdq_model(qmodel), x),
+            "seconds": best_time(lambda: run_batches(qmodel, x), 3),
+        }
+
+
+def _run_file(qmodel, ref: dict, name: str, w_bits: int, a_bits: int, container: str, x, y, tmp: Path, threads: int) -> dict:
+    """Export ``qmodel`` with ``container`` weight codes, run it with ONNX Runtime, compare with torch (``ref``)."""
     path = tmp / f"{name}_w{w_bits}a{a_bits}_{container}.onnx"
     t = time.perf_counter()
     summary = export_onnx(qmodel, path, int4_weights=container == "int4")
@@ -51,14 +61,11 @@ def _run_file(qmodel, name: str, w_bits: int, a_bits: int, container: str, x, y,
     opts.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     fused = Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
-    with torch.no_grad():
-        torch_logits = run_batches(qmodel, x)
-        file_logits = run_batches(qdq_model(qmodel), x)  # the file's own graph, in torch
-        torch_s = best_time(lambda: run_batches(qmodel, x), 3)
+    torch_logits, file_logits, torch_s = ref["logits"], ref["file_logits"], ref["seconds"]
     ort_run = lambda b: torch.from_numpy(sess.run(None, {"x": b.numpy()})[0])  # noqa: E731
     ort_logits = run_batches(ort_run, x)
     ort_s = best_time(lambda: run_batches(ort_run, x), 3)
-    row = {
+    return {
         "model": name,
         "setting": f"W{w_bits}A{a_bits}",
         "weights": container,
@@ -75,7 +82,6 @@ def _run_file(qmodel, name: str, w_bits: int, a_bits: int, container: str, x, y,
         "torch_ms_per_image": 1000 * torch_s / len(x),
         "onnx_ms_per_image": 1000 * ort_s / len(x),
     }
-    return row
 
 
 def main() -> None:
@@ -92,8 +98,9 @@ def main() -> None:
         model = dfquant.create_model(name, weights=str(asset_path(CIFAR_RESNET_WEIGHTS[name])))
         for w_bits, a_bits in SETTINGS:
             qmodel, _ = dfquant.quantize(model, "squant", w_bits, a_bits, fold_bn=True)
+            ref = _torch_reference(qmodel, x)
             for container in ["int8", "int4"] if w_bits <= 4 else ["int8"]:
-                rows.append(_run_file(qmodel, name, w_bits, a_bits, container, x, y, tmp, args.threads))
+                rows.append(_run_file(qmodel, ref, name, w_bits, a_bits, container, x, y, tmp, args.threads))
                 print(json.dumps(rows[-1]))
     command = "python benchmarks/onnx_export.py " + " ".join(
         [f"--models {' '.join(args.models)}", f"--threads {args.threads}"] + ([f"--out {args.out}"] if args.out != ap.get_default("out") else [])
