@@ -95,6 +95,7 @@ def test_fold_bn_option(digits):
         (dict(layer_w_bits={"conv2": 9}), "weight bit-width of layer 'conv2' must be between 2 and 8"),
         (dict(layer_w_bits={"conv2": 8}, skip=("conv2",)), "both skipped and given a bit-width: conv2"),
         (dict(layer_w_bits=[("conv2", 8)]), "must map layer names to bit-widths"),
+        (dict(per_channel="no"), "per_channel must be True"),
     ],
 )
 def test_bad_arguments(digits, kwargs, match):

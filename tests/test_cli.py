@@ -106,6 +106,17 @@ def test_lp_weight_grid_from_the_command_line_saves_and_reloads(capsys, digits, 
     assert code == 0 and json.loads(out)["top1"] == pytest.approx(res["quant_top1"])
 
 
+def test_per_tensor_weight_grid_with_cle_from_the_command_line_saves_and_reloads(capsys, digits, tmp_path):
+    out_file = tmp_path / "digits_w4_per_tensor"
+    code, out, _ = run(capsys, "quantize", "--model", "digits_cnn", "--method", "rtn", "--w-bits", "4", "--a-bits", "8", "--per-tensor", "--cle", "--out", str(out_file), "--json")
+    assert code == 0
+    res = json.loads(out)
+    saved = json.loads((tmp_path / "digits_w4_per_tensor.json").read_text())
+    assert saved["config"]["per_channel"] is False and saved["config"]["cle"] is True
+    code, out, _ = run(capsys, "evaluate", str(tmp_path / "digits_w4_per_tensor.safetensors"), "--json")
+    assert code == 0 and json.loads(out)["top1"] == pytest.approx(res["quant_top1"])
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_synthesize_in_parts_then_genie_on_all_parts(capsys, digits, tmp_path):
     """`dfquant synthesize` writes images + a PNG grid; `quantize --synthetic A B` uses both parts."""

@@ -252,3 +252,22 @@ def test_an_8_bit_grid_without_zero_is_exported_exactly_as_float_values(digits, 
     assert summary["float_weights"] == ["conv2"] and summary["int8_weights"] == 3
     c = check_onnx(qmodel, summary["path"], digits[1][0][:64])
     assert c["file"]["rel_max_diff"] < 1e-5, c  # the float values are the grid's exact values
+
+
+def test_a_per_tensor_grid_is_written_per_channel_with_its_one_scale(digits, tmp_path):
+    model, (x, _) = digits
+    qmodel, _ = dfquant.quantize(model, "squant", 4, 8, per_channel=False)
+    info = export_onnx(qmodel, tmp_path / "per_tensor.onnx")
+    inits = _initializers(info["path"])
+    graph = onnx.load(info["path"]).graph
+    checked = 0
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0].endswith(".weight_int"):
+            layer = qmodel.get_submodule(node.input[0][: -len(".weight_int")])
+            out = layer.weight_int.shape[0]
+            np.testing.assert_array_equal(inits[node.input[1]], np.full(out, layer.weight_scale.item(), np.float32))
+            np.testing.assert_array_equal(inits[node.input[2]], np.full(out, int(layer.weight_zero_point.item())))
+            checked += 1
+    assert checked == len([m for m in qmodel.modules() if isinstance(m, QUANT_LAYERS)])
+    c = check_onnx(qmodel, info["path"], x)
+    assert c["model"]["argmax_agreement"] >= 0.99 and c["model"]["rel_max_diff"] < 1e-2, c

@@ -8,10 +8,11 @@ from dfquant.errors import DfquantError
 from dfquant.serialization import load_quantized, read_metadata, save_quantized
 
 
-@pytest.mark.parametrize("fold", [False, True])
-def test_save_load_exact(digits, tmp_path, fold):
+@pytest.mark.parametrize("fold,per_channel", [(False, True), (True, True), (False, False)])
+def test_save_load_exact(digits, tmp_path, fold, per_channel):
     model, (x, _) = digits
-    q, report = dfquant.quantize(model, "squant", 4, 4, fold_bn=fold)
+    q, report = dfquant.quantize(model, "squant", 4, 4, fold_bn=fold, per_channel=per_channel)
+    assert q.conv2.weight_scale.numel() == (q.conv2.weight_int.shape[0] if per_channel else 1)
     path, side = save_quantized(q, tmp_path / "digits", model_name="digits_cnn", config=report.config, report=report.to_dict())
     assert path.suffix == ".safetensors" and side.suffix == ".json"
     q2, info = load_quantized(path)

@@ -56,7 +56,7 @@ class QuantConfig:
     first_last_w_bits: Optional[int] = None  # None: same as w_bits (SQuant quantizes all layers)
     # Per-layer weight bit-widths by layer name (mixed precision); they override w_bits and first_last_w_bits.
     layer_w_bits: Dict[str, int] = field(default_factory=dict)
-    per_channel: bool = True
+    per_channel: bool = True  # False: one weight scale per layer (per-tensor grid, DFQ's protocol)
     # The weight grid: "minmax" (SQuant's protocol) or "lp" (the clipping search Genie's release
     # starts from). None: "lp" for the learned methods, "minmax" for the rounding methods.
     w_range: Optional[str] = None
@@ -81,6 +81,8 @@ class QuantConfig:
         for layer, bits in self.layer_w_bits.items():
             check_bits(bits, f"the weight bit-width of layer {layer!r}")
         self.layer_w_bits = dict(self.layer_w_bits)
+        if not isinstance(self.per_channel, bool):
+            raise DfquantError(f"per_channel must be True (a scale per output channel) or False (one per layer), got {self.per_channel!r}")
         if self.act_range not in ("mse", "dfq"):
             raise DfquantError(f"unknown activation range rule {self.act_range!r}; choose mse or dfq")
         if self.w_range is None:

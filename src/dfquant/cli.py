@@ -42,6 +42,11 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
         choices=["minmax", "lp"],
         help="weight grid: per-channel min/max (SQuant's protocol) or the Lp clipping search (default: minmax, lp for genie/zeroq)",
     )
+    p.add_argument(
+        "--per-tensor",
+        action="store_true",
+        help="one weight scale per layer instead of one per output channel (DFQ's protocol; coarser, what --cle is for)",
+    )
     p.add_argument("--cle", action="store_true", help="DFQ cross-layer range equalization of the float model first (rounding methods)")
     p.add_argument(
         "--bias-correction",
@@ -266,6 +271,7 @@ def cmd_quantize(args) -> int:
         cle=args.cle,
         bias_correction=args.bias_correction,
         w_range=args.w_range,
+        per_channel=not args.per_tensor,
         act_range=args.act_range,
         n_sigma=args.n_sigma,
         quantize_first_input=args.quantize_first_input,

@@ -98,7 +98,11 @@ class _QDQLayer(nn.Module):
 
     def __init__(self, layer: _QuantWeightLayer, name: str):
         super().__init__()
-        zp = layer.weight_zero_point.detach().round()
+        # A per-tensor grid (one scale for the layer) is written per channel with that scale
+        # repeated: the same values, one DequantizeLinear layout for every layer.
+        out_ch = layer.weight_int.shape[0]
+        zp = layer.weight_zero_point.detach().round().expand(out_ch).clone()
+        w_scale = layer.weight_scale.detach().expand(out_ch).clone()
         # A channel whose weights all have one sign has a grid without 0: at 8 bits its zero point
         # can fall outside int8 (a folded depthwise kernel of 9 weights, say). No 8-bit container
         # with an 8-bit zero point holds such a grid, so that layer's weight is stored as its exact
@@ -108,7 +112,7 @@ class _QDQLayer(nn.Module):
         self.is_conv = isinstance(layer, QuantConv2d)
         if self.is_conv:
             self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
-        self.register_buffer("w_scale", layer.weight_scale.detach().clone())
+        self.register_buffer("w_scale", w_scale)
         if self.wide:
             self.register_buffer("weight_float", layer.weight.detach().clone())
         else:
@@ -122,7 +126,7 @@ class _QDQLayer(nn.Module):
             # An integer kernel adds the bias to its int32 accumulator, whose unit is input scale x
             # weight scale: the bias is stored as int32 codes on that grid (what ONNX Runtime does to
             # a float bias of a QDQ conv), so every runtime adds the same values.
-            self.bias_scale = (layer.input_quant.scale * layer.weight_scale).float()
+            self.bias_scale = (layer.input_quant.scale * w_scale).float()
             codes = torch.round(self.bias.double() / self.bias_scale.double())
             if codes.abs().max() >= 2**31:
                 raise DfquantError(f"layer {name!r}: its bias does not fit int32 at scale input x weight scale")

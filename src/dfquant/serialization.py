@@ -1,7 +1,7 @@
 """Saving and loading quantized models exactly: integer codes, scales and the config.
 
 A save writes two files: ``NAME.safetensors`` (every tensor of the quantized model: int8 weight
-codes, per-channel scales and zero points, biases, BN buffers, activation scales) with the config
+codes, per-channel (or per-tensor) scales and zero points, biases, BN buffers, activation scales) with the config
 in its metadata, and ``NAME.json`` (the same config plus the report, for people and tools). Both
 are written to temporary files and renamed together, so an interrupted save never leaves half a
 file or a model beside another model's sidecar.
@@ -110,6 +110,7 @@ def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tup
         model = create_model(info["model_name"], num_classes=info.get("num_classes"))
     import copy
 
+    state = load_file(str(path))
     q = copy.deepcopy(model).eval()
     for bn_name in info.get("folded_bn", []):
         q.set_submodule(bn_name, nn.Identity())
@@ -120,11 +121,13 @@ def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tup
             raise DfquantError(f"the saved model has a quantized layer {name!r} that this architecture lacks") from None
         act = ActQuantizer(spec["a_bits"], 0.0, 1.0) if spec["a_bits"] else None
         zeros = torch.zeros_like(layer.weight)
-        qp = QParams(torch.ones(layer.weight.shape[0]), torch.zeros(layer.weight.shape[0]), spec["w_bits"], True)
+        # one scale per output channel, or one per layer (per-tensor grids): sized as saved
+        saved_scale = state.get(f"{name}.weight_scale")
+        n_scales = saved_scale.numel() if saved_scale is not None and saved_scale.numel() == 1 else layer.weight.shape[0]
+        qp = QParams(torch.ones(n_scales), torch.zeros(n_scales), spec["w_bits"], True)
         bias = torch.zeros(layer.weight.shape[0]) if spec["has_bias"] and layer.bias is None else None
         cls = QuantConv2d if spec["kind"] == "conv" else QuantLinear
         q.set_submodule(name, cls(layer, zeros, qp, act, bias=bias))
-    state = load_file(str(path))
     try:
         q.load_state_dict(state, strict=True)
     except RuntimeError as exc:
