@@ -50,8 +50,65 @@ def test_pairs_need_a_scale_equivariant_path():
     assert all(p.first.endswith("conv1") and p.second.endswith("conv2") and p.bn.endswith("bn1") for p in pairs)
     reasons = dict(skipped)
     assert "not followed by ReLU alone" in reasons["layer1.0.conv2"]  # its output meets the shortcut first
-    _, skipped = equalization_pairs(dfquant.create_model("mobilenet_v2"))
-    assert any("ReLU6" in why for _, why in skipped)
+    pairs, skipped = equalization_pairs(dfquant.create_model("mobilenet_v2"))
+    assert not pairs and any("ReLU6" in why and "relu6_to_relu" in why for _, why in skipped)
+
+
+def _with_bn_stats(model, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) * 2.8 + 0.2)
+            m.weight.data.copy_(torch.rand(n, generator=g) * 1.8 + 0.2)
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def mobilenet_v2():
+    torch.manual_seed(0)
+    return _with_bn_stats(dfquant.create_model("mobilenet_v2"))
+
+
+def test_mobilenet_v2_with_relu_is_equalized_through_its_depthwise_convs(mobilenet_v2):
+    from dfquant.dfq import is_depthwise, replace_relu6
+
+    relu_model, replaced = replace_relu6(mobilenet_v2)
+    assert len(replaced) == 35 and not any(isinstance(m, torch.nn.ReLU6) for m in relu_model.modules())
+    assert sum(isinstance(m, torch.nn.ReLU6) for m in mobilenet_v2.modules()) == 35  # the given model keeps its ReLU6
+    eq, record = equalize_cross_layer(relu_model)
+    # stem -> depthwise, then every inverted residual's (expand ->) depthwise -> project
+    assert len(record.pairs) == 34
+    assert sum(is_depthwise(eq.get_submodule(p.second)) for p in record.pairs) == 17
+    assert sum(is_depthwise(eq.get_submodule(p.first)) for p in record.pairs) == 17
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = relu_model(x), eq(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    for p in record.pairs:
+        second = eq.get_submodule(p.second)
+        r1 = _channel_ranges(_folded_weight(eq, p.first, p.bn), 0)
+        r2 = _channel_ranges(_folded_weight(eq, p.second, p.second_bn), 0 if is_depthwise(second) else 1)
+        torch.testing.assert_close(r1, r2, rtol=1e-3, atol=1e-7)
+    assert max(float(p.scales.log().abs().max()) for p in record.pairs) > 0.1
+
+
+def test_relu6_to_relu_quantizes_saves_and_reloads_the_relu_model(mobilenet_v2, tmp_path, digits):
+    qmodel, report = dfquant.quantize(mobilenet_v2, "rtn", 8, 8, cle=True, relu6_to_relu=True, per_channel=False)
+    assert any("35 ReLU6 modules replaced" in n for n in report.notes) and any("34 pairs" in n for n in report.notes)
+    assert not any(isinstance(m, torch.nn.ReLU6) for m in qmodel.modules())
+    path, _ = save_quantized(qmodel, tmp_path / "mbv2", model_name="mobilenet_v2", config=report.config)
+    reloaded, _ = load_quantized(path)
+    assert not any(isinstance(m, torch.nn.ReLU6) for m in reloaded.modules())
+    x = 3 * torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), reloaded(x))
+    with pytest.raises(DfquantError, match="no nn.ReLU6 module"):
+        dfquant.quantize(digits[0], "rtn", 8, 8, relu6_to_relu=True)
+    with pytest.raises(DfquantError, match="relu6_to_relu is a DFQ step"):
+        dfquant.quantize(digits[0], "genie", 8, 8, relu6_to_relu=True)
 
 
 def _input_means(model):

@@ -66,6 +66,9 @@ class QuantConfig:
     # equalization of the float model before quantizing, and analytic bias correction after.
     cle: bool = False
     bias_correction: bool = False
+    # DFQ's MobileNetV2 step (Sec. 5): replace nn.ReLU6 by nn.ReLU first, so CLE can pair through
+    # them. It changes the float model's function, so it is never implied by cle.
+    relu6_to_relu: bool = False
 
     def validate(self) -> "QuantConfig":
         if self.method not in METHODS:
@@ -92,7 +95,7 @@ class QuantConfig:
         if self.init not in ("rtn", "squant"):
             raise DfquantError(f"unknown initial rounding {self.init!r}; choose rtn or squant")
         # Settings a method would silently ignore are refused: the model would not be the one asked for.
-        for name in ("cle", "bias_correction"):
+        for name in ("cle", "bias_correction", "relu6_to_relu"):
             if getattr(self, name) and self.method in LEARNED_METHODS:
                 raise DfquantError(f"{name} is a DFQ step for the rounding methods ({', '.join(ROUNDING_METHODS)}), not for {self.method!r}")
         if self.init != "rtn" and self.method not in LEARNED_METHODS:
@@ -139,11 +142,20 @@ def quantize(model: nn.Module, method: str = "squant", w_bits: int = 4, a_bits: 
         raise DfquantError(f"unknown option(s) for method {cfg.method!r}: {', '.join(sorted(learned_opts))}")
     t0 = time.perf_counter()
     base, cle_notes = model, []
+    if cfg.relu6_to_relu:
+        from .dfq import replace_relu6
+
+        if not isinstance(model, nn.Module):
+            raise DfquantError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        base, replaced = replace_relu6(model)
+        if not replaced:
+            raise DfquantError("relu6_to_relu: the model has no nn.ReLU6 module to replace")
+        cle_notes.append(f"relu6_to_relu: {len(replaced)} ReLU6 modules replaced by ReLU before quantizing (DFQ Sec. 5; the float function changes)")
     if cfg.cle:  # on the float model, before anything is quantized (learned methods refuse it)
         from .dfq import equalize_cross_layer
 
-        base, record = equalize_cross_layer(model)
-        cle_notes = [record.summary()] + [f"  not equalized: {name}: {why}" for name, why in record.skipped]
+        base, record = equalize_cross_layer(base)
+        cle_notes += [record.summary()] + [f"  not equalized: {name}: {why}" for name, why in record.skipped]
     qmodel, report = _quantize_rounding(base, cfg, input_size)
     report.notes.extend(cle_notes)
     if cfg.method in LEARNED_METHODS:

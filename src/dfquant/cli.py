@@ -49,6 +49,11 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cle", action="store_true", help="DFQ cross-layer range equalization of the float model first (rounding methods)")
     p.add_argument(
+        "--relu6-to-relu",
+        action="store_true",
+        help="replace ReLU6 by ReLU first, as DFQ does for MobileNetV2 so --cle can equalize through them (changes the float model)",
+    )
+    p.add_argument(
         "--bias-correction",
         action="store_true",
         help="DFQ analytic bias correction: cancel each layer's expected output shift from its BN-implied input mean (rounding methods)",
@@ -269,6 +274,7 @@ def cmd_quantize(args) -> int:
         squant_channel=not args.no_channel,
         fold_bn=args.fold_bn,
         cle=args.cle,
+        relu6_to_relu=args.relu6_to_relu,
         bias_correction=args.bias_correction,
         w_range=args.w_range,
         per_channel=not args.per_tensor,

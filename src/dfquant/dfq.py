@@ -13,9 +13,19 @@ the second layer of one pair and the first of the next) are equalized by repeate
 scales settle, as the paper does. Ranges are max - min (dfquant's weight grids are asymmetric).
 The scaling goes into BN's gamma and beta when a BN follows conv1 (equivalent to scaling the folded
 weight, and it keeps the BN statistics, which set the activation ranges, consistent), else into
-conv1's weight and bias. Not done: the paper's ReLU6 -> ReLU replacement (it changes the model;
-ReLU6 pairs are skipped and listed) and "absorbing high biases" (it serves per-tensor activation
-ranges set from data; dfquant's BN ranges are per-channel Gaussians).
+conv1's weight and bias. Depthwise convolutions (``groups == in_channels == out_channels``, the
+depthwise-separable layers the paper equalizes in MobileNets) take part on either side: output
+channel ``i`` of a depthwise conv reads input channel ``i`` only, so its input-channel range is
+the range of kernel ``i`` and scaling input channel ``i`` scales kernel ``i``; in MobileNetV2 that
+gives the pairs expand -> depthwise and depthwise -> project of every inverted residual. Other
+grouped convolutions are skipped (a group mixes several channels).
+
+ReLU6 is not scale-equivariant (``min(relu(x / s), 6) != min(relu(x), 6) / s``), so pairs through it
+are skipped and listed. The paper replaces ReLU6 by ReLU in MobileNetV2 before equalizing (Sec. 5,
+where it reports the float model barely changes); :func:`replace_relu6` does that when asked
+(``relu6_to_relu=True``): it changes the model, so it is never done by default and the report
+says so. Not done: "absorbing high biases" (it serves per-tensor activation ranges set from data;
+dfquant's BN ranges are per-channel Gaussians).
 
 **Bias correction** (paper Sec. 4, "quantization bias correction"; convolutions in App. B,
 "Bias correction for convolutional layers"; the expected input of a ReLU after BN from the clipped
@@ -91,10 +101,33 @@ def _is(node: fx.Node, modules: Dict[str, nn.Module], kinds, funcs) -> bool:
     return False
 
 
+def is_depthwise(conv: nn.Module) -> bool:
+    """A depthwise convolution: one group per channel, each output channel reading its own input channel."""
+    return isinstance(conv, nn.Conv2d) and conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def _equalizable(conv: nn.Module) -> bool:
+    return isinstance(conv, nn.Conv2d) and (conv.groups == 1 or is_depthwise(conv))
+
+
+def replace_relu6(model: nn.Module) -> Tuple[nn.Module, List[str]]:
+    """A copy of ``model`` with every ``nn.ReLU6`` module replaced by ``nn.ReLU`` (DFQ, Sec. 5, for
+    MobileNetV2), and the names replaced. This changes the model's function (activations above 6 are
+    no longer clipped); functional ``F.relu6`` calls are not replaced."""
+    out = copy.deepcopy(model)
+    names = [name for name, m in out.named_modules() if isinstance(m, nn.ReLU6)]
+    for name in names:
+        relu = nn.ReLU(inplace=out.get_submodule(name).inplace)
+        relu._dfquant_from_relu6 = True  # saved with the quantized model, redone when it is loaded
+        out.set_submodule(name, relu)
+    return out, names
+
+
 def equalization_pairs(model: nn.Module) -> Tuple[List[EqualizationPair], List[Tuple[str, str]]]:
     """Pairs ``conv -> [BatchNorm2d] -> ReLU -> [pooling]* -> conv`` in the fx graph, each link
     with a single user (so the scaled channel reaches nothing else), each conv called once and
-    ungrouped (a grouped conv's channels are tied to its groups). Returns (pairs, skipped)."""
+    either ungrouped or depthwise (another grouped conv's channels are tied to its groups).
+    Returns (pairs, skipped)."""
     gm = trace(model)
     if gm is None:
         raise DfquantError("cross-layer equalization needs an fx-traceable model")
@@ -112,21 +145,25 @@ def equalization_pairs(model: nn.Module) -> Tuple[List[EqualizationPair], List[T
         why = None
         nxt = _single_user(node)
         bn = None
-        if conv.groups != 1 or calls[node.target] != 1:
-            why = "grouped or called more than once"
+        if not _equalizable(conv) or calls[node.target] != 1:
+            why = "grouped (not depthwise) or called more than once"
         elif nxt is not None and nxt.op == "call_module" and isinstance(modules.get(nxt.target), nn.BatchNorm2d):
             bn = nxt.target
             nxt = _single_user(nxt)
         if why is None and (nxt is None or not _is(nxt, modules, _RELU, _RELU_FUNCS)):
             act = nxt.target if nxt is not None else None
-            why = "not followed by ReLU alone" + (" (ReLU6 is not scale-equivariant)" if isinstance(modules.get(act), nn.ReLU6) or act is F.relu6 else "")
+            why = "not followed by ReLU alone" + (
+                " (ReLU6 is not scale-equivariant; relu6_to_relu=True / --relu6-to-relu replaces it, as DFQ does)"
+                if isinstance(modules.get(act), nn.ReLU6) or act is F.relu6
+                else ""
+            )
         if why is None:
             nxt = _single_user(nxt)
             while nxt is not None and _is(nxt, modules, _POOL, _POOL_FUNCS):
                 nxt = _single_user(nxt)
             second = modules.get(nxt.target) if nxt is not None and nxt.op == "call_module" else None
-            if not isinstance(second, nn.Conv2d) or second.groups != 1 or calls[nxt.target] != 1 or second.in_channels != conv.out_channels:
-                why = "its ReLU output does not feed exactly one ungrouped conv"
+            if not _equalizable(second) or calls[nxt.target] != 1 or second.in_channels != conv.out_channels:
+                why = "its ReLU output does not feed exactly one ungrouped or depthwise conv"
             else:
                 pairs.append(EqualizationPair(node.target, bn, nxt.target, conv_bn.get(nxt.target)))
         if why is not None:
@@ -140,6 +177,11 @@ def _folded_weight(model: nn.Module, conv: str, bn: Optional[str]) -> torch.Tens
     if bn is None:
         return w
     return w * bn_fold_scale(model.get_submodule(bn)).reshape(-1, 1, 1, 1)
+
+
+def _input_channel_dim(conv: nn.Module) -> int:
+    """The weight dimension indexed by input channel: 1, or 0 for a depthwise conv (kernel i reads channel i)."""
+    return 0 if is_depthwise(conv) else 1
 
 
 def _channel_ranges(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -164,7 +206,7 @@ def equalize_cross_layer(model: nn.Module, max_passes: int = 20, tol: float = 1e
         for p in pairs:
             first, second = eq.get_submodule(p.first), eq.get_submodule(p.second)
             r1 = _channel_ranges(_folded_weight(eq, p.first, p.bn), 0)
-            r2 = _channel_ranges(_folded_weight(eq, p.second, p.second_bn), 1)
+            r2 = _channel_ranges(_folded_weight(eq, p.second, p.second_bn), _input_channel_dim(second))
             s = torch.sqrt(r1 / r2)
             s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))  # dead channels stay as they are
             if p.bn is not None:
@@ -175,7 +217,7 @@ def equalize_cross_layer(model: nn.Module, max_passes: int = 20, tol: float = 1e
                 first.weight.div_(s.reshape(-1, 1, 1, 1))
                 if first.bias is not None:
                     first.bias.div_(s)
-            second.weight.mul_(s.reshape(1, -1, 1, 1))
+            second.weight.mul_(s.reshape(-1, 1, 1, 1) if is_depthwise(second) else s.reshape(1, -1, 1, 1))
             total[id(p)] *= s
             worst = max(worst, float((s - 1).abs().max()) if s.numel() else 0.0)
         if worst < tol:

@@ -55,6 +55,7 @@ def save_quantized(qmodel: nn.Module, path: "str | Path", *, model_name: Optiona
         "num_classes": _num_classes(qmodel),
         "layers": layer_layout(qmodel),
         "folded_bn": folded or (config or {}).get("folded_bn", []),
+        "relu6_to_relu": [n for n, m in qmodel.named_modules() if isinstance(m, nn.ReLU) and getattr(m, "_dfquant_from_relu6", False)],
         "config": config or {},
     }
     tensors = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items()}
@@ -114,6 +115,16 @@ def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tup
     q = copy.deepcopy(model).eval()
     for bn_name in info.get("folded_bn", []):
         q.set_submodule(bn_name, nn.Identity())
+    for act_name in info.get("relu6_to_relu", []):  # DFQ's ReLU6 -> ReLU (dfquant.dfq.replace_relu6)
+        try:
+            act = q.get_submodule(act_name)
+        except AttributeError:
+            raise DfquantError(f"the saved model replaced a ReLU6 {act_name!r} that this architecture lacks") from None
+        if not isinstance(act, (nn.ReLU6, nn.ReLU)):
+            raise DfquantError(f"the saved model replaced a ReLU6 {act_name!r}, but this architecture has a {type(act).__name__} there")
+        relu = nn.ReLU(inplace=act.inplace)
+        relu._dfquant_from_relu6 = True
+        q.set_submodule(act_name, relu)
     for name, spec in info["layers"].items():
         try:
             layer = q.get_submodule(name)
