@@ -109,3 +109,28 @@ def test_sign_test_p_is_the_exact_two_sided_binomial():
     assert sign_test_p(8, 0) == sign_test_p(0, 8) == 2 / 2**8  # eight of eight: p = 2 * 0.5^8
     assert sign_test_p(7, 1) == pytest.approx(2 * 9 / 2**8)  # P(X <= 1) = (1 + 8) / 256, doubled
     assert sign_test_p(3, 3) == 1.0 and sign_test_p(0, 0) == 1.0
+
+
+def test_labels_outside_the_model_outputs_are_refused(digits):
+    model, (x, y) = digits
+    with pytest.raises(DfquantError, match=r"labels must be class indices in 0..9 \(the model has 10 outputs\), found 10..19"):
+        dfquant.evaluate(model, (x, y + 10))
+    with pytest.raises(DfquantError, match="labels must be integer class indices, got float32"):
+        dfquant.evaluate(model, (x, y.float()))
+    with pytest.raises(DfquantError, match="labels must be class indices in 0..9"):
+        dfquant.evaluate(model, [(x[:8], torch.full((8,), -1))])  # an iterable of batches is checked too
+
+
+def test_numpy_arrays_are_accepted(digits):
+    model, (x, y) = digits
+    assert dfquant.evaluate(model, (x.numpy(), y.numpy())) == dfquant.evaluate(model, (x, y))
+
+
+def test_a_reference_of_another_shape_is_refused(digits):
+    model, (x, y) = digits
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    with pytest.raises(DfquantError, match=r"the reference model's output shape \(\d+, 3\) differs from the model's \(\d+, 10\)"):
+        dfquant.evaluate(model, (x, y), reference=other)
+    wrong_input = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(5, 10))
+    with pytest.raises(DfquantError, match="the reference model cannot run on these inputs of shape"):
+        dfquant.evaluate(model, (x, y), reference=wrong_input)

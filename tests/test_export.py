@@ -271,3 +271,13 @@ def test_a_per_tensor_grid_is_written_per_channel_with_its_one_scale(digits, tmp
     assert checked == len([m for m in qmodel.modules() if isinstance(m, QUANT_LAYERS)])
     c = check_onnx(qmodel, info["path"], x)
     assert c["model"]["argmax_agreement"] >= 0.99 and c["model"]["rel_max_diff"] < 1e-2, c
+
+
+def test_onnx_model_on_inputs_of_the_wrong_shape_is_one_clear_error(digits, digits_onnx):
+    from dfquant.export import OnnxRuntimeModel
+
+    runner = OnnxRuntimeModel(digits_onnx["path"])
+    with pytest.raises(DfquantError, match=r"the ONNX model cannot run on these inputs of shape \(2, 3, 8, 8\): \[ONNXRuntimeError\].*INVALID_ARGUMENT"):
+        runner(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(DfquantError, match=r"cannot run on these inputs of shape \(4, 1, 4, 4\)"):
+        dfquant.evaluate(runner, (torch.zeros(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)))

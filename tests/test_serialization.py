@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +56,157 @@ def test_architecture_mismatch(digits, tmp_path):
     path, _ = save_quantized(q, tmp_path / "m", model_name="digits_cnn")
     with pytest.raises(DfquantError):
         load_quantized(path, model=dfquant.create_model("resnet20"))
+
+
+# --- file names, modes, and what a load refuses ------------------------------------------------
+
+import os  # noqa: E402
+
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from dfquant.serialization import model_paths  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def saved(digits, tmp_path_factory):
+    """A W4A4 rtn digits model saved once: (qmodel, path, its metadata dict, its tensors)."""
+    q, report = dfquant.quantize(digits[0], "rtn", 4, 4)
+    path, _ = save_quantized(q, tmp_path_factory.mktemp("saved") / "good", model_name="digits_cnn", config=report.config)
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["dfquant"])
+    return q, path, meta, load_file(str(path))
+
+
+def _write(tmp_path, name, meta, tensors, raw=None):
+    p = tmp_path / name
+    save_file(tensors, str(p), metadata={"dfquant": raw if raw is not None else json.dumps(meta)})
+    return p
+
+
+def test_names_with_dots_keep_their_tail(digits, tmp_path):
+    assert model_paths("a/model.v1") == (Path("a/model.v1.safetensors"), Path("a/model.v1.json"))
+    assert model_paths("lr0.04.safetensors") == (Path("lr0.04.safetensors"), Path("lr0.04.json"))
+    assert model_paths("m.v2.json") == (Path("m.v2.safetensors"), Path("m.v2.json"))
+    q, _ = dfquant.quantize(digits[0], "rtn", 8, 8)
+    p1, s1 = save_quantized(q, tmp_path / "model.v1", model_name="digits_cnn")
+    p2, s2 = save_quantized(q, tmp_path / "model.v2.json", model_name="digits_cnn")
+    assert (p1.name, s1.name, p2.name, s2.name) == ("model.v1.safetensors", "model.v1.json", "model.v2.safetensors", "model.v2.json")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["model.v1.json", "model.v1.safetensors", "model.v2.json", "model.v2.safetensors"]
+    assert torch.equal(load_quantized(p1)[0].fc.weight_int, q.fc.weight_int)
+
+
+def test_saved_files_get_the_umask_mode_not_0600(saved, tmp_path):
+    old = os.umask(0o022)
+    try:
+        path, side = save_quantized(saved[0], tmp_path / "m", model_name="digits_cnn")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777, side.stat().st_mode & 0o777) == (0o644, 0o644)
+
+
+def _drop(d, key):
+    d.pop(key)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: _drop(m, "layers"), "lacks 'layers'"),
+        (lambda m: _drop(m, "config"), "lacks 'config'"),
+        (lambda m: _drop(m["layers"]["conv2"], "w_bits"), r"layers\['conv2'\] lacks 'w_bits'"),
+        (lambda m: m["layers"]["conv2"].update(w_bits="4"), r"layers\['conv2'\] 'w_bits' must be an integer 2..8, found '4'"),
+        (lambda m: m["layers"]["conv2"].update(kind="linear"), r"layers\['conv2'\] is a quantized linear, but this architecture has a Conv2d"),
+        (lambda m: m["layers"].update(bn2=dict(m["layers"]["fc"])), r"layers\['bn2'\] is a quantized linear, but this architecture has a BatchNorm2d"),
+        (lambda m: m["layers"].update(nope=dict(m["layers"]["fc"])), "layers names a layer 'nope' that this architecture"),
+        (lambda m: m.update(folded_bn=["nope.bn"]), "folded_bn names a layer 'nope.bn'"),
+        (lambda m: m.update(folded_bn=["relu2"]), "folded_bn names 'relu2', which is a ReLU"),
+    ],
+)
+def test_edited_metadata_is_one_clear_error(saved, tmp_path, edit, message):
+    _, _, meta, tensors = saved
+    m = json.loads(json.dumps(meta))
+    edit(m)
+    bad = _write(tmp_path, "bad.safetensors", m, tensors)
+    with pytest.raises(DfquantError, match=message) as info:
+        load_quantized(bad)
+    assert "bad.safetensors" in str(info.value)
+
+
+@pytest.mark.parametrize("raw,message", [("{not json", "not valid JSON"), ("[1, 2]", "must be a JSON object, found a list")])
+def test_unreadable_metadata_is_one_clear_error(saved, tmp_path, raw, message):
+    bad = _write(tmp_path, "bad.safetensors", None, saved[3], raw=raw)
+    with pytest.raises(DfquantError, match=message):
+        read_metadata(bad)
+
+
+def _set(tensors, key, value):
+    t = dict(tensors)
+    t[key] = value
+    return t
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        # w_bits edited 4 -> 2 with the 4-bit codes left in place
+        (lambda m, t: (m["layers"]["conv2"].update(w_bits=2), t)[1], r"layer 'conv2': weight codes span -?\d+..\d+, outside the 2-bit range -2..1"),
+        (lambda m, t: _set(t, "conv2.weight_int", torch.full_like(t["conv2.weight_int"], 100)), "weight codes span 100..100, outside the 4-bit range -8..7"),
+        (lambda m, t: _set(t, "conv2.weight_scale", torch.full_like(t["conv2.weight_scale"], float("nan"))), "layer 'conv2': weight scales must be finite and > 0, found nan"),
+        (lambda m, t: _set(t, "conv3.input_quant.scale", torch.tensor(-1.0)), "layer 'conv3': activation scale must be finite and > 0, found -1"),
+        (lambda m, t: _set(t, "conv3.input_quant.zero_point", torch.tensor(2.5)), "activation zero point must be a finite whole number, found 2.5"),
+    ],
+)
+def test_values_no_quantizer_makes_are_refused(saved, tmp_path, change, message):
+    _, _, meta, tensors = saved
+    m = json.loads(json.dumps(meta))
+    t = change(m, dict(tensors))
+    bad = _write(tmp_path, "bad.safetensors", m, t)
+    with pytest.raises(DfquantError, match=message) as info:
+        load_quantized(bad)
+    assert "damaged or was edited" in str(info.value)
+
+
+def test_a_state_mismatch_lists_the_keys(saved, tmp_path):
+    _, _, meta, tensors = saved
+    t = dict(tensors)
+    del t["conv2.weight_int"]
+    t["extra"] = torch.zeros(1)
+    t["conv3.weight_scale"] = t["conv3.weight_scale"][:3].clone()
+    t["fc.weight_int"] = t["fc.weight_int"].float()
+    bad = _write(tmp_path, "bad.safetensors", meta, t)
+    with pytest.raises(DfquantError) as info:
+        load_quantized(bad)
+    msg = str(info.value)
+    assert "missing keys: conv2.weight_int" in msg and "unexpected keys: extra" in msg
+    assert "wrong shapes: conv3.weight_scale (3,) (the architecture needs (64,))" in msg
+    assert "weight codes of the wrong type: fc.weight_int (float32, expected int8)" in msg
+
+
+def test_a_zero_point_outside_the_grid_is_legitimate(digits, tmp_path):
+    # an input range above zero puts the zero point below 0 (params_from_range allows it)
+    q, _ = dfquant.quantize(digits[0], "rtn", 4, 4, quantize_first_input=True, input_range=(0.5, 1.0))
+    assert float(q.conv1.input_quant.zero_point) < 0
+    path, _ = save_quantized(q, tmp_path / "m", model_name="digits_cnn")
+    assert torch.equal(load_quantized(path)[0].conv1.input_quant.zero_point, q.conv1.input_quant.zero_point)
+
+
+def test_save_refuses_a_float_model_and_a_wrong_registry_name(digits, saved, tmp_path):
+    with pytest.raises(DfquantError, match="no quantized layer: quantize it first"):
+        save_quantized(digits[0], tmp_path / "float", model_name="digits_cnn")
+    with pytest.raises(DfquantError, match=r"model_name='resnet20': layer 'conv1' has weight shape \(16, 3, 3, 3\) in the registry model, but \(16, 1, 3, 3\) here"):
+        save_quantized(saved[0], tmp_path / "r20", model_name="resnet20")
+    with pytest.raises(DfquantError, match="unknown model"):
+        save_quantized(saved[0], tmp_path / "nope", model_name="nope")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_save_refuses_a_missing_folder_and_a_directory_target(saved, tmp_path):
+    with pytest.raises(DfquantError, match="output folder does not exist"):
+        save_quantized(saved[0], tmp_path / "no" / "m")
+    (tmp_path / "d.safetensors").mkdir()
+    with pytest.raises(DfquantError, match="is an existing directory"):
+        save_quantized(saved[0], tmp_path / "d")
+    with pytest.raises(DfquantError, match="names a folder"):
+        save_quantized(saved[0], str(tmp_path) + "/")
+    assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]

@@ -1,6 +1,8 @@
 """Data synthesis (Genie-D and the ZeroQ baseline) on the embedded digits CNN, at a tiny budget."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import pytest
@@ -13,7 +15,9 @@ from dfquant.synthesis import (
     SwingConv2d,
     _apply_swing,
     bn_statistics_loss,
+    grid_path,
     images_metadata,
+    images_path,
     load_image_files,
     load_images,
     reflect_shift,
@@ -211,6 +215,7 @@ def test_errors(model):
 
 def test_save_images_round_trip(tmp_path, synthetic):
     x = synthetic["genie"]
+    (tmp_path / "sub").mkdir()
     path = save_images(x, tmp_path / "sub" / "synthetic.safetensors", metadata={"method": "genie", "seed": 0})
     assert path.exists()
     assert [p.name for p in path.parent.iterdir()] == ["synthetic.safetensors"]  # no temp file left
@@ -253,3 +258,53 @@ def test_png_grid(tmp_path, synthetic):
         # at most 64 images: 8 x 8 cells of 64 px (32 px enlarged x2) with 2 px gutters
         assert img.size == (8 * 66 + 2, 8 * 66 + 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.png", "rgb.png"]
+
+
+def test_image_file_names_keep_their_dots(tmp_path):
+    assert images_path("a/syn_seed0.5") == Path("a/syn_seed0.5.safetensors")
+    assert images_path("a/s.safetensors") == Path("a/s.safetensors")
+    assert grid_path("a/syn_seed0.5") == grid_path("a/syn_seed0.5.safetensors") == Path("a/syn_seed0.5.png")
+    x = torch.randn(3, 1, 8, 8)
+    a = save_images(x, tmp_path / "syn_seed0.5", metadata={"seed": 0})
+    b = save_images(x, tmp_path / "syn_seed0.7", metadata={"seed": 1})
+    assert (a.name, b.name) == ("syn_seed0.5.safetensors", "syn_seed0.7.safetensors")
+    assert load_images(a, with_metadata=True)[1]["seed"] == "0" and load_images(b, with_metadata=True)[1]["seed"] == "1"
+    png = save_image_grid(x, grid_path(a))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn_seed0.5.png", "syn_seed0.5.safetensors", "syn_seed0.7.safetensors"]
+    assert png.name == "syn_seed0.5.png"
+
+
+def test_saving_creates_no_folders_and_refuses_bad_targets(tmp_path):
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(DfquantError, match="output folder does not exist: .*no"):
+        save_images(x, tmp_path / "no" / "sub" / "s.safetensors")
+    with pytest.raises(DfquantError, match="output folder does not exist"):
+        save_image_grid(x, tmp_path / "no" / "s.png")
+    with pytest.raises(DfquantError, match="give a .safetensors name .*the .png grid is written beside it"):
+        save_images(x, tmp_path / "syn.png")
+    (tmp_path / "d.safetensors").mkdir()
+    with pytest.raises(DfquantError, match="is an existing directory"):
+        save_images(x, tmp_path / "d")
+    with pytest.raises(DfquantError, match="names a folder"):
+        save_images(x, str(tmp_path) + "/")
+    assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]
+
+
+def test_images_files_are_byte_identical_with_sorted_metadata_and_umask_mode(tmp_path):
+    import json
+    import os
+
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    meta = {"model": "digits_cnn", "method": "genie", "seed": 7, "iters": 3, "batch_size": 2}
+    old = os.umask(0o022)
+    try:
+        files = [save_images(x, tmp_path / f"s{i}", metadata=meta) for i in range(4)]
+    finally:
+        os.umask(old)
+    data = [f.read_bytes() for f in files]
+    assert all(d == data[0] for d in data[1:])  # the writer's hash-map order would differ between calls
+    n = int.from_bytes(data[0][:8], "little")
+    stored = json.loads(data[0][8 : 8 + n])["__metadata__"]
+    assert list(stored) == sorted(stored) and stored["seed"] == "7"
+    assert torch.equal(load_images(files[0]), x)
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in files)

@@ -1,11 +1,17 @@
 """Top-1 / top-5 accuracy of a (quantized or float) classifier on an evaluation set, and paired
 tests on the same images: do two models' accuracies really differ (McNemar), and is one of them
-closer to the FP32 model on more images (sign test)."""
+closer to the FP32 model on more images (sign test).
+
+Bad data is refused rather than scored: labels must be integer class indices inside the model's
+output size (an out-of-range label can never match, so it would silently read as 0 % accuracy),
+and a ``reference`` model must produce logits of the model's shape. NumPy arrays are accepted and
+converted to tensors."""
 from __future__ import annotations
 
 import math
 from typing import Any, Dict, Iterable, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -15,15 +21,42 @@ from .progress import progress_bar
 EvalData = Union[Tuple[torch.Tensor, torch.Tensor], Iterable[Tuple[torch.Tensor, torch.Tensor]]]
 
 
+def _tensor(v: Any, what: str) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, np.ndarray):
+        try:
+            return torch.from_numpy(np.ascontiguousarray(v))
+        except TypeError:
+            raise DfquantError(f"{what} must be a numeric array, got dtype {v.dtype}") from None
+    raise DfquantError(f"{what} must be a torch tensor or a numpy array, got {type(v).__name__}")
+
+
 def _batches(data: EvalData, batch_size: int):
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise DfquantError(f"images and labels differ in count: {x.shape[0]} vs {y.shape[0]}")
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (torch.Tensor, np.ndarray)):
+        x, y = _tensor(data[0], "images"), _tensor(data[1], "labels")
+        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise DfquantError(f"images and labels differ in count: {tuple(x.shape)[:1]} vs {tuple(y.shape)[:1]}")
         for i in range(0, x.shape[0], batch_size):
             yield x[i : i + batch_size], y[i : i + batch_size]
     else:
-        yield from data
+        for batch in data:
+            try:
+                x, y = batch
+            except (TypeError, ValueError):
+                raise DfquantError("evaluation data must be an (images, labels) pair or an iterable of (images, labels) batches") from None
+            yield _tensor(x, "images"), _tensor(y, "labels")
+
+
+def _check_labels(y: torch.Tensor, n_out: int) -> None:
+    if y.dim() != 1:
+        raise DfquantError(f"labels must be a 1-D tensor of class indices, got shape {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise DfquantError(f"labels must be integer class indices, got {str(y.dtype).replace('torch.', '')}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_out):
+        raise DfquantError(
+            f"labels must be class indices in 0..{n_out - 1} (the model has {n_out} outputs), found {int(y.min())}..{int(y.max())}"
+        )
 
 
 @torch.no_grad()
@@ -58,6 +91,9 @@ def evaluate(
             logits = model(x)
         except RuntimeError as exc:
             raise DfquantError(f"the model cannot run on these inputs of shape {tuple(x.shape)}: {str(exc).splitlines()[0]}") from None
+        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise DfquantError(f"the model must return (batch, classes) logits, got shape {tuple(logits.shape)}")
+        _check_labels(y, logits.shape[1])
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit = top.eq(y.unsqueeze(1))
@@ -68,7 +104,14 @@ def evaluate(
             preds.append(top[:, 0].cpu())
             hits.append(hit[:, 0].cpu())
         if reference is not None:
-            ref_logits = reference(x)
+            try:
+                ref_logits = reference(x)
+            except RuntimeError as exc:
+                raise DfquantError(f"the reference model cannot run on these inputs of shape {tuple(x.shape)}: {str(exc).splitlines()[0]}") from None
+            if tuple(ref_logits.shape) != tuple(logits.shape):
+                raise DfquantError(
+                    f"the reference model's output shape {tuple(ref_logits.shape)} differs from the model's {tuple(logits.shape)}: compare models of the same task"
+                )
             agree += int((ref_logits.argmax(dim=1) == top[:, 0]).sum())
             per_image = ((logits - ref_logits) ** 2).mean(dim=1)
             sq_err += float(per_image.sum())

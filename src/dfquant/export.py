@@ -367,4 +367,14 @@ class OnnxRuntimeModel(nn.Module):
             self.input_size = tuple(size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0])
+        """Run the file on ``x`` (sent as float32); inputs the file cannot take (a wrong shape, a
+        fixed batch size, another input type) give one DfquantError, not onnxruntime's traceback."""
+        try:
+            out = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})
+        except Exception as exc:  # onnxruntime's InvalidArgument / Fail / ... derive from Exception only
+            want = ", ".join(str(d) if d is not None else "?" for d in (self.session.get_inputs()[0].shape or []))
+            raise DfquantError(
+                f"the ONNX model cannot run on these inputs of shape {tuple(x.shape)}: {_first_line(exc)} "
+                f"(the file's input {self.input_name!r} has shape ({want}))"
+            ) from None
+        return torch.from_numpy(out[0])

@@ -1,6 +1,10 @@
 """Writing output files so that an interrupted run (Ctrl-C, a kill, a full disk) never leaves half
 a file: each file is written under a hidden temporary name beside its target and renamed over it
-only when every file of the group is complete (``os.replace`` is atomic on one file system)."""
+only when every file of the group is complete (``os.replace`` is atomic on one file system).
+
+The finished files get the mode an ordinary ``open(path, "w")`` would give them (``0o666`` less the
+process umask): some writers (safetensors) create their temporary file private (``0o600``), which
+would leave a model unreadable to others while its ``.json`` sidecar is readable."""
 from __future__ import annotations
 
 import os
@@ -8,6 +12,25 @@ from pathlib import Path
 from typing import Callable, Sequence, Tuple
 
 Writer = Callable[[Path], object]
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, then restore it at once
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode a newly created regular file gets: ``0o666 & ~umask``."""
+    return 0o666 & ~_umask()
 
 
 def temp_path(path: Path) -> Path:
@@ -22,9 +45,11 @@ def atomic_write_all(targets: Sequence[Tuple["str | Path", Writer]]) -> None:
     replaced together or not at all; the temporary files are removed whatever happens.
     """
     pairs = [(Path(p), temp_path(Path(p)), w) for p, w in targets]
+    mode = default_file_mode()
     try:
         for _, tmp, write in pairs:
             write(tmp)
+            os.chmod(tmp, mode)
         for path, tmp, _ in pairs:
             os.replace(tmp, path)
     finally:

@@ -7,10 +7,21 @@ are written to temporary files and renamed together, so an interrupted save neve
 file or a model beside another model's sidecar.
 Loading rebuilds the float architecture (from the registry name, or a model you pass), swaps in
 the quantized layers the config lists, and loads the tensors: the result equals the saved model.
+
+File names: ``NAME.safetensors`` is used as given (sidecar ``NAME.json``); a name ending in ``.json``
+names the sidecar (the model goes beside it); any other name gets ``.safetensors`` / ``.json``
+appended, so ``model.v1`` and ``lr0.04`` keep their dots (:func:`model_paths`).
+
+Nothing in a loaded file is trusted: the metadata must have the layout :func:`save_quantized` writes,
+every listed layer must exist in the architecture with the stated kind, the tensors must match the
+rebuilt model key for key and shape for shape, and the values must be ones a quantizer can hold
+(weight codes inside their stated bits' range, finite positive scales, finite whole zero points).
+A file that breaks any of these is refused with one :class:`DfquantError` naming the key at fault.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -20,7 +31,7 @@ import torch.nn as nn
 from .errors import DfquantError
 from .files import atomic_write_all
 from .qmodules import ActQuantizer, QuantConv2d, QuantLinear
-from .quantizer import QParams
+from .quantizer import QParams, qrange
 
 FORMAT = "dfquant-quantized-v1"
 
@@ -39,35 +50,109 @@ def layer_layout(qmodel: nn.Module) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def model_paths(path: "str | Path") -> Tuple[Path, Path]:
+    """The ``.safetensors`` file and ``.json`` sidecar that a save to ``path`` writes.
+
+    ``x.safetensors`` -> (``x.safetensors``, ``x.json``); ``x.json`` -> the same pair; any other
+    name is kept whole and the suffixes are appended: ``model.v1`` -> ``model.v1.safetensors``,
+    ``model.v1.json`` (``Path.with_suffix`` would cut it to ``model``).
+    """
+    if isinstance(path, str) and path.endswith(("/", os.sep)):
+        raise DfquantError(f"{path!r} names a folder: give a file name to save the model under (e.g. {path}model)")
+    path = Path(path)
+    name = path.name
+    if name in ("", ".", "..") or name in (".safetensors", ".json"):
+        raise DfquantError(f"not a file name to save a model under: {str(path)!r}")
+    if name.endswith(".safetensors"):
+        stem = name[: -len(".safetensors")]
+    elif name.endswith(".json"):
+        stem = name[: -len(".json")]
+    else:
+        stem = name
+    return path.with_name(stem + ".safetensors"), path.with_name(stem + ".json")
+
+
+def check_output_paths(paths: "Tuple[Path, ...]") -> None:
+    """Refuse, before any work, outputs whose folder is missing, not a folder or not writable, or
+    whose target is an existing directory (the same check :func:`save_quantized` makes)."""
+    for p in paths:
+        parent = p.parent
+        if not parent.exists():
+            raise DfquantError(f"output folder does not exist: {parent}")
+        if not parent.is_dir():
+            raise DfquantError(f"output folder is not a folder: {parent}")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise DfquantError(f"output folder is not writable: {parent}")
+        if p.is_dir():
+            raise DfquantError(f"cannot write {p}: it is an existing directory")
+
+
 def save_quantized(qmodel: nn.Module, path: "str | Path", *, model_name: Optional[str] = None, config: Optional[Dict[str, Any]] = None, report: Optional[Dict[str, Any]] = None) -> Tuple[Path, Path]:
-    """Write ``path`` (.safetensors) and its .json sidecar; returns both paths."""
+    """Write ``path`` (.safetensors) and its .json sidecar; returns both paths.
+
+    ``path`` is named as :func:`model_paths` says. Refused before anything is written: a model
+    with no quantized layer, and (with ``model_name``) a model that does not fit the registry
+    model of that name, since that file could never be loaded again.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_suffix(".safetensors")
-    if not path.parent.exists():
-        raise DfquantError(f"output folder does not exist: {path.parent}")
+    path, side = model_paths(path)
+    check_output_paths((path, side))
+    layers = layer_layout(qmodel)
+    if not layers:
+        raise DfquantError("the model has no quantized layer: quantize it first (dfquant.quantize), then save it")
     folded = [n for n, m in qmodel.named_modules() if isinstance(m, nn.Identity) and getattr(m, "_dfquant_folded", False)]
     meta = {
         "format": FORMAT,
         "model_name": model_name,
         "num_classes": _num_classes(qmodel),
-        "layers": layer_layout(qmodel),
+        "layers": layers,
         "folded_bn": folded or (config or {}).get("folded_bn", []),
         "relu6_to_relu": [n for n, m in qmodel.named_modules() if isinstance(m, nn.ReLU) and getattr(m, "_dfquant_from_relu6", False)],
         "config": config or {},
     }
     tensors = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items()}
-    side = path.with_suffix(".json")
+    if model_name is not None:
+        _check_fits_registry(qmodel, model_name, meta, tensors)
     doc = dict(meta, report=report)
-    atomic_write_all(
-        [
-            (path, lambda p: save_file(tensors, str(p), metadata={"dfquant": json.dumps(meta, default=str)})),
-            (side, lambda p: p.write_text(json.dumps(doc, indent=2, default=str))),
-        ]
-    )
+    try:
+        atomic_write_all(
+            [
+                (path, lambda p: save_file(tensors, str(p), metadata={"dfquant": json.dumps(meta, default=str)})),
+                (side, lambda p: p.write_text(json.dumps(doc, indent=2, default=str))),
+            ]
+        )
+    except OSError as exc:
+        raise DfquantError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except SafetensorError as exc:  # the writer's own I/O errors (a full disk, ...)
+        raise DfquantError(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
     return path, side
+
+
+def _check_fits_registry(qmodel: nn.Module, model_name: str, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
+    """Refuse to save under ``model_name`` a model that the registry's architecture cannot load."""
+    from .models import create_model
+
+    if not isinstance(model_name, str):
+        raise DfquantError(f"model_name must be a registry model name (a string), got {model_name!r}")
+    arch = create_model(model_name, num_classes=meta["num_classes"])
+    for name, spec in meta["layers"].items():
+        try:
+            layer = arch.get_submodule(name)
+        except AttributeError:
+            raise DfquantError(f"model_name={model_name!r}: the registry model has no layer {name!r}; this is not a {model_name} (pass the right name, or model_name=None)") from None
+        want = nn.Conv2d if spec["kind"] == "conv" else nn.Linear
+        if not isinstance(layer, want):
+            raise DfquantError(f"model_name={model_name!r}: layer {name!r} is a {type(layer).__name__} in the registry model, but a quantized {spec['kind']} here")
+        shape = tuple(qmodel.get_submodule(name).weight_int.shape)
+        if tuple(layer.weight.shape) != shape:
+            raise DfquantError(f"model_name={model_name!r}: layer {name!r} has weight shape {tuple(layer.weight.shape)} in the registry model, but {shape} here")
+    # the rest (folded BNs, biases, buffers): rebuild exactly as loading would and compare keys
+    rebuilt = _rebuild(meta, arch, tensors, f"model_name={model_name!r}")
+    problem = _state_mismatch(rebuilt.state_dict(), tensors)
+    if problem:
+        raise DfquantError(f"model_name={model_name!r}: the model does not fit the registry model, so the file could not be loaded: {problem}")
 
 
 def _num_classes(m: nn.Module) -> Optional[int]:
@@ -78,8 +163,56 @@ def _num_classes(m: nn.Module) -> Optional[int]:
     return last
 
 
+def _damaged(p: Any, what: str) -> DfquantError:
+    return DfquantError(f"{p}: {what}; the file is damaged or was edited")
+
+
+def _is_bits(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 8
+
+
+def _check_metadata(p: Path, info: Any) -> Dict[str, Any]:
+    """The metadata's layout, as :func:`save_quantized` writes it; one error naming the bad key."""
+    if not isinstance(info, dict):
+        raise _damaged(p, f"the dfquant metadata must be a JSON object, found a {type(info).__name__}")
+    if info.get("format") != FORMAT:
+        raise DfquantError(f"{p}: unsupported format {info.get('format')!r} (expected {FORMAT})")
+    for key in ("layers", "config"):
+        if key not in info:
+            raise _damaged(p, f"the metadata lacks {key!r}")
+        if not isinstance(info[key], dict):
+            raise _damaged(p, f"metadata {key!r} must be a JSON object, found a {type(info[key]).__name__}")
+    name = info.get("model_name")
+    if name is not None and not isinstance(name, str):
+        raise _damaged(p, f"metadata 'model_name' must be a string or null, found {name!r}")
+    n = info.get("num_classes")
+    if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
+        raise _damaged(p, f"metadata 'num_classes' must be a positive integer or null, found {n!r}")
+    for key in ("folded_bn", "relu6_to_relu"):
+        names = info.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(x, str) and x for x in names):
+            raise _damaged(p, f"metadata {key!r} must be a list of layer names, found {names!r}")
+    for lname, spec in info["layers"].items():
+        where = f"layers[{lname!r}]"
+        if not isinstance(spec, dict):
+            raise _damaged(p, f"{where} must be a JSON object, found {spec!r}")
+        for key in ("kind", "w_bits", "a_bits", "has_bias"):
+            if key not in spec:
+                raise _damaged(p, f"{where} lacks {key!r}")
+        if spec["kind"] not in ("conv", "linear"):
+            raise _damaged(p, f"{where} 'kind' must be 'conv' or 'linear', found {spec['kind']!r}")
+        if not _is_bits(spec["w_bits"]):
+            raise _damaged(p, f"{where} 'w_bits' must be an integer 2..8, found {spec['w_bits']!r}")
+        if spec["a_bits"] is not None and not _is_bits(spec["a_bits"]):
+            raise _damaged(p, f"{where} 'a_bits' must be null (float input) or an integer 2..8, found {spec['a_bits']!r}")
+        if not isinstance(spec["has_bias"], bool):
+            raise _damaged(p, f"{where} 'has_bias' must be true or false, found {spec['has_bias']!r}")
+    return info
+
+
 def read_metadata(path: "str | Path") -> Dict[str, Any]:
-    """The dfquant metadata stored in a quantized .safetensors file (clear error if it is not one)."""
+    """The dfquant metadata stored in a quantized .safetensors file (clear error if it is not one,
+    or if the metadata lacks or garbles a key a load needs)."""
     from safetensors import safe_open
 
     p = Path(path)
@@ -92,28 +225,30 @@ def read_metadata(path: "str | Path") -> Dict[str, Any]:
         raise DfquantError(f"{p} is not a safetensors file") from None
     if "dfquant" not in meta:
         raise DfquantError(f"{p} is a safetensors file but not a dfquant quantized model (no dfquant metadata)")
-    info = json.loads(meta["dfquant"])
-    if info.get("format") != FORMAT:
-        raise DfquantError(f"{p}: unsupported format {info.get('format')!r} (expected {FORMAT})")
-    return info
+    try:
+        info = json.loads(meta["dfquant"])
+    except ValueError as exc:
+        raise _damaged(p, f"the dfquant metadata is not valid JSON ({exc})") from None
+    return _check_metadata(p, info)
 
 
-def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Rebuild a saved quantized model; ``model`` is the float architecture when not in the registry."""
-    from safetensors.torch import load_file
-
-    info = read_metadata(path)
-    if model is None:
-        if not info.get("model_name"):
-            raise DfquantError("this file was saved from a model outside the registry: pass the float model to load it into")
-        from .models import create_model
-
-        model = create_model(info["model_name"], num_classes=info.get("num_classes"))
+def _rebuild(info: Dict[str, Any], model: nn.Module, state: Dict[str, torch.Tensor], where: Any) -> nn.Module:
+    """A copy of the float ``model`` with the saved structure: folded BNs, ReLU6 -> ReLU, and each
+    listed layer swapped for a quantized layer of the saved kind, bits and scale count."""
     import copy
 
-    state = load_file(str(path))
     q = copy.deepcopy(model).eval()
+
+    def lookup(name: str, key: str) -> nn.Module:
+        try:
+            return q.get_submodule(name)
+        except AttributeError:
+            raise DfquantError(f"{where}: {key} names a layer {name!r} that this architecture ({type(model).__name__}) lacks") from None
+
     for bn_name in info.get("folded_bn", []):
+        bn = lookup(bn_name, "folded_bn")
+        if not isinstance(bn, (nn.modules.batchnorm._BatchNorm, nn.Identity)):
+            raise DfquantError(f"{where}: folded_bn names {bn_name!r}, which is a {type(bn).__name__} in this architecture, not a BatchNorm")
         q.set_submodule(bn_name, nn.Identity())
     for act_name in info.get("relu6_to_relu", []):  # DFQ's ReLU6 -> ReLU (dfquant.dfq.replace_relu6)
         try:
@@ -126,10 +261,12 @@ def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tup
         relu._dfquant_from_relu6 = True
         q.set_submodule(act_name, relu)
     for name, spec in info["layers"].items():
-        try:
-            layer = q.get_submodule(name)
-        except AttributeError:
-            raise DfquantError(f"the saved model has a quantized layer {name!r} that this architecture lacks") from None
+        layer = lookup(name, "layers")
+        want = nn.Conv2d if spec["kind"] == "conv" else nn.Linear
+        if not isinstance(layer, want):
+            raise DfquantError(
+                f"{where}: layers[{name!r}] is a quantized {spec['kind']}, but this architecture has a {type(layer).__name__} there (expected nn.{want.__name__})"
+            )
         act = ActQuantizer(spec["a_bits"], 0.0, 1.0) if spec["a_bits"] else None
         zeros = torch.zeros_like(layer.weight)
         # one scale per output channel, or one per layer (per-tensor grids): sized as saved
@@ -139,8 +276,106 @@ def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tup
         bias = torch.zeros(layer.weight.shape[0]) if spec["has_bias"] and layer.bias is None else None
         cls = QuantConv2d if spec["kind"] == "conv" else QuantLinear
         q.set_submodule(name, cls(layer, zeros, qp, act, bias=bias))
+    return q
+
+
+def _listing(items: "list[str]", k: int = 4) -> str:
+    more = f" (+{len(items) - k} more)" if len(items) > k else ""
+    return ", ".join(items[:k]) + more
+
+
+def _state_mismatch(expected: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> str:
+    """The keys of ``state`` that ``expected`` lacks, wants, or shapes differently ('' if none)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (the architecture needs {tuple(expected[k].shape)})"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    codes = [  # int8 codes copied into an int8 buffer unchanged; a float or wider type would not be
+        f"{k} ({str(state[k].dtype).replace('torch.', '')}, expected {str(expected[k].dtype).replace('torch.', '')})"
+        for k in expected
+        if k.endswith(".weight_int") and k in state and state[k].dtype != expected[k].dtype
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_listing(unexpected)}")
+    if shapes:
+        parts.append(f"wrong shapes: {_listing(shapes, 3)}")
+    if codes:
+        parts.append(f"weight codes of the wrong type: {_listing(codes)}")
+    return "; ".join(parts)
+
+
+def _check_values(p: Any, q: nn.Module, info: Dict[str, Any]) -> None:
+    """Every quantized layer's tensors hold values a quantizer of the stated bits can produce."""
+    for name, spec in info["layers"].items():
+        layer = q.get_submodule(name)
+        bits = spec["w_bits"]
+        qmin, qmax = qrange(bits, True)
+        codes = layer.weight_int
+        if codes.numel():
+            lo, hi = int(codes.min()), int(codes.max())
+            if lo < qmin or hi > qmax:
+                raise _damaged(p, f"layer {name!r}: weight codes span {lo}..{hi}, outside the {bits}-bit range {qmin}..{qmax} its w_bits states")
+        scale, zp = layer.weight_scale, layer.weight_zero_point
+        ok = torch.isfinite(scale) & (scale > 0)
+        if not bool(ok.all()):
+            raise _damaged(p, f"layer {name!r}: weight scales must be finite and > 0, found {_bad_values(scale, ok)}")
+        ok = torch.isfinite(zp)
+        if not bool(ok.all()):
+            raise _damaged(p, f"layer {name!r}: weight zero points must be finite, found {_bad_values(zp, ok)}")
+        aq = layer.input_quant
+        if aq is not None:
+            s, z = aq.scale, aq.zero_point
+            ok = torch.isfinite(s) & (s > 0)
+            if not bool(ok.all()):
+                raise _damaged(p, f"layer {name!r}: activation scale must be finite and > 0, found {_bad_values(s, ok)}")
+            # a whole number, not necessarily inside 0..2^b-1: a range with lo > 0 (e.g. an
+            # input_range of (0.5, 1.0)) has its zero outside the grid, which params_from_range allows
+            ok = torch.isfinite(z) & (z == z.round())
+            if not bool(ok.all()):
+                raise _damaged(p, f"layer {name!r}: activation zero point must be a finite whole number, found {_bad_values(z, ok)}")
+
+
+def _bad_values(t: torch.Tensor, ok: torch.Tensor) -> str:
+    """The first few values of ``t`` where ``ok`` is False."""
+    bad = t.detach().reshape(-1).float()[~ok.reshape(-1)]
+    return ", ".join(f"{v:.4g}" for v in bad[:3].tolist()) + (f" (+{bad.numel() - 3} more)" if bad.numel() > 3 else "")
+
+
+def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild a saved quantized model; ``model`` is the float architecture when not in the registry.
+
+    Refuses, with one error naming the key at fault, a file whose metadata or tensors do not fit
+    the architecture or hold values no quantizer of the stated bits produces (see the module doc).
+    """
+    from safetensors.torch import load_file
+
+    info = read_metadata(path)
+    if model is None:
+        if not info.get("model_name"):
+            raise DfquantError("this file was saved from a model outside the registry: pass the float model to load it into")
+        from .models import create_model
+
+        try:
+            model = create_model(info["model_name"], num_classes=info.get("num_classes"))
+        except DfquantError as exc:
+            raise DfquantError(f"{path}: metadata 'model_name' {info['model_name']!r}: {exc}") from None
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # truncated or corrupt tensor data
+        raise DfquantError(f"cannot read the tensors of {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    q = _rebuild(info, model, state, path)
+    problem = _state_mismatch(q.state_dict(), state)
+    if problem:
+        raise DfquantError(f"{path} does not fit the architecture ({type(model).__name__}): {problem}")
     try:
         q.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise DfquantError(f"{path} does not fit the architecture: {str(exc).splitlines()[0]}") from None
+    _check_values(path, q, info)
     return q, info

@@ -84,11 +84,21 @@ project is developed on: 256 images for the CIFAR ResNet-20 take ~3 min on a qui
 at :data:`CPU_BUDGET`). The loss is already ~1-2 % of random noise's, but the images are less
 converged than with the paper's 4000 iterations; use the GPU defaults (``device="cuda"``) when a
 GPU is available.
+
+Files
+-----
+:func:`save_images` writes ``NAME.safetensors`` (a name already ending in ``.safetensors`` is used
+as given; any other gets the suffix appended, so ``syn_seed0.5`` keeps its dot); the PNG grid of
+:func:`save_image_grid` goes beside it as ``NAME.png`` (:func:`grid_path`). Neither creates
+folders: a missing output folder is refused, so a typo cannot create a directory tree. The
+metadata is stored with sorted keys, so two identical runs write byte-identical files.
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -110,6 +120,8 @@ __all__ = [
     "bn_statistics_loss",
     "synthesize",
     "save_images",
+    "images_path",
+    "grid_path",
     "load_images",
     "load_image_files",
     "images_metadata",
@@ -586,26 +598,94 @@ def synthesize(
 # --------------------------------------------------------------------------------------------
 
 
-def save_images(images: torch.Tensor, path, metadata: Optional[Dict[str, object]] = None) -> Path:
-    """Save images to a safetensors file (key ``"images"``), atomically.
+def images_path(path) -> Path:
+    """The file :func:`save_images` writes for ``path``: ``x.safetensors`` as given, ``x`` or
+    ``x.v1`` with ``.safetensors`` appended (the name is never cut at a dot). A ``.png`` name is
+    refused: the images go to a ``.safetensors`` file and the grid is written beside it."""
+    if isinstance(path, str) and path.endswith(("/", os.sep)):
+        raise DfquantError(f"{path!r} names a folder: give a .safetensors file name for the synthetic images")
+    p = Path(path)
+    if p.name in ("", ".", "..", ".safetensors"):
+        raise DfquantError(f"not a file name to save synthetic images under: {str(path)!r}")
+    if p.name.lower().endswith(".png"):
+        raise DfquantError(f"{p}: give a .safetensors name for the synthetic images; the .png grid is written beside it")
+    return p if p.name.endswith(".safetensors") else p.with_name(p.name + ".safetensors")
 
-    The file is written next to ``path`` under a temporary name and renamed over ``path`` only when
-    complete, so an interrupted run never leaves a half-written file. ``metadata`` values are
-    stored as strings together with the shape and dtype.
+
+def grid_path(path) -> Path:
+    """The PNG grid beside an images file: ``x.safetensors`` -> ``x.png``, ``x.v1`` -> ``x.v1.png``."""
+    p = images_path(path)
+    return p.with_name(p.name[: -len(".safetensors")] + ".png")
+
+
+def _check_output(path: Path) -> None:
+    """Refuse a target whose folder is missing or not a folder, or that is a directory itself."""
+    parent = path.parent
+    if not parent.exists():
+        raise DfquantError(f"output folder does not exist: {parent}")
+    if not parent.is_dir():
+        raise DfquantError(f"output folder is not a folder: {parent}")
+    if path.is_dir():
+        raise DfquantError(f"cannot write {path}: it is an existing directory")
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its ``__metadata__`` keys sorted.
+
+    The writer keeps metadata in a hash map whose order changes from run to run, so two identical
+    runs would differ in bytes. Sorting does not change the header's length (same keys, same
+    compact JSON), so the header is overwritten in place, padded with spaces as the format allows.
     """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted((header.get("__metadata__") or {}).items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(new) <= n:
+            f.seek(8)
+            f.write(new + b" " * (n - len(new)))
+            return
+        f.seek(8 + n)  # (not expected) a longer encoding: rewrite the whole file
+        rest = f.read()
+        new += b" " * (-(8 + len(new)) % 8)
+        f.seek(0)
+        f.write(len(new).to_bytes(8, "little") + new + rest)
+        f.truncate()
+
+
+def save_images(images: torch.Tensor, path, metadata: Optional[Dict[str, object]] = None) -> Path:
+    """Save images to a safetensors file (key ``"images"``), atomically; returns the file written.
+
+    ``path`` is named as :func:`images_path` says (``.safetensors`` appended unless present; a
+    ``.png`` name is refused). Its folder must exist (it is not created). The file is written next
+    to the target under a temporary name and renamed over it only when complete, so an interrupted
+    run never leaves a half-written file. ``metadata`` values are stored as strings together with
+    the shape and dtype, with sorted keys (identical runs give identical bytes).
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise DfquantError("images must be a (N, C, H, W) tensor")
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    path = images_path(path)
+    _check_output(path)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.setdefault("format", "dfquant-synthetic-images")
     meta["shape"] = "x".join(str(s) for s in images.shape)
     meta["dtype"] = str(images.dtype).replace("torch.", "")
+    meta = dict(sorted(meta.items()))
     data = {"images": images.detach().cpu().contiguous()}
-    atomic_write(path, lambda p: save_file(data, str(p), metadata=meta))
+
+    def write(p: Path) -> None:
+        save_file(data, str(p), metadata=meta)
+        _sort_metadata(p)
+
+    try:
+        atomic_write(path, write)
+    except OSError as exc:
+        raise DfquantError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except SafetensorError as exc:  # the writer's own I/O errors (a full disk, ...)
+        raise DfquantError(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
     return path
 
 
@@ -679,7 +759,8 @@ def save_image_grid(
     (``x * std + mean``) and clipped to [0, 1]; otherwise each image is min-max scaled on its own.
     One-channel images are written in grey. Small images are enlarged by an integer factor
     (nearest neighbour) so the grid is legible: ``scale`` sets it, default so that a side is at
-    least 64 pixels. The PNG is written atomically.
+    least 64 pixels. The PNG is written atomically; its folder must exist (see :func:`grid_path`
+    for the name beside an images file).
     """
     from PIL import Image
 
@@ -726,7 +807,9 @@ def save_image_grid(
     else:
         img = Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy())
     png_path = Path(png_path)
-    if png_path.parent and not png_path.parent.exists():
-        png_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(png_path, lambda p: img.save(str(p), format="PNG"))
+    _check_output(png_path)
+    try:
+        atomic_write(png_path, lambda p: img.save(str(p), format="PNG"))
+    except OSError as exc:
+        raise DfquantError(f"cannot write {png_path}: {exc.strerror or exc}") from None
     return png_path

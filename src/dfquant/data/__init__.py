@@ -9,7 +9,7 @@ from __future__ import annotations
 from .cifar import load_cifar10_npz
 from .digits import digits_model, load_digits_split
 
-__all__ = ["load_cifar10_npz", "load_digits_split", "digits_model", "load_eval_data", "input_normalization", "input_range"]
+__all__ = ["load_cifar10_npz", "load_digits_split", "digits_model", "load_eval_data", "check_limit", "input_normalization", "input_range"]
 
 
 def input_normalization(dataset: str):
@@ -35,10 +35,24 @@ def input_range(dataset: str):
     return float(lo), float(hi)
 
 
-def load_eval_data(name: str, path: "str | None" = None, limit: "int | None" = None):
-    """Load an evaluation set by name; returns a (images, labels) pair or a DataLoader."""
+def check_limit(limit) -> "int | None":
+    """``limit`` (keep the first N images) must be None or a positive integer."""
     from ..errors import DfquantError
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DfquantError(f"limit must be a positive integer, got {limit!r}")
+    return limit
+
+
+def load_eval_data(name: str, path: "str | None" = None, limit: "int | None" = None):
+    """Load an evaluation set by name; returns a (images, labels) pair or a DataLoader.
+
+    ``limit`` keeps the first N images; it must be a positive integer for every dataset (a
+    negative one would silently slice off the *last* images instead).
+    """
+    from ..errors import DfquantError
+
+    check_limit(limit)
     if name == "digits":
         _, test = load_digits_split()
         x, y = test

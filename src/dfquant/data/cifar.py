@@ -1,4 +1,5 @@
-"""CIFAR-10 evaluation images from an .npz file (``images`` uint8 N x 3 x 32 x 32, ``labels``)."""
+"""CIFAR-10 evaluation images from an .npz file (``images`` uint8 N x 3 x 32 x 32, ``labels``
+integer class indices 0..9, N of them)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,7 @@ from ..errors import DfquantError
 # The normalisation the shared checkpoints were trained with (ImageNet's mean and std).
 CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)
+CIFAR10_CLASSES = 10
 
 
 def normalize_cifar(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -21,10 +23,12 @@ def normalize_cifar(images_uint8: torch.Tensor) -> torch.Tensor:
     return (images_uint8.float() / 255.0 - mean) / std
 
 
-def load_cifar10_npz(path: "str | Path | None" = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def load_cifar10_npz(path: "str | Path | None" = None, num_classes: int = CIFAR10_CLASSES) -> Tuple[torch.Tensor, torch.Tensor]:
     """Normalised images (N, 3, 32, 32) float32 and labels (N,) int64.
 
     ``path`` defaults to the shared asset ``data/cifar10-test-first846.npz`` (via DFQUANT_ASSETS).
+    The labels must be stored as integers in ``0..num_classes-1``: float labels would be truncated
+    and out-of-range ones never match a prediction, so either is refused rather than scored.
     """
     if path is None:
         found: Optional[Path] = asset_path(CIFAR10_TEST_NPZ)
@@ -49,4 +53,10 @@ def load_cifar10_npz(path: "str | Path | None" = None) -> Tuple[torch.Tensor, to
         raise DfquantError(f"{p}: 'images' must be uint8 pixels, got {images.dtype}")
     if labels.shape != (images.shape[0],):
         raise DfquantError(f"{p}: 'labels' must have shape ({images.shape[0]},), got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DfquantError(f"{p}: 'labels' must be integer class indices, got {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DfquantError(
+            f"{p}: 'labels' must be class indices in 0..{num_classes - 1}, found values {int(labels.min())}..{int(labels.max())}"
+        )
     return normalize_cifar(torch.from_numpy(images)), torch.from_numpy(labels.astype(np.int64))
