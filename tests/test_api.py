@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -96,6 +98,12 @@ def test_fold_bn_option(digits):
         (dict(layer_w_bits={"conv2": 8}, skip=("conv2",)), "both skipped and given a bit-width: conv2"),
         (dict(layer_w_bits=[("conv2", 8)]), "must map layer names to bit-widths"),
         (dict(per_channel="no"), "per_channel must be True"),
+        (dict(n_sigma=-2.0), "n_sigma must be a positive finite number"),
+        (dict(n_sigma=float("inf")), "n_sigma must be a positive finite number"),
+        (dict(quantize_first_input=True, input_range=(1.0, 0.0)), "lo < hi"),
+        (dict(quantize_first_input=True, input_range=(float("nan"), 1.0)), "two finite numbers"),
+        (dict(skip="fc"), "got the string 'fc'"),
+        (dict(input_size=(3, 8, 8)), r"cannot run on an input of size \(3, 8, 8\)"),
     ],
 )
 def test_bad_arguments(digits, kwargs, match):
@@ -184,3 +192,56 @@ def test_per_layer_weight_bits_override_and_survive_save_load(digits, tmp_path):
     assert info["config"]["layer_w_bits"] == {"conv2": 8, "fc": 6}
     with torch.no_grad():
         assert torch.equal(loaded(x), qmodel(x))
+
+
+def test_a_model_in_training_mode_is_left_untouched(digits):
+    model, (x, _) = digits
+    want, _ = dfquant.quantize(model, "squant", 4, 4)
+    model.train()
+    try:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        got, report = dfquant.quantize(model, "squant", 4, 4)
+        assert model.training
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # BN running stats too
+    finally:
+        model.eval()
+    assert any("training mode" in n for n in report.notes)
+    with torch.no_grad():
+        assert torch.equal(got(x), want(x))  # the eval-mode function, as from the eval-mode model
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_quantized_as_float32(digits, dtype):
+    model, (x, _) = digits
+    low = copy.deepcopy(model).to(dtype)
+    q, report = dfquant.quantize(low, "squant", 8, 8)
+    assert any("converted to float32" in n for n in report.notes)
+    assert next(low.parameters()).dtype == dtype  # the given model is not converted
+    with torch.no_grad():
+        out = q(x)
+    assert out.dtype == torch.float32 and (out.argmax(1) == model(x).argmax(1)).float().mean() > 0.95
+
+
+def test_a_meta_device_model_is_a_clear_error():
+    with torch.device("meta"):
+        model = dfquant.create_model("digits_cnn")
+    with pytest.raises(DfquantError, match="meta device"):
+        dfquant.quantize(model, "rtn", 4, 4)
+
+
+def test_a_conv_with_non_zero_padding_stays_float_and_is_listed():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()
+    q, report = dfquant.quantize(model, "rtn", 8, 8, input_size=(3, 16, 16))
+    assert report.unsupported == ["3"] and [l.name for l in report.layers] == ["0", "8"]
+    assert type(q.get_submodule("3")) is nn.Conv2d
+
+
+def test_batchnorm1d_is_named_when_no_batchnorm2d_is_found():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with pytest.raises(DfquantError, match="no BatchNorm2d layer \\(it has BatchNorm1d"):
+        dfquant.quantize(model, "rtn", 4, 4, input_size=(3, 2, 2))

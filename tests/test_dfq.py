@@ -173,7 +173,7 @@ def test_refused_where_they_do_not_apply():
             dfquant.quantize(model, "genie", 4, 4, **{option: True})
     no_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(2))
     no_bn(torch.zeros(1, 3, 8, 8))
-    with pytest.raises(DfquantError, match="bias correction needs BN statistics"):
+    with pytest.raises(DfquantError, match="bias correction needs BatchNorm2d statistics"):
         dfquant.quantize(no_bn, "rtn", 4, None, bias_correction=True)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
@@ -35,6 +36,12 @@ ROUNDING_METHODS: Dict[str, RoundFn] = {
 # Methods that start from a rounding method and then learn (need synthetic data).
 LEARNED_METHODS = ("genie", "zeroq")
 METHODS = tuple(ROUNDING_METHODS) + LEARNED_METHODS
+
+
+def _finite_number(value: Any, positive: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and (value > 0 or not positive)
 
 
 @dataclass
@@ -79,6 +86,14 @@ class QuantConfig:
         for name in ("first_input_bits", "last_input_bits", "first_last_w_bits"):
             if getattr(self, name) is not None:
                 check_bits(getattr(self, name), name)
+        if isinstance(self.skip, str):
+            raise DfquantError(f"skip must be a list of layer names, got the string {self.skip!r} (write skip=({self.skip!r},))")
+        if self.n_sigma is not None and not _finite_number(self.n_sigma, positive=True):
+            raise DfquantError(f"n_sigma must be a positive finite number (n in beta + n*gamma), got {self.n_sigma!r}")
+        if self.input_range is not None:
+            rng = tuple(self.input_range) if isinstance(self.input_range, (tuple, list)) else ()
+            if len(rng) != 2 or not all(_finite_number(v) for v in rng) or not float(rng[0]) < float(rng[1]):
+                raise DfquantError(f"input_range must be two finite numbers (lo, hi) with lo < hi, got {self.input_range!r}")
         if not isinstance(self.layer_w_bits, dict):
             raise DfquantError(f"layer_w_bits must map layer names to bit-widths, got {type(self.layer_w_bits).__name__}")
         for layer, bits in self.layer_w_bits.items():
@@ -141,12 +156,11 @@ def quantize(model: nn.Module, method: str = "squant", w_bits: int = 4, a_bits: 
     if cfg.method not in LEARNED_METHODS and learned_opts:
         raise DfquantError(f"unknown option(s) for method {cfg.method!r}: {', '.join(sorted(learned_opts))}")
     t0 = time.perf_counter()
-    base, cle_notes = model, []
+    model, cle_notes = _eval_float32_cpu(model)
+    base = model
     if cfg.relu6_to_relu:
         from .dfq import replace_relu6
 
-        if not isinstance(model, nn.Module):
-            raise DfquantError(f"expected a torch.nn.Module, got {type(model).__name__}")
         base, replaced = replace_relu6(model)
         if not replaced:
             raise DfquantError("relu6_to_relu: the model has no nn.ReLU6 module to replace")
@@ -166,11 +180,47 @@ def quantize(model: nn.Module, method: str = "squant", w_bits: int = 4, a_bits: 
     return qmodel, report
 
 
+def _eval_float32_cpu(model: Any) -> Tuple[nn.Module, list]:
+    """The model quantize works from, and notes for the report: ``model`` itself when it is an
+    eval-mode float32 model on the CPU, else such a copy. The caller's model is never changed (in
+    training mode the graph pass that carries BN statistics would update its running statistics)."""
+    if not isinstance(model, nn.Module):
+        raise DfquantError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.is_meta for t in tensors):
+        raise DfquantError("the model's tensors are on the meta device (they have no values): load its weights first")
+    other_dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.is_floating_point() and t.dtype != torch.float32})
+    devices = sorted({t.device.type for t in tensors if t.device.type != "cpu"})
+    if not (model.training or other_dtypes or devices):
+        return model, []
+    notes = []
+    model = copy.deepcopy(model)
+    if model.training:
+        notes.append("the model was in training mode: its eval-mode function was quantized (BN running statistics); the given model is unchanged")
+    if devices:
+        notes.append(f"the model's {'/'.join(devices)} tensors were copied to the CPU to quantize (genie/zeroq: device= picks where they train)")
+    if other_dtypes:
+        notes.append(f"the model's {'/'.join(other_dtypes)} tensors were converted to float32 to quantize; the quantized model computes in float32")
+    return model.cpu().float().eval(), notes
+
+
+def _check_runs(model: nn.Module, input_size: Tuple[int, ...]) -> None:
+    """One all-zero input through the model: a wrong input_size is a clear error, not a half-analysed graph."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    except Exception as exc:  # noqa: BLE001 - any failure here means the size does not fit the model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DfquantError(f"the model cannot run on an input of size {tuple(input_size)} (input_size): {first}") from None
+
+
 def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[Tuple[int, ...]]):
     """Replace every supported layer of a copy of ``model`` by its quantized version."""
     if not isinstance(model, nn.Module):
         raise DfquantError(f"expected a torch.nn.Module, got {type(model).__name__}")
     input_size = input_size or getattr(model, "input_size", None)
+    if input_size is not None:
+        _check_runs(model, input_size)
     graph = analyse(model)
     if not graph.layers:
         raise DfquantError("the model has no Conv2d or Linear layer to quantize")
@@ -190,13 +240,14 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
 
     ranges: Dict[str, Any] = {}
     if cfg.a_bits is not None or cfg.bias_correction:
-        what = "bias correction needs BN statistics for the expected inputs" if cfg.a_bits is None else (
-            "data-free activation ranges need BN statistics (quantize weights only with a_bits=None / --a-bits none)"
-        )
+        need = "bias correction needs" if cfg.a_bits is None else "data-free activation ranges need"
+        fix = "" if cfg.a_bits is None else " (or quantize weights only: a_bits=None / --a-bits none)"
         if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-            raise DfquantError(f"the model has no BatchNorm layers: {what}")
+            other = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+            found = f" (it has {', '.join(other)}, which dfquant does not read)" if other else ""
+            raise DfquantError(f"the model has no BatchNorm2d layer{found}: {need} BatchNorm2d statistics{fix}")
         if graph.traced is None:
-            raise DfquantError(f"the model is not fx-traceable: {what}")
+            raise DfquantError(f"{need} the model's graph to carry BN statistics, but torch.fx cannot trace this model's forward{fix}")
         ranges = propagate_bn_stats(graph.traced, input_size)
 
     qmodel = copy.deepcopy(model).eval()

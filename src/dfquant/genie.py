@@ -518,7 +518,8 @@ def _check_float(value: Any, what: str, lo: float = 0.0, hi: float = math.inf, l
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
     ok = ok and (float(value) > lo if lo_open else float(value) >= lo) and float(value) <= hi
     if not ok:
-        raise DfquantError(f"{what} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
+        upper = ")" if math.isinf(hi) else "]"  # a finite number: an infinite bound is open
+        raise DfquantError(f"{what} must be a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}{upper}, got {value!r}")
     return float(value)
 
 
@@ -683,6 +684,11 @@ def reconstruct_model(
         )
     if budget not in _BUDGETS:
         raise DfquantError(f"unknown budget {budget!r}; choose {', '.join(_BUDGETS)}")
+    if save_synthetic is not None:  # checked before minutes of synthesis, not after
+        from .serialization import check_output_paths
+        from .synthesis import images_path
+
+        check_output_paths((images_path(save_synthetic),))
     if act_calib not in _ACT_CALIB:
         raise DfquantError(f"unknown act_calib {act_calib!r}; choose bn or data")
     dev = _resolve_device(device)
@@ -781,8 +787,8 @@ def reconstruct_model(
     if save_synthetic is not None:
         from .synthesis import save_images
 
-        save_images(images, save_synthetic, metadata=dict(method=data_method, seed=seed, source=info["data"]["source"]))
-        info["data"]["saved_to"] = str(save_synthetic)
+        written = save_images(images, save_synthetic, metadata=dict(method=data_method, seed=seed, source=info["data"]["source"]))
+        info["data"]["saved_to"] = str(written)
 
     # (2) float reference ----------------------------------------------------------------------
     t1 = time.perf_counter()

@@ -19,6 +19,12 @@ SUPPORTED = (nn.Conv2d, nn.Linear)
 _NORM_OR_CONTAINER = (nn.BatchNorm2d, nn.BatchNorm1d)
 
 
+def is_supported(module: nn.Module) -> bool:
+    """A layer dfquant quantizes: Linear, or Conv2d with zero padding (the padding integer
+    kernels and the ONNX export assume); a reflect/replicate/circular-padded conv stays float."""
+    return isinstance(module, SUPPORTED) and getattr(module, "padding_mode", "zeros") == "zeros"
+
+
 @dataclass
 class LayerInfo:
     name: str
@@ -53,11 +59,11 @@ def analyse(model: nn.Module) -> ModelGraph:
         n
         for n, m in modules.items()
         if n
-        and not isinstance(m, SUPPORTED + _NORM_OR_CONTAINER)
+        and not (is_supported(m) or isinstance(m, _NORM_OR_CONTAINER))
         and any(True for _ in m.parameters(recurse=False))
     ]
     if gm is None:
-        layers = [LayerInfo(n, m, i) for i, (n, m) in enumerate((n, m) for n, m in modules.items() if isinstance(m, SUPPORTED))]
+        layers = [LayerInfo(n, m, i) for i, (n, m) in enumerate((n, m) for n, m in modules.items() if is_supported(m))]
         return ModelGraph(layers, unsupported, None, {}, "model is not fx-traceable: layer order is registration order, no BN pairing")
     order: List[str] = []
     conv_bn: Dict[str, str] = {}
@@ -65,7 +71,7 @@ def analyse(model: nn.Module) -> ModelGraph:
         if node.op != "call_module":
             continue
         mod = modules.get(node.target)
-        if isinstance(mod, SUPPORTED) and node.target not in order:
+        if mod is not None and is_supported(mod) and node.target not in order:
             order.append(node.target)
         if isinstance(mod, nn.BatchNorm2d):
             src = node.args[0]
