@@ -69,6 +69,19 @@ def test_quantize_report_table(capsys, digits):
         (["quantize", "--model", "digits_cnn", "--method", "rtn", "--no-kernel"], "--no-kernel/--no-channel switch the levels of --method squant only"),
         (["quantize", "--model", "digits_cnn", "--method", "genie", "--no-channel"], "not of genie"),
         (["quantize", "--model", "digits_cnn", "--method", "zeroq", "--cle", "--bias-correction"], "--cle, --bias-correction are DFQ steps for the rounding methods"),
+        # contradictory or unused options are refused, not dropped
+        (["quantize", "--model", "resnet20", "--weights", "w.th", "--random-init"], "--weights and --random-init contradict"),
+        (["quantize", "--model", "digits_cnn", "--data", "x.npz"], "the digits data is embedded"),
+        (["quantize", "--model", "digits_cnn", "--eval", "none", "--limit", "5"], "--limit chooses evaluation data, but --eval none"),
+        (["quantize", "--model", "digits_cnn", "--layer-bits", "conv1=8", "--layer-bits", "conv1=2"], "gives conv1 two bit-widths (8 and 2)"),
+        (["quantize", "--model", "digits_cnn", "--a-bits", "none", "--last-input-bits", "4"], "--a-bits none quantizes no input"),
+        (["quantize", "--model", "digits_cnn", "--method", "genie", "--synthetic", "s.safetensors", "--distill-iters", "3"], "--synthetic uses the given images"),
+        (["quantize", "--model", "digits_cnn", "--n-sigma", "0"], "n_sigma must be a positive finite number"),
+        # output paths are checked before any work
+        (["quantize", "--model", "digits_cnn", "--out", "/no/such/folder/m"], "output folder does not exist: /no/such/folder"),
+        (["quantize", "--model", "digits_cnn", "--out", ""], "--out needs a file name"),
+        (["synthesize", "--model", "digits_cnn", "-n", "2", "--out", "/no/such/folder/s"], "output folder does not exist"),
+        (["synthesize", "--model", "digits_cnn", "-n", "2", "--out", "grid.png"], "give a .safetensors name"),
     ],
 )
 def test_errors_are_one_line(capsys, digits, argv, message):
@@ -89,6 +102,49 @@ def test_wrong_weights_and_wrong_data(capsys, digits, tmp_path):
     np.savez(tmp_path / "bad.npz", images=np.zeros((4, 3, 16, 16), np.uint8), labels=np.zeros(4, np.int64))
     code, _, err = run(capsys, "quantize", "--model", "resnet20", "--random-init", "--eval", "cifar10", "--data", str(tmp_path / "bad.npz"))
     assert code == 2 and "shape (N, 3, 32, 32)" in err
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_any_work(capsys, digits, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for argv, message in (
+        (["quantize", "--model", "digits_cnn", "--out", str(a_file / "m")], "is not a folder"),
+        (["quantize", "--model", "digits_cnn", "--out", str(tmp_path)], "that is a folder"),
+        (["quantize", "--model", "digits_cnn", "--method", "genie", "--save-synthetic", str(tmp_path)], "that is a folder"),
+    ):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and message in err and not out, err  # nothing was quantized or printed first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_a_negative_limit_is_refused(capsys, digits):
+    with pytest.raises(SystemExit):
+        main(["--no-progress", "quantize", "--model", "digits_cnn", "--limit", "-5"])
+    assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_json_with_report_carries_the_per_layer_report(capsys, digits):
+    code, out, _ = run(capsys, "quantize", "--model", "digits_cnn", "--method", "squant", "--eval", "none", "--json", "--report")
+    assert code == 0
+    layers = json.loads(out)["report"]["layers"]
+    assert [l["name"] for l in layers] == ["conv1", "conv2", "conv3", "fc"]
+
+
+def test_evaluate_refuses_options_that_do_not_apply_to_a_saved_file(capsys, digits, tmp_path):
+    code, _, _ = run(capsys, "quantize", "--model", "digits_cnn", "--eval", "none", "--out", str(tmp_path / "m.v1"))
+    assert code == 0 and (tmp_path / "m.v1.safetensors").is_file()  # a dotted name keeps its tail
+    code, _, err = run(capsys, "evaluate", str(tmp_path / "m.v1.safetensors"), "--model", "resnet20")
+    assert code == 2 and "--model resnet20 does not apply" in err
+    code, _, err = run(capsys, "evaluate", str(tmp_path / "m.v1.safetensors"), "--random-init")
+    assert code == 2 and "--random-init loads a float model" in err
+    code, out, _ = run(capsys, "evaluate", str(tmp_path / "m.v1.safetensors"), "--json")
+    assert code == 0 and json.loads(out)["model"] == "digits_cnn"
+
+
+def test_synthesize_keeps_a_dotted_name(capsys, digits, tmp_path):
+    code, _, _ = run(capsys, "synthesize", "--model", "digits_cnn", "-n", "2", "--iters", "1", "--out", str(tmp_path / "syn_seed0.5"))
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn_seed0.5.png", "syn_seed0.5.safetensors"]
 
 
 def test_console_script_entry_point():

@@ -19,6 +19,63 @@ def _bits_or_none(s: str) -> Optional[int]:
         raise argparse.ArgumentTypeError(f"expected an integer 2..8 or 'none', got {s!r}") from None
 
 
+def _positive_int(s: str) -> int:
+    try:
+        value = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return value
+
+
+# --last-input-bits when not given: 8 (the paper's protocol); told apart from an explicit value
+_LAST_INPUT_DEFAULT = 8
+
+
+class _Default(int):
+    """An int that remembers it was not given on the command line."""
+
+
+def _check_output(path: Optional[str], flag: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    import os
+    from pathlib import Path
+
+    if path is None:
+        return
+    if not path.strip():
+        raise DfquantError(f"{flag} needs a file name, got an empty one")
+    p = Path(path)
+    if p.is_dir() or path.endswith(("/", os.sep)):
+        raise DfquantError(f"{flag} {path}: that is a folder; give a file name (in it, if you like)")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.exists():
+        raise DfquantError(f"{flag} {path}: output folder does not exist: {parent}")
+    if not parent.is_dir():
+        raise DfquantError(f"{flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DfquantError(f"{flag} {path}: output folder is not writable: {parent}")
+    import tempfile
+
+    try:  # a real write: permissions are not the only way a folder refuses files (/proc, read-only mounts)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".dfquant-probe-"):
+            pass
+    except OSError as exc:
+        raise DfquantError(f"{flag} {path}: cannot write in {parent}: {exc.strerror or exc}") from None
+
+
+def _writing(path: str, write: Any) -> Any:
+    """Run a write; a failure the checks could not foresee (a special file system, a full disk) becomes one line."""
+    try:
+        return write()
+    except (DfquantError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, onnx and OS errors alike
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DfquantError(f"could not write {path}: {first}") from None
+
+
 def _layer_bits(s: str):
     name, sep, bits = s.rpartition("=")
     if not sep or not name:
@@ -65,7 +122,12 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also quantize the image input (8 bits; its range from the model's input normalization of pixels in [0, 1], no data)",
     )
-    p.add_argument("--last-input-bits", type=_bits_or_none, default=8, help="bits of the classifier's input (default 8; 'none': same as --a-bits)")
+    p.add_argument(
+        "--last-input-bits",
+        type=_bits_or_none,
+        default=_Default(_LAST_INPUT_DEFAULT),
+        help="bits of the classifier's input (default 8; 'none': same as --a-bits)",
+    )
     p.add_argument("--skip", action="append", default=[], help="leave this layer in float (repeatable)")
     p.add_argument(
         "--layer-bits",
@@ -115,7 +177,7 @@ def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> Non
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", default=None, choices=["digits", "cifar10", "imagenet", "none"], help="evaluation data (default: the model's own dataset)")
     p.add_argument("--data", default=None, help="evaluation data path (.npz for cifar10, a folder for imagenet)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate on the first N images only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +240,8 @@ def _load_model(args) -> Any:
     from .models import create_model, model_spec
 
     spec = model_spec(args.model)
+    if args.weights is not None and args.random_init:
+        raise DfquantError("--weights and --random-init contradict each other: give one")
     if args.model == "digits_cnn" and args.weights is None and not args.random_init:
         return digits_model(progress=args.progress_on)
     if args.random_init:
@@ -196,7 +260,12 @@ def _eval_data(args, dataset: str):
 
     name = args.eval or dataset
     if name == "none":
+        given = [flag for flag, value in (("--data", args.data), ("--limit", args.limit)) if value is not None]
+        if given:
+            raise DfquantError(f"{' and '.join(given)} choose{'s' if len(given) == 1 else ''} evaluation data, but --eval none evaluates nothing")
         return None
+    if name == "digits" and args.data is not None:
+        raise DfquantError("the digits data is embedded (scikit-learn's load_digits); --data is for cifar10 (an .npz) or imagenet (a folder)")
     return load_eval_data(name, args.data, limit=args.limit)
 
 
@@ -264,8 +333,22 @@ def cmd_quantize(args) -> int:
 
         require_onnx()
         check_output_path(args.onnx)
+        _check_output(args.onnx, "--onnx")
     elif args.int4_weights:
         raise DfquantError("--int4-weights sets how the ONNX export stores weights: give --onnx FILE too")
+    _check_output(args.out, "--out")
+    _check_output(args.save_synthetic, "--save-synthetic")
+    seen: Dict[str, int] = {}
+    for layer, bits in args.layer_bits:
+        if layer in seen and seen[layer] != bits:
+            raise DfquantError(f"--layer-bits gives {layer} two bit-widths ({seen[layer]} and {bits}): give one")
+        seen[layer] = bits
+    if args.a_bits is None and not isinstance(args.last_input_bits, _Default):
+        raise DfquantError("--last-input-bits sets the classifier input's bits, but --a-bits none quantizes no input")
+    if args.synthetic and (args.distill_iters is not None):
+        raise DfquantError("--distill-iters sets the synthesis, but --synthetic uses the given images and synthesizes none")
+    if args.method not in LEARNED_METHODS and args.device == "cuda":
+        print(f"dfquant: note: --device applies to genie and zeroq; {args.method} runs on the CPU (it takes well under a second)", file=sys.stderr)
     spec = model_spec(args.model)
     model = _load_model(args)
     data = _eval_data(args, spec.dataset)
@@ -282,7 +365,7 @@ def cmd_quantize(args) -> int:
         n_sigma=args.n_sigma,
         quantize_first_input=args.quantize_first_input,
         input_range=input_range(spec.dataset) if args.quantize_first_input else None,
-        last_input_bits=args.last_input_bits,
+        last_input_bits=int(args.last_input_bits) if args.last_input_bits is not None else None,
         skip=tuple(args.skip),
         layer_w_bits=dict(args.layer_bits),
     )
@@ -304,15 +387,17 @@ def cmd_quantize(args) -> int:
     if "genie" in report.config:
         result["genie"] = {k: v for k, v in report.config["genie"].items() if k != "units"}
     if args.out:
-        paths = save_quantized(qmodel, args.out, model_name=args.model, config=report.config, report=report.to_dict())
+        paths = _writing(args.out, lambda: save_quantized(qmodel, args.out, model_name=args.model, config=report.config, report=report.to_dict()))
         result["out"] = str(paths[0])
     if args.onnx:
-        result["onnx"] = _export(qmodel, args.onnx, 16, {"model_name": args.model, "config": report.config}, args.int4_weights)
+        result["onnx"] = _writing(args.onnx, lambda: _export(qmodel, args.onnx, 16, {"model_name": args.model, "config": report.config}, args.int4_weights))
         if data is not None:  # what the deployed file scores, beside the fake-quant figure
             from .export import OnnxRuntimeModel
 
             result["onnx_top1"] = dfquant.evaluate(OnnxRuntimeModel(args.onnx, threads=args.threads), data, progress=args.progress_on)["top1"]
     if args.json:
+        if args.report:  # the per-layer report, in the one JSON object
+            result["report"] = report.to_dict()
         print(json.dumps(result, default=str))
         return 0
     if args.report:
@@ -340,12 +425,19 @@ def cmd_evaluate(args) -> int:
     from .models import model_spec
     from .serialization import load_quantized
 
+    if args.file:
+        given = [flag for flag, on in (("--weights", args.weights is not None), ("--random-init", args.random_init)) if on]
+        if given:
+            raise DfquantError(f"{' and '.join(given)} {'load' if len(given) > 1 else 'loads'} a float model; {args.file} is evaluated as saved")
     if args.file and args.file.endswith(".onnx"):
         from .export import OnnxRuntimeModel
 
         qmodel = OnnxRuntimeModel(args.file, threads=args.threads)
         info = qmodel.metadata
-        name = info.get("model_name") or args.model
+        saved_name = info.get("model_name")
+        if saved_name and args.model and args.model != saved_name:
+            raise DfquantError(f"{args.file} was exported from {saved_name}, not {args.model}")
+        name = saved_name or args.model
         if name is None and args.eval is None:
             raise DfquantError(f"{args.file} has no dfquant metadata naming its model: give --model NAME or --eval DATASET")
         dataset = model_spec(name).dataset if name else args.eval
@@ -354,10 +446,13 @@ def cmd_evaluate(args) -> int:
     elif args.file:
         qmodel, info = load_quantized(args.file)
         name = info.get("model_name")
+        if args.model and args.model != name:
+            raise DfquantError(f"{args.file} holds {name or 'a model outside the registry'}; --model {args.model} does not apply to it")
         dataset = model_spec(name).dataset if name else "digits"
         what = f"{args.file} ({name}, {info['config'].get('method')} W{info['config'].get('w_bits')}A{info['config'].get('a_bits')})"
     elif args.model:
         qmodel = _load_model(args)
+        name = args.model
         dataset = model_spec(args.model).dataset
         what = f"{args.model} (float)"
     else:
@@ -367,19 +462,19 @@ def cmd_evaluate(args) -> int:
         raise DfquantError("nothing to evaluate on: choose --eval")
     res = dfquant.evaluate(qmodel, data, progress=args.progress_on)
     if args.json:
-        print(json.dumps(dict(res, file=args.file, model=args.model)))
+        print(json.dumps(dict(res, file=args.file, model=name if args.file else args.model)))
     else:
         print(f"{what}: top-1 {res['top1']:.2f} %, top-5 {res['top5']:.2f} % on {res['n']} images")
     return 0
 
 
 def cmd_synthesize(args) -> int:
-    from pathlib import Path
-
     from .data import input_normalization
     from .models import model_spec
-    from .synthesis import save_image_grid, save_images, synthesize
+    from .synthesis import grid_path, images_path, save_image_grid, save_images, synthesize
 
+    _check_output(args.out, "--out")
+    out, png = images_path(args.out), grid_path(args.out)  # names with dots (seed0.5) keep their tail
     model = _load_model(args)
     kw: Dict[str, Any] = {}
     if args.iters is not None:
@@ -389,13 +484,9 @@ def cmd_synthesize(args) -> int:
     t = time.perf_counter()
     images = synthesize(model, args.n, method=args.method, device=args.device, seed=args.seed, progress=args.progress_on, **kw)
     dt = time.perf_counter() - t
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        out = out.with_suffix(".safetensors")
     meta = {"model": args.model, "method": args.method, "seed": args.seed, "synthesis_s": round(dt, 3)}
     meta.update(kw)
-    save_images(images, out, metadata=meta)
-    png = out.with_suffix(".png")
+    _writing(str(out), lambda: save_images(images, out, metadata=meta))
     mean, std = input_normalization(model_spec(args.model).dataset)  # so the grid shows the images' colours
     save_image_grid(images, png, mean=mean, std=std)
     print(f"wrote {len(images)} images to {out} and a grid of the first {min(64, len(images))} to {png} ({dt:.1f} s)")
@@ -452,8 +543,9 @@ def cmd_export(args) -> int:
 
     if args.check < 0:
         raise DfquantError(f"--check must be 0 or more, got {args.check}")
+    _check_output(args.out, "--out")
     qmodel, info = load_quantized(args.file)
-    summary = _export(qmodel, args.out, args.check, {"model_name": info.get("model_name"), "config": info.get("config", {})}, args.int4_weights)
+    summary = _writing(args.out, lambda: _export(qmodel, args.out, args.check, {"model_name": info.get("model_name"), "config": info.get("config", {})}, args.int4_weights))
     if args.json:
         print(json.dumps(summary))
     else:
@@ -495,6 +587,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return handlers[args.command](args)
     except DfquantError as exc:
+        print(f"dfquant: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write that failed after the checks (disk full, permissions changed)
         print(f"dfquant: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
