@@ -110,12 +110,12 @@ def save_quantized(qmodel: nn.Module, path: "str | Path", *, model_name: Optiona
         "layers": layers,
         "folded_bn": folded or (config or {}).get("folded_bn", []),
         "relu6_to_relu": [n for n, m in qmodel.named_modules() if isinstance(m, nn.ReLU) and getattr(m, "_dfquant_from_relu6", False)],
-        "config": config or {},
+        "config": _without_timings(config or {}),
     }
     tensors = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items()}
     if model_name is not None:
         _check_fits_registry(qmodel, model_name, meta, tensors)
-    doc = dict(meta, report=report)
+    doc = dict(meta, config=config or {}, report=report)  # the sidecar keeps the timings
     try:
         atomic_write_all(
             [
@@ -128,6 +128,16 @@ def save_quantized(qmodel: nn.Module, path: "str | Path", *, model_name: Optiona
     except SafetensorError as exc:  # the writer's own I/O errors (a full disk, ...)
         raise DfquantError(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
     return path, side
+
+
+def _without_timings(value: Any) -> Any:
+    """``value`` without its wall-clock entries (keys ending in ``time_s``): they stay in the .json
+    sidecar, so the same seed gives a byte-identical .safetensors file."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if not str(k).endswith("time_s")}
+    if isinstance(value, (list, tuple)):
+        return [_without_timings(v) for v in value]
+    return value
 
 
 def _check_fits_registry(qmodel: nn.Module, model_name: str, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
