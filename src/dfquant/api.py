@@ -231,6 +231,8 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
     unknown_bits = [s for s in cfg.layer_w_bits if s not in names]
     if unknown_bits:
         raise DfquantError(f"layer bit-widths given for no quantizable layer: {', '.join(unknown_bits)} (see the report's layer names)")
+    if cfg.quantize_first_input and cfg.a_bits is not None and graph.layers[0].name in cfg.skip:
+        raise DfquantError(f"quantize_first_input quantizes the input of {graph.layers[0].name}, which skip leaves in float")
     both = [s for s in cfg.layer_w_bits if s in cfg.skip]
     if both:
         raise DfquantError(f"layer(s) both skipped and given a bit-width: {', '.join(both)}")

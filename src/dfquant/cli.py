@@ -420,6 +420,12 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _bits_label(cfg: Dict[str, Any]) -> str:
+    """W4A4, or W4Afp for weight-only, as `quantize` prints it."""
+    a = cfg.get("a_bits")
+    return f"W{cfg.get('w_bits')}A{a if a is not None else 'fp'}"
+
+
 def cmd_evaluate(args) -> int:
     import dfquant
     from .models import model_spec
@@ -442,14 +448,14 @@ def cmd_evaluate(args) -> int:
             raise DfquantError(f"{args.file} has no dfquant metadata naming its model: give --model NAME or --eval DATASET")
         dataset = model_spec(name).dataset if name else args.eval
         cfg = info.get("config", {})
-        what = f"{args.file} ({name}, {cfg.get('method')} W{cfg.get('w_bits')}A{cfg.get('a_bits')}, run by onnxruntime)"
+        what = f"{args.file} ({name}, {cfg.get('method')} {_bits_label(cfg)}, run by onnxruntime)"
     elif args.file:
         qmodel, info = load_quantized(args.file)
         name = info.get("model_name")
         if args.model and args.model != name:
             raise DfquantError(f"{args.file} holds {name or 'a model outside the registry'}; --model {args.model} does not apply to it")
         dataset = model_spec(name).dataset if name else "digits"
-        what = f"{args.file} ({name}, {info['config'].get('method')} W{info['config'].get('w_bits')}A{info['config'].get('a_bits')})"
+        what = f"{args.file} ({name}, {info['config'].get('method')} {_bits_label(info['config'])})"
     elif args.model:
         qmodel = _load_model(args)
         name = args.model
