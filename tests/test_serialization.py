@@ -179,7 +179,7 @@ def test_a_state_mismatch_lists_the_keys(saved, tmp_path):
         load_quantized(bad)
     msg = str(info.value)
     assert "missing keys: conv2.weight_int" in msg and "unexpected keys: extra" in msg
-    assert "wrong shapes: conv3.weight_scale (3,) (the architecture needs (64,))" in msg
+    assert "wrong shapes: conv3.weight_scale (3,) (the model needs (64,))" in msg
     assert "weight codes of the wrong type: fc.weight_int (float32, expected int8)" in msg
 
 
@@ -205,7 +205,7 @@ def test_save_refuses_a_missing_folder_and_a_directory_target(saved, tmp_path):
     with pytest.raises(DfquantError, match="output folder does not exist"):
         save_quantized(saved[0], tmp_path / "no" / "m")
     (tmp_path / "d.safetensors").mkdir()
-    with pytest.raises(DfquantError, match="is an existing directory"):
+    with pytest.raises(DfquantError, match="that is a folder"):
         save_quantized(saved[0], tmp_path / "d")
     with pytest.raises(DfquantError, match="names a folder"):
         save_quantized(saved[0], str(tmp_path) + "/")

@@ -283,7 +283,7 @@ def test_saving_creates_no_folders_and_refuses_bad_targets(tmp_path):
     with pytest.raises(DfquantError, match="give a .safetensors name .*the .png grid is written beside it"):
         save_images(x, tmp_path / "syn.png")
     (tmp_path / "d.safetensors").mkdir()
-    with pytest.raises(DfquantError, match="is an existing directory"):
+    with pytest.raises(DfquantError, match="that is a folder"):
         save_images(x, tmp_path / "d")
     with pytest.raises(DfquantError, match="names a folder"):
         save_images(x, str(tmp_path) + "/")

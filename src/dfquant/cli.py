@@ -40,29 +40,16 @@ class _Default(int):
 def _check_output(path: Optional[str], flag: str) -> None:
     """Refuse an output path that cannot be written, before any work is done."""
     import os
-    from pathlib import Path
+
+    from .files import check_writable
 
     if path is None:
         return
     if not path.strip():
         raise DfquantError(f"{flag} needs a file name, got an empty one")
-    p = Path(path)
-    if p.is_dir() or path.endswith(("/", os.sep)):
+    if path.endswith(("/", os.sep)):
         raise DfquantError(f"{flag} {path}: that is a folder; give a file name (in it, if you like)")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.exists():
-        raise DfquantError(f"{flag} {path}: output folder does not exist: {parent}")
-    if not parent.is_dir():
-        raise DfquantError(f"{flag} {path}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DfquantError(f"{flag} {path}: output folder is not writable: {parent}")
-    import tempfile
-
-    try:  # a real write: permissions are not the only way a folder refuses files (/proc, read-only mounts)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".dfquant-probe-"):
-            pass
-    except OSError as exc:
-        raise DfquantError(f"{flag} {path}: cannot write in {parent}: {exc.strerror or exc}") from None
+    check_writable(path, flag)
 
 
 def _writing(path: str, write: Any) -> Any:

@@ -8,8 +8,11 @@ would leave a model unreadable to others while its ``.json`` sidecar is readable
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence, Tuple
+
+from .errors import DfquantError
 
 Writer = Callable[[Path], object]
 
@@ -31,6 +34,26 @@ def _umask() -> int:
 def default_file_mode() -> int:
     """The mode a newly created regular file gets: ``0o666 & ~umask``."""
     return 0o666 & ~_umask()
+
+
+def check_writable(path: "str | Path", what: str = "output") -> None:
+    """Refuse, before any work, an output ``path`` that could not be written: its folder missing,
+    not a folder or refusing files (tried with a real write: permissions are not the only way,
+    e.g. /proc or a read-only mount), or ``path`` itself an existing directory. ``what`` names the
+    output in the message (a flag, say)."""
+    p = Path(path)
+    parent = p.parent
+    if p.is_dir():
+        raise DfquantError(f"{what} {p}: that is a folder; give a file name (in it, if you like)")
+    if not parent.exists():
+        raise DfquantError(f"{what} {p}: output folder does not exist: {parent}")
+    if not parent.is_dir():
+        raise DfquantError(f"{what} {p}: {parent} is not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".dfquant-probe-"):
+            pass
+    except OSError as exc:
+        raise DfquantError(f"{what} {p}: cannot write in {parent}: {exc.strerror or exc}") from None
 
 
 def temp_path(path: Path) -> Path:

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .errors import DfquantError
-from .files import atomic_write_all
+from .files import atomic_write_all, check_writable
 from .qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from .quantizer import QParams, qrange
 
@@ -73,18 +73,9 @@ def model_paths(path: "str | Path") -> Tuple[Path, Path]:
 
 
 def check_output_paths(paths: "Tuple[Path, ...]") -> None:
-    """Refuse, before any work, outputs whose folder is missing, not a folder or not writable, or
-    whose target is an existing directory (the same check :func:`save_quantized` makes)."""
+    """Refuse, before any work, outputs that could not be written (:func:`dfquant.files.check_writable`)."""
     for p in paths:
-        parent = p.parent
-        if not parent.exists():
-            raise DfquantError(f"output folder does not exist: {parent}")
-        if not parent.is_dir():
-            raise DfquantError(f"output folder is not a folder: {parent}")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise DfquantError(f"output folder is not writable: {parent}")
-        if p.is_dir():
-            raise DfquantError(f"cannot write {p}: it is an existing directory")
+        check_writable(p)
 
 
 def save_quantized(qmodel: nn.Module, path: "str | Path", *, model_name: Optional[str] = None, config: Optional[Dict[str, Any]] = None, report: Optional[Dict[str, Any]] = None) -> Tuple[Path, Path]:
@@ -289,35 +280,16 @@ def _rebuild(info: Dict[str, Any], model: nn.Module, state: Dict[str, torch.Tens
     return q
 
 
-def _listing(items: "list[str]", k: int = 4) -> str:
-    more = f" (+{len(items) - k} more)" if len(items) > k else ""
-    return ", ".join(items[:k]) + more
-
-
 def _state_mismatch(expected: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> str:
-    """The keys of ``state`` that ``expected`` lacks, wants, or shapes differently ('' if none)."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} (the architecture needs {tuple(expected[k].shape)})"
-        for k in expected
-        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
+    """The keys of ``state`` that ``expected`` lacks, wants, or shapes or types differently ('' if none)."""
+    from .models.weights import describe_state_mismatch
+
     codes = [  # int8 codes copied into an int8 buffer unchanged; a float or wider type would not be
         f"{k} ({str(state[k].dtype).replace('torch.', '')}, expected {str(expected[k].dtype).replace('torch.', '')})"
         for k in expected
         if k.endswith(".weight_int") and k in state and state[k].dtype != expected[k].dtype
     ]
-    parts = []
-    if missing:
-        parts.append(f"missing keys: {_listing(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {_listing(unexpected)}")
-    if shapes:
-        parts.append(f"wrong shapes: {_listing(shapes, 3)}")
-    if codes:
-        parts.append(f"weight codes of the wrong type: {_listing(codes)}")
-    return "; ".join(parts)
+    return describe_state_mismatch(expected, state, extra={"weight codes of the wrong type": codes})
 
 
 def _check_values(p: Any, q: nn.Module, info: Dict[str, Any]) -> None:

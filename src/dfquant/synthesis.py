@@ -108,7 +108,7 @@ import torch.nn.functional as F
 
 from .devices import deterministic_cudnn, resolve_device as _resolve_device
 from .errors import DfquantError
-from .files import atomic_write
+from .files import atomic_write, check_writable
 
 __all__ = [
     "GENIE_DEFAULTS",
@@ -618,17 +618,6 @@ def grid_path(path) -> Path:
     return p.with_name(p.name[: -len(".safetensors")] + ".png")
 
 
-def _check_output(path: Path) -> None:
-    """Refuse a target whose folder is missing or not a folder, or that is a directory itself."""
-    parent = path.parent
-    if not parent.exists():
-        raise DfquantError(f"output folder does not exist: {parent}")
-    if not parent.is_dir():
-        raise DfquantError(f"output folder is not a folder: {parent}")
-    if path.is_dir():
-        raise DfquantError(f"cannot write {path}: it is an existing directory")
-
-
 def _sort_metadata(path: Path) -> None:
     """Rewrite a safetensors file's header with its ``__metadata__`` keys sorted.
 
@@ -668,7 +657,7 @@ def save_images(images: torch.Tensor, path, metadata: Optional[Dict[str, object]
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise DfquantError("images must be a (N, C, H, W) tensor")
     path = images_path(path)
-    _check_output(path)
+    check_writable(path)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.setdefault("format", "dfquant-synthetic-images")
     meta["shape"] = "x".join(str(s) for s in images.shape)
@@ -807,7 +796,7 @@ def save_image_grid(
     else:
         img = Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy())
     png_path = Path(png_path)
-    _check_output(png_path)
+    check_writable(png_path)
     try:
         atomic_write(png_path, lambda p: img.save(str(p), format="PNG"))
     except OSError as exc:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -37,23 +37,40 @@ def read_state_dict(path: "str | Path") -> Dict[str, torch.Tensor]:
     return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
+def describe_state_mismatch(
+    expected: Dict[str, torch.Tensor],
+    state: Dict[str, torch.Tensor],
+    optional: Callable[[str], bool] = lambda key: False,
+    extra: Optional[Dict[str, List[str]]] = None,
+) -> str:
+    """What keeps ``state`` from loading into a module whose state dict is ``expected``: its
+    missing (unless ``optional``), unexpected and wrong-shape keys, the first few of each, plus any
+    ``extra`` problems by heading; '' when it fits."""
+
+    def listing(items: List[str], k: int = 4) -> str:
+        return ", ".join(items[:k]) + (f" (+{len(items) - k} more)" if len(items) > k else "")
+
+    found = {
+        "missing keys": [k for k in expected if k not in state and not optional(k)],
+        "unexpected keys": [k for k in state if k not in expected],
+        "wrong shapes": [
+            f"{k} {tuple(state[k].shape)} (the model needs {tuple(expected[k].shape)})"
+            for k in expected
+            if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+        ],
+    }
+    found.update(extra or {})
+    return "; ".join(f"{heading}: {listing(items)}" for heading, items in found.items() if items)
+
+
 def load_weights(model: nn.Module, path: "str | Path") -> nn.Module:
     """Load a checkpoint into ``model``; names any missing, unexpected or mis-shaped key."""
     state = read_state_dict(path)
     own = model.state_dict()
     # BatchNorm's batch counter is bookkeeping only; old checkpoints lack it.
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
-        if wrong:
-            parts.append(f"shape mismatch {wrong[:2]}{'...' if len(wrong) > 2 else ''}")
-        raise DfquantError(f"weights file {path} does not fit model {type(model).__name__}: " + "; ".join(parts))
+    problem = describe_state_mismatch(own, state, optional=lambda k: k.endswith("num_batches_tracked"))
+    if problem:
+        raise DfquantError(f"weights file {path} does not fit model {type(model).__name__}: {problem}")
     for k in own:
         if k not in state:
             state[k] = own[k]
