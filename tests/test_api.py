@@ -103,6 +103,7 @@ def test_fold_bn_option(digits):
         (dict(quantize_first_input=True, input_range=(1.0, 0.0)), "lo < hi"),
         (dict(quantize_first_input=True, input_range=(float("nan"), 1.0)), "two finite numbers"),
         (dict(skip="fc"), "got the string 'fc'"),
+        (dict(skip=("conv1", "conv2", "conv3", "fc")), "nothing to quantize"),
         (dict(skip=("conv1",), quantize_first_input=True, input_range=(-2.0, 2.0)), "which skip leaves in float"),
         (dict(input_size=(3, 8, 8)), r"cannot run on an input of size \(3, 8, 8\)"),
     ],

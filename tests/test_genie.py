@@ -219,3 +219,16 @@ def test_per_layer_bits_are_kept_through_reconstruction(model, images):
     assert qmodel.conv2.w_bits == 8 and qmodel.conv1.w_bits == 2
     assert int(qmodel.conv2.weight_int.max()) > 1 or int(qmodel.conv2.weight_int.min()) < -2  # an 8-bit grid, not a 2-bit one
     assert -2 <= int(qmodel.conv1.weight_int.min()) and int(qmodel.conv1.weight_int.max()) <= 1
+
+
+def test_a_given_image_input_range_is_kept_by_the_data_search(digits):
+    from dfquant.data import input_range
+
+    model, _ = digits
+    given = input_range("digits")
+    q, report = dfquant.quantize(
+        model, "genie", 4, 4, quantize_first_input=True, input_range=given, act_calib="data", recon_iters=0, **dict(TINY, samples=32, distill_iters=5)
+    )
+    lo, hi = q.conv1.input_quant.range
+    assert lo == pytest.approx(given[0], abs=2 * float(q.conv1.input_quant.scale)) and hi == pytest.approx(given[1], abs=2 * float(q.conv1.input_quant.scale))
+    assert q.conv2.input_quant.range != dfquant.quantize(model, "rtn", 4, 4)[0].conv2.input_quant.range  # the others were searched

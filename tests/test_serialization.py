@@ -223,3 +223,13 @@ def test_the_same_seed_gives_a_byte_identical_model_file(digits, tmp_path):
         assert "synthesis_time_s" in json.loads(side.read_text())["config"]["genie"]  # the timings stay in the sidecar
     assert files[0] == files[1]
     assert "time_s" not in read_metadata(tmp_path / "a.safetensors")["config"]["genie"]["units"][0]
+
+
+def test_a_skipped_conv_with_a_folded_bn_saves_and_reloads(digits, tmp_path):
+    model, (x, _) = digits
+    q, report = dfquant.quantize(model, "squant", 4, 4, fold_bn=True, skip=("conv2",))
+    assert isinstance(q.conv2, torch.nn.Conv2d) and q.conv2.bias is not None  # float, with its BN folded in
+    path, _ = save_quantized(q, tmp_path / "m", model_name="digits_cnn", config=report.config)
+    q2, _ = load_quantized(path)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))

@@ -191,9 +191,9 @@ def test_bn_loss_has_gradient_and_restores_mode(model):
 
 def test_errors(model):
     no_bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
-    with pytest.raises(DfquantError, match="has no BatchNorm layers: Genie/ZeroQ synthesis needs BN statistics"):
+    with pytest.raises(DfquantError, match="has no BatchNorm2d layer with running statistics: Genie/ZeroQ synthesis needs BN statistics"):
         synthesize(no_bn, 4, input_size=(1, 8, 8), progress=False)
-    with pytest.raises(DfquantError, match="has no BatchNorm layers"):
+    with pytest.raises(DfquantError, match="has no BatchNorm2d layer"):
         bn_statistics_loss(no_bn, torch.randn(2, 1, 8, 8))
     for bad_n in (0, -1, 2.5):
         with pytest.raises(DfquantError, match="positive integer"):

@@ -228,6 +228,8 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
     unknown_skip = [s for s in cfg.skip if s not in names]
     if unknown_skip:
         raise DfquantError(f"--skip names no quantizable layer: {', '.join(unknown_skip)}")
+    if names <= set(cfg.skip):
+        raise DfquantError("skip leaves every quantizable layer in float: there is nothing to quantize")
     unknown_bits = [s for s in cfg.layer_w_bits if s not in names]
     if unknown_bits:
         raise DfquantError(f"layer bit-widths given for no quantizable layer: {', '.join(unknown_bits)} (see the report's layer names)")
@@ -256,6 +258,8 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
     if cfg.fold_bn:
         qmodel = fold_bn(qmodel, graph)
         report.folded_bn = sorted(graph.conv_bn.values())
+        if not report.folded_bn:
+            report.notes.append("fold_bn: no Conv2d -> BatchNorm2d pair found, nothing was folded")
     rounding = ROUNDING_METHODS[cfg.rounding]
     first, last = graph.layers[0].name, graph.layers[-1].name
     for info in graph.layers:

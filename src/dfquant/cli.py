@@ -516,7 +516,7 @@ def _print_export(summary: Dict[str, Any], indent: str = "") -> None:
         f"{indent}exported {summary['path']} ({summary['bytes'] / 1024:.0f} KiB, opset {summary['opset']}): "
         f"{summary['int8_weights']} int8 weight tensors, "
         + (f"{summary['int4_weights']} packed int4 weight tensors, " if summary.get("int4_weights") else "")
-        + f"{summary['quantized_inputs']} quantized layer inputs"
+        + f"{summary['quantized_inputs']} quantized activation tensors"
     )
     if summary["float_weights"]:
         print(f"{indent}  weights stored as their exact float values (an 8-bit grid without 0: no int8 zero point fits): {', '.join(summary['float_weights'])}")

@@ -208,7 +208,11 @@ def export_onnx(
     path = check_output_path(path)
     input_size = tuple(input_size or getattr(qmodel, "input_size", None) or ())
     if len(input_size) != 3:
-        raise DfquantError("give the model's input size (C, H, W): the model does not record one")
+        raise DfquantError(
+            f"ONNX export takes image models: give the input size as (C, H, W), got {input_size}"
+            if input_size
+            else "give the model's input size (C, H, W): the model does not record one"
+        )
     _qd()  # the ops must be registered before the exporter builds its table of ONNX functions
     m = qdq_model(qmodel)
     opset = OPSET_INT4 if int4_weights else OPSET
@@ -233,7 +237,7 @@ def export_onnx(
         "opset": opset,
         "int8_weights": sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2),
         "int4_weights": len(packed),
-        "quantized_inputs": ops.get("QuantizeLinear", 0),
+        "quantized_inputs": ops.get("QuantizeLinear", 0),  # quantize nodes: layers reading one tensor share one
         "ops": dict(sorted(ops.items())),
         "float_batchnorm": ops.get("BatchNormalization", 0),
         "float_weights": wide,

@@ -127,7 +127,8 @@ Deviations from the release
   release's ``randperm(N).view(batch_size, -1)`` gives batches of ``N / batch_size``, which equals
   32 only for its default of 1024 images).
 * Activation ranges for ``act_calib="data"`` are searched on the hard-rounded starting state of
-  the unit, not lazily inside the first soft forward pass.
+  the unit, not lazily inside the first soft forward pass. An image input range the caller gave
+  (``quantize_first_input`` with ``input_range``) is kept as the start, not searched.
 * Rounding learning rate: by default ``lr_round = min(0.1, 1e-3 * 20000 / recon_iters)``
   (:func:`lr_round_for`), the release's 1e-3 at its 20000 iterations and 0.04 at the CPU budget's
   500 (the cap of 0.1 holds below 200 iterations). With the release's 1e-3 at 500 iterations ``V``
@@ -819,6 +820,12 @@ def reconstruct_model(
     for u, layers in units:
         layers.sort(key=lambda n: order[n][0])
 
+    # An image input range given explicitly (quantize_first_input with input_range) is the
+    # caller's: act_calib="data" does not replace it by a search on the synthetic images.
+    given_range = set()
+    if getattr(cfg, "quantize_first_input", False) and getattr(cfg, "input_range", None) is not None and order:
+        given_range.add(min(order, key=lambda n: order[n][0]))
+
     gen_cpu = torch.Generator().manual_seed(int(seed) + 1)
     gen_dev = torch.Generator(device=dev).manual_seed(int(seed) + 2)
     from .progress import progress_bar
@@ -842,8 +849,9 @@ def reconstruct_model(
             rec.before = _unit_error(unit_q, x_q, y, chunk)
             start_codes = [lay.weight_int.clone() for lay in q_layers]
             start_state = [copy.deepcopy(lay.state_dict()) for lay in q_layers] if keep_best else None
-            if act_calib == "data" and any(lay.input_quant is not None for lay in q_layers):
-                _calibrate_unit_activations(unit_q, q_layers, x_q[: min(st.batch_size, x_q.shape[0])])
+            searched = [lay for n, lay in zip(layers, q_layers) if lay.input_quant is not None and n not in given_range]
+            if act_calib == "data" and searched:
+                _calibrate_unit_activations(unit_q, searched, x_q[: min(st.batch_size, x_q.shape[0])])
                 rec.extra["after_act_calib"] = _unit_error(unit_q, x_q, y, chunk)
             if st.recon_iters > 0:
                 wrappers = [_GenieLayer(lay, _get(ref, n).weight, st.drop_prob, gen_dev) for n, lay in zip(layers, q_layers)]

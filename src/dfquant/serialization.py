@@ -101,6 +101,8 @@ def save_quantized(qmodel: nn.Module, path: "str | Path", *, model_name: Optiona
         "layers": layers,
         "folded_bn": folded or (config or {}).get("folded_bn", []),
         "relu6_to_relu": [n for n, m in qmodel.named_modules() if isinstance(m, nn.ReLU) and getattr(m, "_dfquant_from_relu6", False)],
+        # layers left in float (skipped) that carry a bias: BN folding gives a conv one it may not have had
+        "float_biased": [n for n, m in qmodel.named_modules() if type(m) in (nn.Conv2d, nn.Linear) and m.bias is not None],
         "config": _without_timings(config or {}),
     }
     tensors = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items()}
@@ -189,7 +191,7 @@ def _check_metadata(p: Path, info: Any) -> Dict[str, Any]:
     n = info.get("num_classes")
     if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
         raise _damaged(p, f"metadata 'num_classes' must be a positive integer or null, found {n!r}")
-    for key in ("folded_bn", "relu6_to_relu"):
+    for key in ("folded_bn", "relu6_to_relu", "float_biased"):
         names = info.get(key, [])
         if not isinstance(names, list) or not all(isinstance(x, str) and x for x in names):
             raise _damaged(p, f"metadata {key!r} must be a list of layer names, found {names!r}")
@@ -261,6 +263,13 @@ def _rebuild(info: Dict[str, Any], model: nn.Module, state: Dict[str, torch.Tens
         relu = nn.ReLU(inplace=act.inplace)
         relu._dfquant_from_relu6 = True
         q.set_submodule(act_name, relu)
+    for name in info.get("float_biased", []):
+        layer = lookup(name, "float_biased")
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise DfquantError(f"{where}: float_biased names {name!r}, which is a {type(layer).__name__} in this architecture, not a Conv2d or Linear")
+        if layer.bias is None:  # a skipped conv whose BN was folded into it
+            out_features = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+            layer.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False)
     for name, spec in info["layers"].items():
         layer = lookup(name, "layers")
         want = nn.Conv2d if spec["kind"] == "conv" else nn.Linear

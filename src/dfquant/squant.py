@@ -61,9 +61,11 @@ def squant_round(
 
     ``x`` has shape (out, in, *kernel) or (out, in). Returns integer-valued values in [qmin, qmax],
     each the floor or the ceiling of ``x`` clamped to that range. Where clamping allows:
-    with ``kernel=True, channel=False`` every kernel's |sum(q - x)| <= 0.5; with ``channel=True``
-    every output channel's |sum(q - x)| <= 0.5 and every kernel's <= 1 (<= 0.5 for the
-    kernels the C level did not touch). ``kernel=False, channel=False`` is round-to-nearest (SQuant-E).
+    with ``kernel=True, channel=False`` every kernel's |sum(q - x)| <= 0.5; with ``kernel=True,
+    channel=True`` every output channel's |sum(q - x)| <= 0.5 and every kernel's <= 1 (<= 0.5 for
+    the kernels the C level did not touch); with ``kernel=False, channel=True`` (SQuant-C) every
+    output channel's <= 0.5, its elements flipped channel-wide with no kernel bound.
+    ``kernel=False, channel=False`` is round-to-nearest (SQuant-E).
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise DfquantError(

@@ -169,8 +169,10 @@ def _bn_layers(model: nn.Module) -> List[nn.BatchNorm2d]:
 def _check_has_bn(model: nn.Module) -> List[nn.BatchNorm2d]:
     layers = _bn_layers(model)
     if not layers:
+        other = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+        found = f" (it has {', '.join(other)}, which synthesis does not read)" if other else ""
         raise DfquantError(
-            f"model {type(model).__name__} has no BatchNorm layers: Genie/ZeroQ synthesis needs BN statistics"
+            f"model {type(model).__name__} has no BatchNorm2d layer with running statistics{found}: Genie/ZeroQ synthesis needs BN statistics"
         )
     return layers
 
