@@ -26,7 +26,8 @@ def read_state_dict(path: "str | Path") -> Dict[str, torch.Tensor]:
         else:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise DfquantError(f"cannot read weights file {p}: not a PyTorch checkpoint ({type(exc).__name__})") from None
+        kind = "a safetensors file" if p.suffix == ".safetensors" else "a PyTorch checkpoint (torch.save) that safe loading accepts"
+        raise DfquantError(f"cannot read weights file {p}: not {kind}") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if key in obj and isinstance(obj[key], dict):
