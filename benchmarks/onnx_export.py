@@ -1,6 +1,10 @@
 """Benchmark: the ONNX QDQ export on the real CIFAR-10 ResNets, run by ONNX Runtime.
 
     python benchmarks/onnx_export.py --threads 1   # writes benchmarks/results/onnx_export.{md,json}
+    python benchmarks/onnx_export.py --threads 1 --int32-bias --out benchmarks/results/onnx_export_int32_bias
+
+``--int32-bias`` quantizes with ``int32_bias=True``: dfquant's model then adds each bias on the
+int32 accumulator grid as the file does, so the two differ only in float summation order.
 
 For each model and setting (SQuant, BN folded into the convs so the file has no float BatchNorm;
 4-bit weights exported twice, as int8 containers and packed as INT4):
@@ -88,6 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--int32-bias", action="store_true", help="quantize with int32_bias=True (the model adds the file's int32 biases)")
     ap.add_argument("--out", default="benchmarks/results/onnx_export")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,13 +102,15 @@ def main() -> None:
     for name in args.models:
         model = dfquant.create_model(name, weights=str(asset_path(CIFAR_RESNET_WEIGHTS[name])))
         for w_bits, a_bits in SETTINGS:
-            qmodel, _ = dfquant.quantize(model, "squant", w_bits, a_bits, fold_bn=True)
+            qmodel, _ = dfquant.quantize(model, "squant", w_bits, a_bits, fold_bn=True, int32_bias=args.int32_bias)
             ref = _torch_reference(qmodel, x)
             for container in ["int8", "int4"] if w_bits <= 4 else ["int8"]:
                 rows.append(_run_file(qmodel, ref, name, w_bits, a_bits, container, x, y, tmp, args.threads))
                 print(json.dumps(rows[-1]))
     command = "python benchmarks/onnx_export.py " + " ".join(
-        [f"--models {' '.join(args.models)}", f"--threads {args.threads}"] + ([f"--out {args.out}"] if args.out != ap.get_default("out") else [])
+        [f"--models {' '.join(args.models)}", f"--threads {args.threads}"]
+        + (["--int32-bias"] if args.int32_bias else [])
+        + ([f"--out {args.out}"] if args.out != ap.get_default("out") else [])
     )
     doc = {
         "command": command,
@@ -114,14 +121,17 @@ def main() -> None:
     }
     Path(args.out + ".json").write_text(json.dumps(doc, indent=1))
     lines = [
-        "# ONNX QDQ export run by ONNX Runtime (CIFAR-10 ResNets, SQuant, BN folded)",
+        "# ONNX QDQ export run by ONNX Runtime (CIFAR-10 ResNets, SQuant, BN folded"
+        + (", int32_bias=True: dfquant's model adds the file's int32 biases)" if args.int32_bias else ")"),
         "",
         f"Command: `{command}`",
         "",
         f"Machine: {doc['machine']}; {args.threads} thread(s). Top-1 on the {len(x)} CIFAR-10 test images in ../shared; "
         "inference time is the best of 3 passes over them in batches of 64.",
         "",
-        "Predictions changed / max logit difference of ONNX Runtime against dfquant's model (float biases) and against the "
+        "Predictions changed / max logit difference of ONNX Runtime against dfquant's model ("
+        + ("biases rounded to the int32 accumulator grid, as in the file" if args.int32_bias else "float biases")
+        + ") and against the "
         "file's own graph run in torch (biases on the int32 accumulator grid; what differs there is float summation order and, in the "
         "convs ONNX Runtime runs as QLinearConv, the integer kernel's rounding of its output to the next layer's codes). The exported "
         "file and dfquant's model are two equally valid quantizations of the same codes; at 4 bits a one-code change early on "

@@ -98,6 +98,7 @@ def test_fold_bn_option(digits):
         (dict(layer_w_bits={"conv2": 8}, skip=("conv2",)), "both skipped and given a bit-width: conv2"),
         (dict(layer_w_bits=[("conv2", 8)]), "must map layer names to bit-widths"),
         (dict(per_channel="no"), "per_channel must be True"),
+        (dict(int32_bias="yes"), "int32_bias must be True or False"),
         (dict(n_sigma=-2.0), "n_sigma must be a positive finite number"),
         (dict(n_sigma=float("inf")), "n_sigma must be a positive finite number"),
         (dict(quantize_first_input=True, input_range=(1.0, 0.0)), "lo < hi"),

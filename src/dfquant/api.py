@@ -76,6 +76,10 @@ class QuantConfig:
     # DFQ's MobileNetV2 step (Sec. 5): replace nn.ReLU6 by nn.ReLU first, so CLE can pair through
     # them. It changes the float model's function, so it is never implied by cle.
     relu6_to_relu: bool = False
+    # Round each bias whose layer input is quantized to its int32 accumulator grid (input scale x
+    # weight scale), as integer kernels and the ONNX export add it, so the model evaluated here is
+    # the deployed one. Off by default: the papers' protocols keep float biases.
+    int32_bias: bool = False
 
     def validate(self) -> "QuantConfig":
         if self.method not in METHODS:
@@ -99,6 +103,8 @@ class QuantConfig:
         for layer, bits in self.layer_w_bits.items():
             check_bits(bits, f"the weight bit-width of layer {layer!r}")
         self.layer_w_bits = dict(self.layer_w_bits)
+        if not isinstance(self.int32_bias, bool):
+            raise DfquantError(f"int32_bias must be True or False, got {self.int32_bias!r}")
         if not isinstance(self.per_channel, bool):
             raise DfquantError(f"per_channel must be True (a scale per output channel) or False (one per layer), got {self.per_channel!r}")
         if self.act_range not in ("mse", "dfq"):
@@ -176,8 +182,28 @@ def quantize(model: nn.Module, method: str = "squant", w_bits: int = 4, a_bits: 
         from .genie import reconstruct_model  # learned refinement on synthetic data
 
         qmodel = reconstruct_model(model, qmodel, cfg, report, input_size=input_size, progress=progress, **learned_opts)
+    if cfg.int32_bias:  # last: the learned methods change the scales the grid is made of
+        n = round_biases_to_accumulator_grid(qmodel)
+        report.notes.append(f"int32_bias: the biases of {n} layers with a quantized input rounded to their accumulator grid (as integer kernels add them)")
     report.total_time_s = time.perf_counter() - t0
     return qmodel, report
+
+
+@torch.no_grad()
+def round_biases_to_accumulator_grid(qmodel: nn.Module) -> int:
+    """Round, in place, the bias of every quantized layer whose input is quantized to a multiple of
+    input scale x weight scale (per output channel): the int32 grid an integer kernel accumulates
+    on, and the one :func:`dfquant.export_onnx` stores biases on. Returns how many were rounded."""
+    count = 0
+    for layer in qmodel.modules():
+        if isinstance(layer, (QuantConv2d, QuantLinear)) and layer.bias is not None and layer.input_quant is not None:
+            step = (layer.input_quant.scale * layer.weight_scale).double().expand(layer.bias.shape[0])
+            codes = torch.round(layer.bias.double() / step)
+            if codes.abs().max() >= 2**31:
+                raise DfquantError("int32_bias: a bias does not fit int32 at its accumulator scale")
+            layer.bias.copy_((codes * step).to(layer.bias.dtype))
+            count += 1
+    return count
 
 
 def _eval_float32_cpu(model: Any) -> Tuple[nn.Module, list]:

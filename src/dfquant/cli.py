@@ -93,6 +93,11 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cle", action="store_true", help="DFQ cross-layer range equalization of the float model first (rounding methods)")
     p.add_argument(
+        "--int32-bias",
+        action="store_true",
+        help="round biases to the int32 accumulator grid integer kernels use, so the evaluated model is the deployed (ONNX) one",
+    )
+    p.add_argument(
         "--relu6-to-relu",
         action="store_true",
         help="replace ReLU6 by ReLU first, as DFQ does for MobileNetV2 so --cle can equalize through them (changes the float model)",
@@ -345,6 +350,7 @@ def cmd_quantize(args) -> int:
         fold_bn=args.fold_bn,
         cle=args.cle,
         relu6_to_relu=args.relu6_to_relu,
+        int32_bias=args.int32_bias,
         bias_correction=args.bias_correction,
         w_range=args.w_range,
         per_channel=not args.per_tensor,
