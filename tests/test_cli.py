@@ -77,6 +77,9 @@ def test_quantize_report_table(capsys, digits):
         (["quantize", "--model", "digits_cnn", "--a-bits", "none", "--last-input-bits", "4"], "--a-bits none quantizes no input"),
         (["quantize", "--model", "digits_cnn", "--method", "genie", "--synthetic", "s.safetensors", "--distill-iters", "3"], "--synthetic uses the given images"),
         (["quantize", "--model", "digits_cnn", "--n-sigma", "0"], "n_sigma must be a positive finite number"),
+        (["quantize", "--model", "digits_cnn", "--method", "genie", "--a-bits", "none", "--act-calib", "bn"], "--a-bits none quantizes no activation"),
+        (["quantize", "--model", "digits_cnn", "--method", "genie", "--n-sigma", "3", "--recon-iters", "0"], "use them with act_calib='bn'"),
+        (["quantize", "--model", "digits_cnn", "--method", "zeroq", "--act-range", "mse", "--recon-iters", "0"], "use them with act_calib='bn'"),
         # output paths are checked before any work
         (["quantize", "--model", "digits_cnn", "--out", "/no/such/folder/m"], "output folder does not exist: /no/such/folder"),
         (["quantize", "--model", "digits_cnn", "--out", ""], "--out needs a file name"),
@@ -145,6 +148,16 @@ def test_synthesize_keeps_a_dotted_name(capsys, digits, tmp_path):
     code, _, _ = run(capsys, "synthesize", "--model", "digits_cnn", "-n", "2", "--iters", "1", "--out", str(tmp_path / "syn_seed0.5"))
     assert code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["syn_seed0.5.png", "syn_seed0.5.safetensors"]
+
+
+def test_synthesize_on_a_cpu_takes_the_cpu_budget(capsys, digits, tmp_path, monkeypatch):
+    from dfquant.synthesis import CPU_BUDGET, images_metadata
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, _ = run(capsys, "synthesize", "--model", "digits_cnn", "-n", "2", "--batch-size", "2", "--out", str(tmp_path / "s"))
+    assert code == 0 and "cpu budget" in out
+    meta = images_metadata(tmp_path / "s.safetensors")
+    assert meta["budget"] == "cpu" and int(meta["iters"]) == CPU_BUDGET["iters"] and int(meta["batch_size"]) == 2
 
 
 def test_console_script_entry_point():

@@ -151,7 +151,9 @@ class QuantConfig:
 def quantize(model: nn.Module, method: str = "squant", w_bits: int = 4, a_bits: Optional[int] = 4, *, input_size: Optional[Tuple[int, ...]] = None, progress: bool = False, **options: Any):
     """Quantize ``model`` without data. Returns ``(quantized_model, report)``; ``model`` is untouched.
 
-    Weights: per-output-channel asymmetric min/max grid, integer codes chosen by ``method``
+    Weights: per-output-channel (``per_channel=False``: per-tensor) asymmetric grid, from min/max
+    for the rounding methods and from the Lp clipping search for genie/zeroq (``w_range``), integer
+    codes chosen by ``method``
     (``rtn``, ``squant`` with ``squant_kernel``/``squant_channel`` flags or ``squant-e/k/c``, or a
     learned method). Activations (``a_bits``): per-tensor ranges from BatchNorm statistics, set before
     any input is seen; inputs no BN statistic reaches stay float and are listed in the report.

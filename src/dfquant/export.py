@@ -24,7 +24,10 @@ quantized is stored as int32 codes at scale input scale x weight scale, the unit
 kernel's accumulator. ONNX Runtime does the same to a float bias of every conv it can run in
 integers, so without it the file would mean different things to different runtimes. At 8 bits the
 rounding is negligible; at 4 bits it moves some outputs by a code (``benchmarks/onnx_export.py``
-measures the effect on accuracy; :func:`check_onnx` reports it).
+measures the effect on accuracy; :func:`check_onnx` reports it). A model quantized with
+``int32_bias=True`` already adds its biases on that grid, and then the file stores exactly them.
+Besides, ONNX Runtime runs some convs as integer ``QLinearConv`` kernels, which round their output
+to the next layer's codes once more than the QDQ graph says.
 
 What is not quantized in the dfquant model (the image input under the paper's protocol, BatchNorm
 unless the model was quantized with ``fold_bn``, ReLU, residual additions, pooling) stays in float
@@ -316,9 +319,11 @@ def check_onnx(qmodel: nn.Module, path: "str | Path", inputs: torch.Tensor) -> D
     """Run the exported file with ONNX Runtime on ``inputs`` and compare it with two references.
 
     ``file``: torch running the export's own graph (:func:`qdq_model`, biases on the int32 grid):
-    checks that the file computes what was meant; they differ only by float summation order, which
-    can move a value lying within rounding of a step boundary by one code. ``model``: dfquant's
-    quantized model (float biases): adds the int32 bias rounding every integer runtime applies.
+    checks that the file computes what was meant; they differ by float summation order and by the
+    output rounding of the convs ONNX Runtime runs as integer ``QLinearConv``, either of which can
+    move a value lying within rounding of a step boundary by one code. ``model``: dfquant's
+    quantized model: adds the int32 bias rounding every integer runtime applies, unless the model
+    was quantized with ``int32_bias=True`` (then its biases are already on that grid).
     Each: the largest absolute output difference, that relative to the largest output, and the
     fraction of inputs whose arg-max agrees.
     """

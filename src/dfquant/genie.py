@@ -103,12 +103,12 @@ lifted Genie's top-1 on ResNet-20 from 90.4 to 92.4 at W4A4 and from 81.7 to 89.
 ResNet-56 from 90.4 to 92.1 at W2A4; ResNet-56 at W4A4 fell from 93.1 to 92.4 (6 of 846 images)
 while its logit error against FP32 also fell (1.25 to 1.09). With 2000 iterations per unit
 (``genie_cifar_resnet*_recon2000.md``, about 4x the time) the logit error of every run fell a
-further 11-18 % and top-1 moved within the 846-image test set's noise. The same seed gives the
+further 6-18 % and top-1 moved within the 846-image test set's noise. The same seed gives the
 same model bit for bit in separate processes on the same machine and thread count. Another CPU
 (another vector instruction set in torch's kernels) rounds floats differently; thousands of
 optimizer steps amplify that, so there the synthetic images and the learned model differ
 (``genie_cifar_rerun_2nd_cpu.md``: top-1 of a learned row moved by up to two points either way,
-its logit error against FP32 by up to 10 %).
+its logit error against FP32 by up to 13 %).
 
 Deviations from the release
 ---------------------------
@@ -692,6 +692,11 @@ def reconstruct_model(
         check_output_paths((images_path(save_synthetic),))
     if act_calib not in _ACT_CALIB:
         raise DfquantError(f"unknown act_calib {act_calib!r}; choose bn or data")
+    if act_calib == "data" and (getattr(cfg, "n_sigma", None) is not None or getattr(cfg, "act_range", "dfq") != "dfq"):
+        raise DfquantError(
+            "n_sigma / act_range set the BN-statistics activation ranges, which act_calib='data' (the default) "
+            "replaces by a search on the synthetic images: use them with act_calib='bn' (--act-calib bn)"
+        )
     dev = _resolve_device(device)
     budget_used = budget if budget != "auto" else ("gpu" if dev.type == "cuda" else "cpu")
     base = dict(GPU_DEFAULTS if budget_used == "gpu" else CPU_BUDGET)

@@ -79,9 +79,9 @@ Deviations from the releases (all methods)
 CPU budget
 ----------
 :data:`CPU_BUDGET` (150 iterations, batches of 128) is a far smaller budget for the 2-core CPU this
-project is developed on: 256 images for the CIFAR ResNet-20 take ~3 min on a quiet machine and
-~5 min single-threaded with other jobs running (Genie; ZeroQ about half; the measurements are noted
-at :data:`CPU_BUDGET`). The loss is already ~1-2 % of random noise's, but the images are less
+project is developed on: 256 images for the CIFAR ResNet-20 took 170 s (Genie-D) and 94 s (ZeroQ)
+on one thread of one CPU, and 569 s and 433 s on another with a second job running (the
+measurements are noted at :data:`CPU_BUDGET` and in ``genie_cifar_headline.md``). The loss is already ~1-2 % of random noise's, but the images are less
 converged than with the paper's 4000 iterations; use the GPU defaults (``device="cuda"``) when a
 GPU is available.
 
