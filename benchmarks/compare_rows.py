@@ -5,7 +5,9 @@
 
 For every (model, setting, run seed) where the files hold a row of method A and a row of method B,
 an exact McNemar test on the 846 images' correctness and an exact sign test on which row is closer to
-FP32 per image (``dfquant.paired_comparison`` / ``dfquant.paired_error_comparison``). A file's seed is
+FP32 per image (``dfquant.paired_comparison`` / ``dfquant.paired_error_comparison``). With
+``--b-files`` the B rows come from those files instead (the same method at another budget, say:
+``--a X --b X --a-name "2000 iterations" --b-name "500 iterations"``). A file's seed is
 its ``--seed`` (the synthetic images) and its ``--recon-seed`` when given; rows of the same method and
 key in two files must agree. Writes NAME.json and NAME.md.
 """
@@ -44,9 +46,12 @@ def main() -> None:
     ap.add_argument("files", nargs="+")
     ap.add_argument("--a", required=True, help="method label of the first row")
     ap.add_argument("--b", required=True, help="method label of the second row")
+    ap.add_argument("--b-files", nargs="+", default=None, help="take the B rows from these files instead")
+    ap.add_argument("--a-name", default=None, help="how the title names A (default: its label)")
+    ap.add_argument("--b-name", default=None, help="how the title names B (default: its label)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    rows_a, rows_b = collect(args.files, args.a), collect(args.files, args.b)
+    rows_a, rows_b = collect(args.files, args.a), collect(args.b_files or args.files, args.b)
     if not set(rows_a) & set(rows_b):
         raise SystemExit(f"no model, setting and seed has both a {args.a!r} and a {args.b!r} row with per-image results in these files")
     table = []
@@ -56,10 +61,16 @@ def main() -> None:
         if "logit_sq_err" in ra and "logit_sq_err" in rb:
             entry.update(logit_mse_a=ra["logit_mse"], logit_mse_b=rb["logit_mse"], closer=dfquant.paired_error_comparison(ra["logit_sq_err"], rb["logit_sq_err"]))
         table.append(entry)
-    command = "python benchmarks/compare_rows.py " + " ".join(["--a", json.dumps(args.a), "--b", json.dumps(args.b), "--out", args.out, *args.files])
+    command = "python benchmarks/compare_rows.py " + " ".join(
+        ["--a", json.dumps(args.a), "--b", json.dumps(args.b)]
+        + (["--a-name", json.dumps(args.a_name)] if args.a_name else [])
+        + (["--b-name", json.dumps(args.b_name)] if args.b_name else [])
+        + ["--out", args.out, *args.files]
+        + (["--b-files", *args.b_files] if args.b_files else [])
+    )
     Path(args.out + ".json").write_text(json.dumps(dict(command=command, a=args.a, b=args.b, rows=table), indent=1))
     lines = [
-        f"# {args.a} against {args.b}, paired on the same images",
+        f"# {args.a_name or args.a} against {args.b_name or args.b}, paired on the same images",
         "",
         f"Command: `{command}`",
         "",
