@@ -52,17 +52,6 @@ def _check_output(path: Optional[str], flag: str) -> None:
     check_writable(path, flag)
 
 
-def _writing(path: str, write: Any) -> Any:
-    """Run a write; a failure the checks could not foresee (a special file system, a full disk) becomes one line."""
-    try:
-        return write()
-    except (DfquantError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # noqa: BLE001 - safetensors, onnx and OS errors alike
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DfquantError(f"could not write {path}: {first}") from None
-
-
 def _layer_bits(s: str):
     name, sep, bits = s.rpartition("=")
     if not sep or not name:
@@ -332,7 +321,6 @@ def cmd_quantize(args) -> int:
 
         require_onnx()
         check_output_path(args.onnx)
-        _check_output(args.onnx, "--onnx")
     elif args.int4_weights:
         raise DfquantError("--int4-weights sets how the ONNX export stores weights: give --onnx FILE too")
     _check_output(args.out, "--out")
@@ -389,10 +377,10 @@ def cmd_quantize(args) -> int:
     if "genie" in report.config:
         result["genie"] = {k: v for k, v in report.config["genie"].items() if k != "units"}
     if args.out:
-        paths = _writing(args.out, lambda: save_quantized(qmodel, args.out, model_name=args.model, config=report.config, report=report.to_dict()))
+        paths = save_quantized(qmodel, args.out, model_name=args.model, config=report.config, report=report.to_dict())
         result["out"] = str(paths[0])
     if args.onnx:
-        result["onnx"] = _writing(args.onnx, lambda: _export(qmodel, args.onnx, 16, {"model_name": args.model, "config": report.config}, args.int4_weights))
+        result["onnx"] = _export(qmodel, args.onnx, 16, {"model_name": args.model, "config": report.config}, args.int4_weights)
         if data is not None:  # what the deployed file scores, beside the fake-quant figure
             from .export import OnnxRuntimeModel
 
@@ -499,7 +487,7 @@ def cmd_synthesize(args) -> int:
     # no wall time in the file: the same seed gives the same bytes
     meta = {"model": args.model, "method": args.method, "seed": args.seed, "budget": budget}
     meta.update(kw)
-    _writing(str(out), lambda: save_images(images, out, metadata=meta))
+    save_images(images, out, metadata=meta)
     mean, std = input_normalization(model_spec(args.model).dataset)  # so the grid shows the images' colours
     save_image_grid(images, png, mean=mean, std=std)
     steps = f"{kw['iters']} iterations per batch" if "iters" in kw else f"the {args.method} default iterations"
@@ -557,9 +545,11 @@ def cmd_export(args) -> int:
 
     if args.check < 0:
         raise DfquantError(f"--check must be 0 or more, got {args.check}")
-    _check_output(args.out, "--out")
+    from .export import check_output_path
+
+    check_output_path(args.out)  # before loading and exporting
     qmodel, info = load_quantized(args.file)
-    summary = _writing(args.out, lambda: _export(qmodel, args.out, args.check, {"model_name": info.get("model_name"), "config": info.get("config", {})}, args.int4_weights))
+    summary = _export(qmodel, args.out, args.check, {"model_name": info.get("model_name"), "config": info.get("config", {})}, args.int4_weights)
     if args.json:
         print(json.dumps(summary))
     else:

@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import DfquantError
-from .files import atomic_write
+from .files import atomic_write, check_writable
 from .qmodules import ActQuantizer, QuantConv2d, QuantLinear, _QuantWeightLayer
 from .quantizer import qrange
 
@@ -179,8 +179,7 @@ def check_output_path(path: "str | Path") -> Path:
     path = Path(path)
     if path.suffix != ".onnx":
         raise DfquantError(f"the ONNX output file must end in .onnx, got {path.name}")
-    if not path.parent.exists():
-        raise DfquantError(f"output folder does not exist: {path.parent}")
+    check_writable(path)
     return path
 
 
@@ -232,7 +231,10 @@ def export_onnx(
     doc = dict(metadata or {}, format=FORMAT, input_size=list(input_size))
     onnx.helper.set_model_props(model, {"dfquant": json.dumps(doc, default=str)})
     onnx.checker.check_model(model)
-    atomic_write(path, lambda p: onnx.save_model(model, str(p)))
+    try:
+        atomic_write(path, lambda p: onnx.save_model(model, str(p)))
+    except OSError as exc:  # a write that failed after the checks (a full disk, ...)
+        raise DfquantError(f"cannot write {path}: {exc.strerror or exc}") from None
     ops = Counter(n.op_type for n in model.graph.node)
     wide = [name for name, mod in m.named_modules() if isinstance(mod, _QDQLayer) and mod.wide]
     return {
