@@ -86,3 +86,27 @@ def test_input_without_bn_statistics_is_reported_and_left_float():
     reasons = dict(report.float_inputs)
     assert "conv3" in reasons and "no BN" in reasons["conv3"]
     assert q.conv3.input_quant is None and q.conv2.input_quant is not None
+
+
+def test_affine_free_bn_is_n01_and_a_spatial_mean_keeps_the_statistics(affine_free_bn_model):
+    m = affine_free_bn_model
+    r = propagate_bn_stats(analyse(m).traced, (3, 8, 8))
+    st = r["conv2"].stats
+    assert torch.equal(st.mu, torch.zeros(8)) and torch.equal(st.sigma, torch.ones(8)) and st.clip_lo == 0.0
+    assert r["fc"].stats is not None  # x.mean((2, 3)) is global average pooling
+    assert r["fc"].stats.mu.numel() == 8
+    q, report = dfquant.quantize(m, "squant", 4, 4, input_size=(3, 8, 8))
+    assert dict((l.name, l.a_range) for l in report.layers)["conv2"] == (0.0, DFQ_N_SIGMA[4])
+
+
+def test_a_layer_run_twice_gets_one_range_covering_both_inputs(shared_conv_model):
+    m = shared_conv_model
+    with torch.no_grad():
+        m.b1.bias.fill_(0.0), m.b1.weight.fill_(1.0)
+        m.b0.bias.fill_(3.0), m.b0.weight.fill_(0.5)  # the first run's input reaches furthest
+    r = propagate_bn_stats(analyse(m).traced, (3, 8, 8))
+    assert r["c"].calls == 2 and r["c"].stats.mu.numel() == 16
+    lo, hi = stats_range(r["c"].stats, 4, "dfq")
+    assert hi == pytest.approx(max(3.0 + DFQ_N_SIGMA[4] * 0.5, DFQ_N_SIGMA[4]))
+    _, report = dfquant.quantize(m, "rtn", 4, 4, input_size=(3, 8, 8), bias_correction=True)
+    assert "runs 2 times" in {l.name: l.note for l in report.layers}["c"]

@@ -45,6 +45,7 @@ def test_report_contents(digits):
         assert 0 < row.rel_weight_error < 0.5
     table = report.format_table()
     assert "conv2" in table and "inputs left in float" in table
+    assert str(report) == table
 
 
 def test_weight_only(digits):

@@ -193,3 +193,10 @@ def test_cli_flags(capsys, digits):
     code = main(["--no-progress", "quantize", "--model", "digits_cnn", "--method", "rtn", "--cle", "--bias-correction", "--report"])
     out = capsys.readouterr().out
     assert code == 0 and "cross-layer equalization: 2 pairs" in out and "bias corrected" in out
+
+
+def test_an_affine_free_bn_is_not_equalized_through(affine_free_bn_model):
+    pairs, skipped = equalization_pairs(affine_free_bn_model)
+    assert pairs == [] and "no affine parameters" in dict(skipped)["conv"]
+    q, report = dfquant.quantize(affine_free_bn_model, "rtn", 4, 4, input_size=(3, 8, 8), cle=True)
+    assert any("no affine parameters" in n for n in report.notes)

@@ -65,3 +65,19 @@ def test_unsupported_layers_left_float_and_listed():
     assert isinstance(q.temporal, nn.Conv1d)
     assert "unsupported layers left in float: temporal" in report.format_table()
     assert torch.isfinite(q(torch.randn(2, 1, 6, 6))).all()
+
+
+def test_a_shared_conv_takes_no_fold_and_folding_keeps_the_function(shared_conv_model):
+    m = shared_conv_model
+    assert analyse(m).conv_bn == {"c0": "b0"}
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fold_bn(m)(x), m(x), atol=1e-5)
+
+
+def test_an_affine_free_bn_folds_with_gamma_one_and_beta_zero(affine_free_bn_model):
+    m = affine_free_bn_model
+    assert analyse(m).conv_bn == {"conv": "bn", "conv2": "bn2"}
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fold_bn(m)(x), m(x), atol=1e-5)

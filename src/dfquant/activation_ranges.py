@@ -8,7 +8,8 @@ quantized layer's input:
 - ReLU / ReLU6 clip the Gaussian (tracked as "the Gaussian, then clipped"),
 - a residual addition adds the branches' means and variances (independence assumed), using the
   exact moments of a clipped Gaussian for each branch (closed form),
-- pooling, flatten of a 1x1 map, dropout, identity, spatial slicing pass the statistics through,
+- pooling (also a spatial ``mean``), flatten of a 1x1 map, dropout, identity, spatial slicing pass
+  the statistics through,
   channel zero-padding (option-A shortcuts) adds zero channels, concatenation joins them.
 
 A quantized input that no BN statistic reaches (the image, a conv output without BN, an unknown
@@ -38,6 +39,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
+
+from .graph import bn_affine
 
 # n in beta + n*gamma per activation bit-width for the "dfq" rule, chosen without real data:
 # benchmarks/act_nsigma.py scores every n on a grid by the logit error against the float model on
@@ -95,6 +98,21 @@ class InputRange:
 
     stats: Optional[ChannelStats]
     reason: str = ""  # why there are no statistics
+    calls: int = 1  # how often the layer runs in one forward (a shared layer gets one range for all)
+
+
+def _merge_calls(prev: InputRange, here: InputRange) -> InputRange:
+    """One range for a layer called more than once (shared weights): each call's channels are kept
+    as channels of their own, so the per-tensor range covers every call's input; when a call has no
+    statistics, or the calls' inputs are clipped differently, the input stays float."""
+    calls = prev.calls + 1
+    a, b = prev.stats, here.stats
+    if a is None or b is None:
+        why = prev.reason if a is None else here.reason
+        return InputRange(None, f"called {calls} times (shared weights); one call's input has no BN statistics: {why}", calls)
+    if (a.clip_lo, a.clip_hi) != (b.clip_lo, b.clip_hi):
+        return InputRange(None, f"called {calls} times (shared weights) on inputs with different clipping (ReLU/ReLU6/none)", calls)
+    return InputRange(ChannelStats(torch.cat([a.mu, b.mu]), torch.cat([a.sigma, b.sigma]), a.clip_lo, a.clip_hi), "", calls)
 
 
 def _relu_like(mod_or_fn, node: fx.Node) -> Optional[Tuple[Optional[float], Optional[float]]]:
@@ -149,10 +167,13 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
             mod = modules[node.target]
             src = get(node.args[0]) if node.args else None
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                result[node.target] = InputRange(src if isinstance(src, ChannelStats) else None, "" if isinstance(src, ChannelStats) else str(src))
+                here = InputRange(src if isinstance(src, ChannelStats) else None, "" if isinstance(src, ChannelStats) else str(src))
+                prev = result.get(node.target)
+                result[node.target] = here if prev is None else _merge_calls(prev, here)
                 out = f"output of {node.target} (no BN after it)"
             elif isinstance(mod, nn.BatchNorm2d):
-                out = ChannelStats(mod.bias.detach().clone(), mod.weight.detach().abs().clone())
+                gamma, beta = bn_affine(mod)
+                out = ChannelStats(beta.clone(), gamma.abs().clone())
             elif _relu_like(mod, node) is not None:
                 out = src.clipped(*_relu_like(mod, node)) if isinstance(src, ChannelStats) else src
             elif isinstance(mod, nn.Flatten):
@@ -171,6 +192,8 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
                     out = "addition with an operand without BN statistics"
             elif _relu_like(t, node) is not None:
                 out = src.clipped(*_relu_like(t, node)) if isinstance(src, ChannelStats) else src
+            elif t in (torch.mean, "mean"):  # global average pooling written as x.mean((2, 3))
+                out = src if channel_preserving(node) else "mean over channels or without the shapes (give input_size)"
             elif t in (torch.flatten, "flatten", "view", "reshape"):
                 out = src if channel_preserving(node) else "flatten/reshape that regroups channels"
             elif t in _PASS_FUNCS or t in _PASS_METHODS:

@@ -326,6 +326,8 @@ def _corrected_bias(layer: nn.Module, weight_error: torch.Tensor, found: Any):
     """DFQ bias correction of one layer: its new bias (None: unchanged) and a note for the report."""
     from .dfq import bias_correction
 
+    if found is not None and found.calls > 1:
+        return None, f"not bias-corrected: the layer runs {found.calls} times on different inputs (shared weights)"
     if found is None or found.stats is None:
         return None, "not bias-corrected: no BN statistic reaches its input"
     mean = found.stats.moments()[0].float()

@@ -137,11 +137,12 @@ def equalization_pairs(model: nn.Module) -> Tuple[List[EqualizationPair], List[T
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    pairs, skipped = [], []
+    pairs, skipped, seen = [], [], set()
     for node in gm.graph.nodes:
         conv = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(conv, nn.Conv2d):
+        if not isinstance(conv, nn.Conv2d) or node.target in seen:
             continue
+        seen.add(node.target)
         why = None
         nxt = _single_user(node)
         bn = None
@@ -149,6 +150,8 @@ def equalization_pairs(model: nn.Module) -> Tuple[List[EqualizationPair], List[T
             why = "grouped (not depthwise) or called more than once"
         elif nxt is not None and nxt.op == "call_module" and isinstance(modules.get(nxt.target), nn.BatchNorm2d):
             bn = nxt.target
+            if modules[bn].weight is None or modules[bn].running_var is None or calls[bn] != 1:
+                why = "its BatchNorm has no affine parameters or running statistics to rescale, or is shared"
             nxt = _single_user(nxt)
         if why is None and (nxt is None or not _is(nxt, modules, _RELU, _RELU_FUNCS)):
             act = nxt.target if nxt is not None else None

@@ -67,28 +67,40 @@ def analyse(model: nn.Module) -> ModelGraph:
         return ModelGraph(layers, unsupported, None, {}, "model is not fx-traceable: layer order is registration order, no BN pairing")
     order: List[str] = []
     conv_bn: Dict[str, str] = {}
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         mod = modules.get(node.target)
         if mod is not None and is_supported(mod) and node.target not in order:
             order.append(node.target)
-        if isinstance(mod, nn.BatchNorm2d):
+        if isinstance(mod, nn.BatchNorm2d) and mod.running_var is not None:  # batch-statistics BN: not foldable
             src = node.args[0]
             if (
                 isinstance(src, fx.Node)
                 and src.op == "call_module"
                 and isinstance(modules.get(src.target), nn.Conv2d)
                 and len(src.users) == 1
+                and calls[src.target] == calls[node.target] == 1  # a shared conv or BN cannot take the fold
             ):
                 conv_bn[src.target] = node.target
     layers = [LayerInfo(n, modules[n], i) for i, n in enumerate(order)]
     return ModelGraph(layers, unsupported, gm, conv_bn)
 
 
+def bn_affine(bn: nn.BatchNorm2d):
+    """``(gamma, beta)`` of a BN; an affine-free BN (``affine=False``) has gamma 1 and beta 0."""
+    gamma = bn.weight.detach() if bn.weight is not None else torch.ones(bn.num_features)
+    beta = bn.bias.detach() if bn.bias is not None else torch.zeros(bn.num_features)
+    return gamma, beta
+
+
 def bn_fold_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
     """Per channel, the factor folding ``bn`` multiplies the preceding conv's weight by: gamma / sqrt(var + eps)."""
-    return bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return bn_affine(bn)[0] / torch.sqrt(bn.running_var + bn.eps)
 
 
 def fold_bn(model: nn.Module, graph: Optional[ModelGraph] = None) -> nn.Module:
@@ -106,7 +118,7 @@ def fold_bn(model: nn.Module, graph: Optional[ModelGraph] = None) -> nn.Module:
             inv = bn_fold_scale(bn)
             conv.weight.mul_(inv.reshape(-1, 1, 1, 1))
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            new_bias = bn.bias + (bias - bn.running_mean) * inv
+            new_bias = bn_affine(bn)[1] + (bias - bn.running_mean) * inv
             conv.bias = nn.Parameter(new_bias.detach().clone())
         ident = nn.Identity()
         ident._dfquant_folded = True  # type: ignore[attr-defined]  # remembered when saving

@@ -37,6 +37,9 @@ class QuantReport:
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
+    def __str__(self) -> str:  # print(report) shows the table, not the dataclass fields
+        return self.format_table()
+
     def format_table(self) -> str:
         """A readable per-layer table plus the lists of what was left in float."""
         head = f"{'layer':<28} {'kind':<6} {'shape':<18} {'W':>2} {'A':>5} {'act range':>17} {'rel.err':>8} {'|sum|K':>7} {'|sum|C':>7}"
