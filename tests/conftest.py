@@ -100,6 +100,12 @@ def _with_running_stats(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 @pytest.fixture
+def with_bn_stats():
+    """The function that gives a model's BatchNorm layers non-trivial statistics (and eval mode)."""
+    return _with_running_stats
+
+
+@pytest.fixture
 def shared_conv_model() -> nn.Module:
     """A small BN CNN whose conv ``c`` runs twice (weight sharing), BN statistics set."""
     return _with_running_stats(SharedConv())

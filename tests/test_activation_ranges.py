@@ -96,7 +96,7 @@ def test_affine_free_bn_is_n01_and_a_spatial_mean_keeps_the_statistics(affine_fr
     assert r["fc"].stats is not None  # x.mean((2, 3)) is global average pooling
     assert r["fc"].stats.mu.numel() == 8
     q, report = dfquant.quantize(m, "squant", 4, 4, input_size=(3, 8, 8))
-    assert dict((l.name, l.a_range) for l in report.layers)["conv2"] == (0.0, DFQ_N_SIGMA[4])
+    assert dict((l.name, l.a_range) for l in report.layers)["conv2"] == pytest.approx((0.0, DFQ_N_SIGMA[4]))
 
 
 def test_a_layer_run_twice_gets_one_range_covering_both_inputs(shared_conv_model):
@@ -110,3 +110,20 @@ def test_a_layer_run_twice_gets_one_range_covering_both_inputs(shared_conv_model
     assert hi == pytest.approx(max(3.0 + DFQ_N_SIGMA[4] * 0.5, DFQ_N_SIGMA[4]))
     _, report = dfquant.quantize(m, "rtn", 4, 4, input_size=(3, 8, 8), bias_correction=True)
     assert "runs 2 times" in {l.name: l.note for l in report.layers}["c"]
+
+
+def test_a_linear_over_the_width_axis_gets_no_channel_statistics(with_bn_stats):
+    class Mixer(nn.Module):  # a Linear applied to the last (width) axis of a feature map
+        def __init__(self, width):
+            super().__init__()
+            self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.mix, self.fc = nn.Linear(width, width), nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(self.mix(torch.relu(self.bn(self.c1(x)))).mean((2, 3)))
+
+    for width in (6, 8):  # 8: as many features as BN channels, which must not fool it
+        m = with_bn_stats(Mixer(width))
+        _, report = dfquant.quantize(m, "rtn", 8, 8, input_size=(3, 6, width), bias_correction=True)
+        reasons = dict(report.float_inputs)
+        assert "4-D tensor" in reasons["mix"]

@@ -249,3 +249,25 @@ def test_batchnorm1d_is_named_when_no_batchnorm2d_is_found():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
     with pytest.raises(DfquantError, match="no BatchNorm2d layer \\(it has BatchNorm1d"):
         dfquant.quantize(model, "rtn", 4, 4, input_size=(3, 2, 2))
+
+
+def test_quantized_layers_take_keyword_inputs_and_the_report_gives_the_grid_range(digits):
+    q, report = dfquant.quantize(digits[0], "squant", 4, 4)
+    x = torch.randn(2, *digits[0].input_size)
+    with torch.no_grad():
+        assert torch.equal(q.conv1(input=x), q.conv1(x))
+    for row in report.layers:
+        if row.a_bits:
+            assert row.a_range == q.get_submodule(row.name).input_quant.range
+
+
+@pytest.mark.parametrize("size", [12, "3,8,8", (3, 0, 8), (3.0, 8, 8), torch.zeros(3, 8, 8)])
+def test_input_size_must_be_positive_integers(digits, size):
+    with pytest.raises(DfquantError, match="input_size must be a tuple of positive integers"):
+        dfquant.quantize(digits[0], "rtn", 8, 8, input_size=size)
+
+
+def test_the_input_size_given_is_kept_for_export():
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    q, _ = dfquant.quantize(m, "rtn", 8, 8, input_size=(1, 6, 6))
+    assert q.input_size == (1, 6, 6) and not hasattr(m, "input_size")

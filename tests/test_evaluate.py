@@ -134,3 +134,12 @@ def test_a_reference_of_another_shape_is_refused(digits):
     wrong_input = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(5, 10))
     with pytest.raises(DfquantError, match="the reference model cannot run on these inputs of shape"):
         dfquant.evaluate(model, (x, y), reference=wrong_input)
+
+
+def test_a_model_that_returns_a_tuple_is_a_clear_error():
+    class Two(torch.nn.Module):
+        def forward(self, x):
+            return x, x
+
+    with pytest.raises(DfquantError, match="got a tuple"):
+        dfquant.evaluate(Two(), (torch.randn(3, 4), torch.zeros(3, dtype=torch.long)))

@@ -297,3 +297,19 @@ def test_onnx_model_on_inputs_of_the_wrong_shape_is_one_clear_error(digits, digi
         runner(torch.zeros(2, 3, 8, 8))
     with pytest.raises(DfquantError, match=r"cannot run on these inputs of shape \(4, 1, 4, 4\)"):
         dfquant.evaluate(runner, (torch.zeros(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)))
+
+
+def test_a_data_dependent_forward_is_refused_with_its_reason_not_the_exporters_advice(tmp_path, capfd):
+    class Branches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc((self.a(x) if x.sum() > 0 else self.b(x)).mean((2, 3)))
+
+    q, _ = dfquant.quantize(Branches().eval(), "rtn", 8, None, input_size=(3, 8, 8))
+    with pytest.raises(DfquantError, match="data-dependent.*branches on tensor values"):
+        export_onnx(q, tmp_path / "b.onnx")
+    assert "GraphModule" not in capfd.readouterr().err  # no pages of graph dumps
+    assert not list(tmp_path.iterdir())

@@ -1,5 +1,9 @@
+import contextlib
+
+import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import dfquant
 from dfquant.graph import analyse, fold_bn
@@ -81,3 +85,131 @@ def test_an_affine_free_bn_folds_with_gamma_one_and_beta_zero(affine_free_bn_mod
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(fold_bn(m)(x), m(x), atol=1e-5)
+
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardization: a forward of its own, which a plain quantized conv would drop."""
+
+    def forward(self, x):
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class PlainSubclassConv(nn.Conv2d):
+    pass
+
+
+class WithConvSubclasses(nn.Module):
+    def __init__(self, branch: bool = False):
+        super().__init__()
+        self.branch = branch
+        self.c1, self.bn = PlainSubclassConv(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2 = StandardizedConv(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        if self.branch and x.sum() > 0:  # data-dependent: not fx-traceable
+            x = x * 1.0
+        return self.fc(self.c2(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("branch", [False, True])
+def test_a_conv_subclass_with_its_own_forward_stays_float_and_listed(branch):
+    m = WithConvSubclasses(branch).eval()
+    q, report = dfquant.quantize(m, "rtn", 8, None, input_size=(3, 8, 8))
+    assert [l.name for l in report.layers] == ["c1", "fc"] and report.unsupported == ["c2"]
+    assert type(q.c2) is StandardizedConv and type(q.c1).__name__ == "QuantConv2d"
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(q(x), m(x), rtol=0.05, atol=0.02)
+
+
+class Aliased(nn.Module):
+    """The layer the forward calls is also registered under another name (``self.last = features[3]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.last = self.features[3]
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        f = self.features
+        x = torch.relu(f[4](self.last(f[2](f[1](f[0](x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_an_aliased_layer_is_quantized_under_every_name_and_saves(tmp_path, with_bn_stats):
+    m = with_bn_stats(Aliased())
+    q, report = dfquant.quantize(m, "squant", 4, 4, input_size=(3, 8, 8), fold_bn=True)
+    assert q.last is q.features[3] and type(q.last).__name__ == "QuantConv2d"
+    assert isinstance(q.features[4], nn.Identity)  # its BN folded into it
+    x = torch.randn(2, 3, 8, 8)
+    dfquant.save_quantized(q, tmp_path / "a")
+    r, _ = dfquant.load_quantized(tmp_path / "a.safetensors", model=Aliased())
+    with torch.no_grad():
+        assert torch.equal(r(x), q(x))
+
+
+class KeywordCalls(nn.Module):
+    """Layers, a BN and torch.cat called with keyword arguments, and a channel concat at dim=-3."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.c, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        a = torch.relu(self.bn_a(input=self.a(x)))
+        b = torch.relu(self.bn_b(self.b(input=x)))
+        y = self.c(input=torch.cat(tensors=[a, b], dim=1))
+        return self.fc(torch.cat([a, b], dim=-3).mean((2, 3)).repeat(1, 2))
+
+
+def test_keyword_calls_keep_the_analysis_and_the_quantized_model_runs(with_bn_stats):
+    m = with_bn_stats(KeywordCalls())
+    g = analyse(m)
+    assert g.conv_bn == {"a": "bn_a", "b": "bn_b"}
+    q, report = dfquant.quantize(m, "squant", 8, 8, input_size=(3, 8, 8), fold_bn=True)
+    assert dict((l.name, l.a_bits) for l in report.layers)["c"] == 8
+    # both branches are ReLU outputs: their concatenation is >= 0, so the range starts at 0
+    assert dict((l.name, l.a_range) for l in report.layers)["c"][0] == 0.0
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(q(x), m(x), rtol=0.05, atol=0.05)
+
+
+def test_parametrized_and_root_level_weights_are_reported_truthfully():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 3))).eval()
+    q, report = dfquant.quantize(m, "rtn", 8, None)
+    assert [l.name for l in report.layers] == ["0", "3"] and report.unsupported == []
+
+    class RootWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(F.conv2d(x, self.w).mean((2, 3)))
+
+    _, report = dfquant.quantize(RootWeight().eval(), "rtn", 8, None)
+    assert report.unsupported == ["(the model's own parameters)"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()), "TorchScript"),
+        (lambda: nn.DataParallel(nn.Sequential(nn.Conv2d(3, 4, 3))), "model.module"),
+        (lambda: nn.Sequential(torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3))), "remove_weight_norm"),
+    ],
+)
+def test_models_dfquant_cannot_rebuild_are_clear_errors(make, match):
+    with pytest.warns(FutureWarning) if "weight_norm" in match else contextlib.nullcontext():
+        model = make()
+    with pytest.raises(dfquant.DfquantError, match=match):
+        dfquant.quantize(model, "rtn", 8, None)

@@ -1,6 +1,7 @@
 """Data synthesis (Genie-D and the ZeroQ baseline) on the embedded digits CNN, at a tiny budget."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -308,3 +309,49 @@ def test_images_files_are_byte_identical_with_sorted_metadata_and_umask_mode(tmp
     assert list(stored) == sorted(stored) and stored["seed"] == "7"
     assert torch.equal(load_images(files[0]), x)
     assert all(f.stat().st_mode & 0o777 == 0o644 for f in files)
+
+
+def test_a_bn_on_a_1x1_map_gives_finite_zeroq_images():
+    """A BN after global pooling sees one value per image and channel: ZeroQ's per-image std is 0 there."""
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 4)
+    ).eval()
+    for method in ("zeroq", "genie"):
+        x = synthesize(m, 4, method=method, input_size=(3, 8, 8), iters=3, batch_size=4, progress=False)
+        assert torch.isfinite(x).all()
+
+
+class _ReadsItsConv(nn.Module):
+    """A forward that reads a strided conv's attribute and a BN called by keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        k = self.conv.stride[0]
+        return self.fc(torch.relu(self.bn(input=self.conv(x[:, :, ::k, ::k]))).mean((2, 3)))
+
+
+def test_swing_conv_keeps_the_wrapped_convs_attributes_and_bn_keyword_calls_are_tapped():
+    m = _ReadsItsConv().eval()
+    x = synthesize(m, 4, input_size=(3, 16, 16), iters=2, batch_size=4, progress=False)
+    assert x.shape == (4, 3, 16, 16) and torch.isfinite(x).all()
+    s = SwingConv2d(nn.Conv2d(3, 4, 3, stride=2), torch.Generator().manual_seed(0))
+    assert s.stride == (2, 2) and s.weight is s.conv.weight
+
+
+def test_half_precision_models_and_wrong_input_sizes(model):
+    x = synthesize(copy.deepcopy(model).half(), 4, iters=2, batch_size=4, progress=False)
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    with pytest.raises(DfquantError, match=r"cannot run on an input of size \(3, 8, 8\)"):
+        synthesize(model, 4, input_size=(3, 8, 8), progress=False)
+    with pytest.raises(DfquantError, match=r"split into \[2, 1\]"):
+        synthesize(model, 3, batch_size=2, progress=False)
+
+
+def test_synthesize_is_part_of_the_top_level_api():
+    import dfquant
+
+    assert dfquant.synthesize is synthesize

@@ -12,6 +12,7 @@ from .export import OnnxRuntimeModel, export_onnx
 from .models import create_model, list_models
 from .serialization import load_quantized, save_quantized
 from .squant import squant_round
+from .synthesis import synthesize
 
-__all__ = ["quantize", "QuantConfig", "METHODS", "evaluate", "paired_comparison", "paired_error_comparison", "squant_round", "create_model", "list_models", "DfquantError", "export_onnx", "OnnxRuntimeModel", "save_quantized", "load_quantized"]
+__all__ = ["quantize", "QuantConfig", "METHODS", "evaluate", "paired_comparison", "paired_error_comparison", "squant_round", "synthesize", "create_model", "list_models", "DfquantError", "export_onnx", "OnnxRuntimeModel", "save_quantized", "load_quantized"]
 __version__ = "0.1.0"

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .graph import bn_affine
+from .graph import bn_affine, first_input
 
 # n in beta + n*gamma per activation bit-width for the "dfq" rule, chosen without real data:
 # benchmarks/act_nsigma.py scores every n on a grid by the logit error against the float model on
@@ -125,6 +125,31 @@ def _relu_like(mod_or_fn, node: fx.Node) -> Optional[Tuple[Optional[float], Opti
     return None
 
 
+def _concat_channels(parts) -> ChannelStats:
+    """Channel statistics of a concatenation: exact when the parts are clipped alike (e.g. all after
+    ReLU, so the result keeps its lower end 0), else each part's clipped moments as a Gaussian."""
+    clips = {(p.clip_lo, p.clip_hi) for p in parts}
+    if len(clips) == 1:
+        lo, hi = clips.pop()
+        return ChannelStats(torch.cat([p.mu for p in parts]), torch.cat([p.sigma for p in parts]), lo, hi)
+    ms = [p.moments() for p in parts]
+    return ChannelStats(torch.cat([m for m, _ in ms]), torch.cat([v.sqrt() for _, v in ms]))
+
+
+def _layer_input(layer: nn.Module, src, in_shape) -> Union[ChannelStats, str, None]:
+    """The statistics reaching a Conv2d/Linear, if they describe what it reads: a conv reads the BN
+    channels as its input channels; a Linear must see them as its features, on a (batch, features)
+    input (applied to the last axis of a feature map it reads something else)."""
+    if not isinstance(src, ChannelStats):
+        return src
+    n = src.mu.numel()
+    if isinstance(layer, nn.Conv2d):
+        return src if n == layer.in_channels else f"{n} channels with BN statistics, the conv reads {layer.in_channels}"
+    if in_shape is not None and len(in_shape) != 2:
+        return f"a Linear applied to a {len(in_shape)}-D tensor reads an axis other than the BN channels"
+    return src if n == layer.in_features else f"{n} channels with BN statistics, the Linear reads {layer.in_features} features"
+
+
 def _add(x: ChannelStats, y: ChannelStats) -> ChannelStats:
     m1, v1 = x.moments()
     m2, v2 = y.moments()
@@ -153,8 +178,7 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
         return env.get(a.name, "unknown op before this layer") if isinstance(a, fx.Node) else None
 
     def channel_preserving(node: fx.Node) -> bool:
-        src = node.args[0] if node.args else None
-        sin, sout = shape(src), shape(node)
+        sin, sout = shape(first_input(node)), shape(node)
         if sin is None or sout is None:
             return False
         return len(sin) >= 2 and len(sout) >= 2 and sin[1] == sout[1] and all(d == 1 for d in sout[2:])
@@ -162,11 +186,12 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
     for node in gm.graph.nodes:
         out: Union[ChannelStats, None, str] = "unsupported op " + str(node.target)
         if node.op == "placeholder":
-            out = "the model input (image) has no BN statistics (give input_range to quantize it)"
+            out = "the model input (image) has no BN statistics"
         elif node.op == "call_module":
             mod = modules[node.target]
-            src = get(node.args[0]) if node.args else None
+            src = get(first_input(node))
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                src = _layer_input(mod, src, shape(first_input(node)))
                 here = InputRange(src if isinstance(src, ChannelStats) else None, "" if isinstance(src, ChannelStats) else str(src))
                 prev = result.get(node.target)
                 result[node.target] = here if prev is None else _merge_calls(prev, here)
@@ -183,7 +208,7 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
         elif node.op in ("call_function", "call_method"):
             t = node.target
             args = node.args
-            src = get(args[0]) if args else None
+            src = get(first_input(node))
             if t in _ADD and len(args) == 2:
                 x, y = get(args[0]), get(args[1])
                 if isinstance(x, ChannelStats) and isinstance(y, ChannelStats):
@@ -216,13 +241,18 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
                 else:
                     out = "padding that is not constant zero"
             elif t is torch.cat:
-                parts = [get(a) for a in args[0]]
+                tensors = args[0] if args else node.kwargs.get("tensors", ())
+                parts = [get(a) for a in tensors]
                 dim = node.kwargs.get("dim", args[1] if len(args) > 1 else 0)
-                if dim == 1 and all(isinstance(p, ChannelStats) for p in parts):
-                    ms = [p.moments() for p in parts]
-                    out = ChannelStats(torch.cat([m for m, _ in ms]), torch.cat([v.sqrt() for _, v in ms]))
-                else:
+                ndim = len(shape(node)) if shape(node) is not None else None
+                if isinstance(dim, int) and dim < 0 and ndim is not None:
+                    dim += ndim
+                if dim != 1:
+                    out = "concatenation along an axis other than the channels (or of unknown rank: give input_size)"
+                elif not all(isinstance(p, ChannelStats) for p in parts):
                     out = "concatenation of inputs without BN statistics"
+                else:
+                    out = _concat_channels(parts)
         env[node.name] = out
     return result
 

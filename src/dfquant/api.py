@@ -1,7 +1,6 @@
 """``dfquant.quantize``: one call from a float model to a quantized one and its report."""
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ import torch.nn as nn
 
 from .activation_ranges import propagate_bn_stats, stats_range
 from .errors import DfquantError, check_bits
-from .graph import analyse, fold_bn
+from .graph import analyse, check_input_size, check_runs, copy_model, float32_eval_cpu, fold_bn, replace_module
 from .qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from .quantizer import WEIGHT_RANGES, from_grid, rtn_round, to_grid, weight_params
 from .report import LayerReport, QuantReport
@@ -164,7 +163,8 @@ def quantize(model: nn.Module, method: str = "squant", w_bits: int = 4, a_bits: 
     if cfg.method not in LEARNED_METHODS and learned_opts:
         raise DfquantError(f"unknown option(s) for method {cfg.method!r}: {', '.join(sorted(learned_opts))}")
     t0 = time.perf_counter()
-    model, cle_notes = _eval_float32_cpu(model)
+    input_size = check_input_size(input_size)
+    model, cle_notes = float32_eval_cpu(model)
     base = model
     if cfg.relu6_to_relu:
         from .dfq import replace_relu6
@@ -180,6 +180,8 @@ def quantize(model: nn.Module, method: str = "squant", w_bits: int = 4, a_bits: 
         cle_notes += [record.summary()] + [f"  not equalized: {name}: {why}" for name, why in record.skipped]
     qmodel, report = _quantize_rounding(base, cfg, input_size)
     report.notes.extend(cle_notes)
+    if input_size is not None and getattr(qmodel, "input_size", None) is None:
+        qmodel.input_size = input_size  # what export_onnx and the learned methods read
     if cfg.method in LEARNED_METHODS:
         from .genie import reconstruct_model  # learned refinement on synthetic data
 
@@ -208,47 +210,11 @@ def round_biases_to_accumulator_grid(qmodel: nn.Module) -> int:
     return count
 
 
-def _eval_float32_cpu(model: Any) -> Tuple[nn.Module, list]:
-    """The model quantize works from, and notes for the report: ``model`` itself when it is an
-    eval-mode float32 model on the CPU, else such a copy. The caller's model is never changed (in
-    training mode the graph pass that carries BN statistics would update its running statistics)."""
-    if not isinstance(model, nn.Module):
-        raise DfquantError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    tensors = list(model.parameters()) + list(model.buffers())
-    if any(t.is_meta for t in tensors):
-        raise DfquantError("the model's tensors are on the meta device (they have no values): load its weights first")
-    other_dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.is_floating_point() and t.dtype != torch.float32})
-    devices = sorted({t.device.type for t in tensors if t.device.type != "cpu"})
-    if not (model.training or other_dtypes or devices):
-        return model, []
-    notes = []
-    model = copy.deepcopy(model)
-    if model.training:
-        notes.append("the model was in training mode: its eval-mode function was quantized (BN running statistics); the given model is unchanged")
-    if devices:
-        notes.append(f"the model's {'/'.join(devices)} tensors were copied to the CPU to quantize (genie/zeroq: device= picks where they train)")
-    if other_dtypes:
-        notes.append(f"the model's {'/'.join(other_dtypes)} tensors were converted to float32 to quantize; the quantized model computes in float32")
-    return model.cpu().float().eval(), notes
-
-
-def _check_runs(model: nn.Module, input_size: Tuple[int, ...]) -> None:
-    """One all-zero input through the model: a wrong input_size is a clear error, not a half-analysed graph."""
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size))
-    except Exception as exc:  # noqa: BLE001 - any failure here means the size does not fit the model
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DfquantError(f"the model cannot run on an input of size {tuple(input_size)} (input_size): {first}") from None
-
-
 def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[Tuple[int, ...]]):
     """Replace every supported layer of a copy of ``model`` by its quantized version."""
-    if not isinstance(model, nn.Module):
-        raise DfquantError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    input_size = input_size or getattr(model, "input_size", None)
+    input_size = input_size or check_input_size(getattr(model, "input_size", None))
     if input_size is not None:
-        _check_runs(model, input_size)
+        check_runs(model, input_size)
     graph = analyse(model)
     if not graph.layers:
         raise DfquantError("the model has no Conv2d or Linear layer to quantize")
@@ -282,12 +248,13 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
             raise DfquantError(f"{need} the model's graph to carry BN statistics, but torch.fx cannot trace this model's forward{fix}")
         ranges = propagate_bn_stats(graph.traced, input_size)
 
-    qmodel = copy.deepcopy(model).eval()
+    qmodel = copy_model(model).eval()
     if cfg.fold_bn:
         qmodel = fold_bn(qmodel, graph)
         report.folded_bn = sorted(graph.conv_bn.values())
         if not report.folded_bn:
-            report.notes.append("fold_bn: no Conv2d -> BatchNorm2d pair found, nothing was folded")
+            why = "the model is not fx-traceable, so no pair can be found" if graph.traced is None else "no Conv2d -> BatchNorm2d pair found"
+            report.notes.append(f"fold_bn: {why}; nothing was folded")
     rounding = ROUNDING_METHODS[cfg.rounding]
     first, last = graph.layers[0].name, graph.layers[-1].name
     for info in graph.layers:
@@ -313,7 +280,7 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
             new = QuantConv2d(layer, codes, qp, act, bias=bias)
         else:
             new = QuantLinear(layer, codes, qp, act, bias=bias)
-        qmodel.set_submodule(name, new)
+        replace_module(qmodel, name, new)
         k_err, c_err = rounding_error_sums(codes, grid if grid.dim() > 1 else grid.unsqueeze(1))
         rel = float((from_grid(codes, qp) - w).norm() / w.norm().clamp_min(1e-12))
         report.layers.append(
@@ -348,10 +315,15 @@ def _input_quantizer(name: str, first: str, last: str, cfg: QuantConfig, ranges:
         bits = cfg.first_input_bits
         if cfg.input_range is not None:
             lo, hi = (float(v) for v in cfg.input_range)
-            return ActQuantizer(bits, lo, hi), (lo, hi), bits
+            act = ActQuantizer(bits, lo, hi)
+            return act, act.range, bits  # the range the grid really covers (zero made exact)
     found = ranges.get(name)
     if found is None or found.stats is None:
-        report.float_inputs.append((name, found.reason if found is not None else "layer not reached in the traced graph"))
+        why = found.reason if found is not None else "layer not reached in the traced graph"
+        if name == first:  # the only input a given input_range applies to
+            why += " (give input_range to quantize it)"
+        report.float_inputs.append((name, why))
         return None, None, None
     lo, hi = stats_range(found.stats, bits, cfg.act_range, cfg.n_sigma)
-    return ActQuantizer(bits, lo, hi), (lo, hi), bits
+    act = ActQuantizer(bits, lo, hi)
+    return act, act.range, bits  # the range the grid really covers (zero made exact)

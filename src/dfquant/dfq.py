@@ -39,7 +39,6 @@ corrected and are listed.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -50,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import DfquantError
-from .graph import analyse, bn_fold_scale, trace
+from .graph import analyse, bn_fold_scale, copy_model, replace_module, trace
 
 _RELU = (nn.ReLU,)
 _POOL = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -114,12 +113,12 @@ def replace_relu6(model: nn.Module) -> Tuple[nn.Module, List[str]]:
     """A copy of ``model`` with every ``nn.ReLU6`` module replaced by ``nn.ReLU`` (DFQ, Sec. 5, for
     MobileNetV2), and the names replaced. This changes the model's function (activations above 6 are
     no longer clipped); functional ``F.relu6`` calls are not replaced."""
-    out = copy.deepcopy(model)
+    out = copy_model(model)
     names = [name for name, m in out.named_modules() if isinstance(m, nn.ReLU6)]
     for name in names:
         relu = nn.ReLU(inplace=out.get_submodule(name).inplace)
         relu._dfquant_from_relu6 = True  # saved with the quantized model, redone when it is loaded
-        out.set_submodule(name, relu)
+        replace_module(out, name, relu)
     return out, names
 
 
@@ -200,7 +199,7 @@ def equalize_cross_layer(model: nn.Module, max_passes: int = 20, tol: float = 1e
     Passes repeat until no scale moves by more than ``tol`` (relative) or ``max_passes``. The
     original model is not modified.
     """
-    eq = copy.deepcopy(model).eval()
+    eq = copy_model(model).eval()
     pairs, skipped = equalization_pairs(eq)
     total = {id(p): torch.ones(eq.get_submodule(p.first).out_channels) for p in pairs}
     passes = 0

@@ -91,6 +91,8 @@ def evaluate(
             logits = model(x)
         except RuntimeError as exc:
             raise DfquantError(f"the model cannot run on these inputs of shape {tuple(x.shape)}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(logits, torch.Tensor):
+            raise DfquantError(f"the model must return a (batch, classes) tensor of logits, got a {type(logits).__name__}")
         if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             raise DfquantError(f"the model must return (batch, classes) logits, got shape {tuple(logits.shape)}")
         _check_labels(y, logits.shape[1])

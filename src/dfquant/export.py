@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from .errors import DfquantError
 from .files import atomic_write, check_writable
+from .graph import replace_module
 from .qmodules import ActQuantizer, QuantConv2d, QuantLinear, _QuantWeightLayer
 from .quantizer import qrange
 
@@ -160,7 +161,7 @@ def qdq_model(qmodel: nn.Module) -> nn.Module:
         raise DfquantError("the model has no dfquant quantized layer: quantize it (dfquant.quantize) before exporting")
     out = copy.deepcopy(qmodel).eval()
     for name, layer in found:
-        out.set_submodule(name, _QDQLayer(layer, name))
+        replace_module(out, name, _QDQLayer(layer, name))
     out.requires_grad_(False)
     return out
 
@@ -224,7 +225,10 @@ def export_onnx(
         try:
             program = torch.onnx.export(m, (x,), dynamo=True, opset_version=opset, input_names=["x"], output_names=["logits"], dynamic_shapes=dyn)
         except Exception as exc:
-            raise DfquantError(f"the ONNX exporter could not convert this model: {_first_line(exc)}") from None
+            why = _first_line(_root_cause(exc))
+            if "data-dependent" in why:
+                why += " (the forward branches on tensor values, e.g. `if x.sum() > 0`: an exported graph cannot)"
+            raise DfquantError(f"the ONNX exporter could not convert this model: {why}") from None
     model = program.model_proto
     _strip_exporter_notes(model)
     packed = _pack_int4_weights(model) if int4_weights else []
@@ -297,7 +301,17 @@ def _pack_int4_weights(model) -> list:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _first_line(exc: Exception) -> str:
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception behind ``exc``: the exporter wraps what went wrong (e.g. data-dependent
+    control flow in the model's forward) in a page of generic advice."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
+
+
+def _first_line(exc: BaseException) -> str:
     """The first line of an exporter/runtime error (their messages are pages long), without colour codes."""
     text = str(exc).strip()
     return _ANSI.sub("", text.splitlines()[0]) if text else type(exc).__name__
@@ -310,7 +324,7 @@ def _quiet_exporter():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -164,6 +164,7 @@ import torch.nn.functional as F
 
 from .devices import deterministic_cudnn, resolve_device as _resolve_device
 from .errors import DfquantError
+from .graph import check_runs, replace_module
 from .qmodules import QUANT_LAYERS, ActQuantizer, QuantConv2d
 from .quantizer import params_from_range, qrange, to_grid
 
@@ -416,7 +417,7 @@ def _capture(net: nn.Module, module: nn.Module, data: torch.Tensor, chunk: int, 
     def pre(mod, args):
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
             raise DfquantError(f"Genie-M units must take one tensor input; {type(mod).__name__} gets {len(args)} arguments")
-        xs.append(args[0].detach())
+        xs.append(args[0].detach().clone())  # a copy: a unit may add to its input in place (x += ...)
         if not want_output:
             raise _Stop
 
@@ -452,7 +453,7 @@ def _recon_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def _unit_error(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> float:
     total, n = 0.0, x.shape[0]
     for sl in _chunks(n, chunk):
-        total += float(_recon_error(unit(x[sl]), y[sl])) * (sl.stop - sl.start)
+        total += float(_recon_error(unit(x[sl].clone()), y[sl])) * (sl.stop - sl.start)  # the unit may write to its input
     return total / n
 
 
@@ -494,7 +495,7 @@ def _calibrate_unit_activations(unit: nn.Module, layers: Sequence[nn.Module], x:
 
     handles = [lay.register_forward_pre_hook(hook) for lay in layers]
     try:
-        unit(x)
+        unit(x.clone())  # the unit may write to its input
     finally:
         for h in handles:
             h.remove()
@@ -769,6 +770,8 @@ def reconstruct_model(
         expected = input_size if input_size is not None else getattr(model, "input_size", None)
         if expected is not None and tuple(synthetic.shape[1:]) != tuple(int(s) for s in expected):
             raise DfquantError(f"synthetic images have shape {tuple(synthetic.shape[1:])} per image; the model expects {tuple(expected)}")
+        if expected is None:
+            check_runs(model, tuple(synthetic.shape[1:]))
         images = synthetic.detach().float().cpu()
         info["data"] = dict(source="given", n=int(images.shape[0]))
         if files is not None:
@@ -788,6 +791,8 @@ def reconstruct_model(
             progress=progress,
         )
         info["data"] = dict(source=f"synthesized ({data_method})", n=int(images.shape[0]), distill_iters=distill_iters, distill_batch=distill_batch)
+    if not torch.isfinite(images).all():
+        raise DfquantError(f"the {info['data']['source']} calibration images contain NaN or inf values: nothing can be reconstructed on them")
     synth_time = time.perf_counter() - t0
     info["synthesis_time_s"] = synth_time
     if save_synthetic is not None:
@@ -930,7 +935,7 @@ def _get(root: nn.Module, name: str) -> nn.Module:
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
     if name == "":
         raise DfquantError("the model itself is a single quantized layer: nothing to reconstruct around it")
-    root.set_submodule(name, module)
+    replace_module(root, name, module)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -21,8 +21,41 @@ _NORM_OR_CONTAINER = (nn.BatchNorm2d, nn.BatchNorm1d)
 
 def is_supported(module: nn.Module) -> bool:
     """A layer dfquant quantizes: Linear, or Conv2d with zero padding (the padding integer
-    kernels and the ONNX export assume); a reflect/replicate/circular-padded conv stays float."""
-    return isinstance(module, SUPPORTED) and getattr(module, "padding_mode", "zeros") == "zeros"
+    kernels and the ONNX export assume); a reflect/replicate/circular-padded conv stays float, and so
+    does a subclass with a ``forward`` of its own (weight standardization and the like: replacing it
+    by a plain quantized conv would drop what its forward does)."""
+    if not isinstance(module, SUPPORTED) or getattr(module, "padding_mode", "zeros") != "zeros":
+        return False
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    return type(module).forward is base.forward
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, with every quantizable layer and every BN kept as one node, subclasses included
+    (fx's default traces into modules defined outside torch.nn, so a ``class MyConv(nn.Conv2d)``
+    would vanish from the graph)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_supported(m) or isinstance(m, nn.BatchNorm2d) or super().is_leaf_module(m, qualname)
+
+
+def first_input(node: fx.Node):
+    """A node's first input, whether passed by position or by keyword (``bn(input=x)``)."""
+    if node.args:
+        return node.args[0]
+    return next(iter(node.kwargs.values()), None)
+
+
+def aliases(root: nn.Module, module: nn.Module) -> List[str]:
+    """Every name under which ``module`` is registered in ``root`` (a module can be reached twice)."""
+    return [n for n, m in root.named_modules(remove_duplicate=False) if m is module and n]
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``name`` is, and under every other name of the same module: a layer also
+    registered as ``self.last = self.features[3]`` must not keep running in float under the alias."""
+    for path in aliases(root, root.get_submodule(name)) or [name]:
+        root.set_submodule(path, new)
 
 
 @dataclass
@@ -44,22 +77,21 @@ class ModelGraph:
 def trace(model: nn.Module) -> Optional[fx.GraphModule]:
     """fx-trace the model, or None when it is not symbolically traceable."""
     try:
-        return fx.symbolic_trace(model)
+        return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception:
         return None
 
 
 def analyse(model: nn.Module) -> ModelGraph:
     """Find supported layers (Conv2d, Linear) in execution order, unsupported ones, and conv->BN pairs."""
-    if not isinstance(model, nn.Module):
-        raise DfquantError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_plain_module(model)
     gm = trace(model)
     modules = dict(model.named_modules())
     unsupported = [
-        n
+        n or "(the model's own parameters)"
         for n, m in modules.items()
-        if n
-        and not (is_supported(m) or isinstance(m, _NORM_OR_CONTAINER))
+        if not (is_supported(m) or isinstance(m, _NORM_OR_CONTAINER))
+        and "parametrizations" not in n.split(".")  # a parametrized layer's weight is read through it
         and any(True for _ in m.parameters(recurse=False))
     ]
     if gm is None:
@@ -78,7 +110,7 @@ def analyse(model: nn.Module) -> ModelGraph:
         if mod is not None and is_supported(mod) and node.target not in order:
             order.append(node.target)
         if isinstance(mod, nn.BatchNorm2d) and mod.running_var is not None:  # batch-statistics BN: not foldable
-            src = node.args[0]
+            src = first_input(node)
             if (
                 isinstance(src, fx.Node)
                 and src.op == "call_module"
@@ -89,6 +121,16 @@ def analyse(model: nn.Module) -> ModelGraph:
                 conv_bn[src.target] = node.target
     layers = [LayerInfo(n, modules[n], i) for i, n in enumerate(order)]
     return ModelGraph(layers, unsupported, gm, conv_bn)
+
+
+def check_plain_module(model: Any) -> None:
+    """Refuse what dfquant cannot rebuild layer by layer, with the way out."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise DfquantError("TorchScript modules (torch.jit.script/trace) cannot be quantized: give the original nn.Module")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise DfquantError(f"the model is wrapped in {type(model).__name__}: quantize the wrapped model (model.module)")
+    if not isinstance(model, nn.Module):
+        raise DfquantError(f"expected a torch.nn.Module, got {type(model).__name__}")
 
 
 def bn_affine(bn: nn.BatchNorm2d):
@@ -122,5 +164,59 @@ def fold_bn(model: nn.Module, graph: Optional[ModelGraph] = None) -> nn.Module:
             conv.bias = nn.Parameter(new_bias.detach().clone())
         ident = nn.Identity()
         ident._dfquant_folded = True  # type: ignore[attr-defined]  # remembered when saving
-        folded.set_submodule(bn_name, ident)
+        replace_module(folded, bn_name, ident)
     return folded
+
+
+def float32_eval_cpu(model: Any) -> Tuple[nn.Module, list]:
+    """The model quantize works from, and notes for the report: ``model`` itself when it is an
+    eval-mode float32 model on the CPU, else such a copy. The caller's model is never changed (in
+    training mode the graph pass that carries BN statistics would update its running statistics)."""
+    check_plain_module(model)
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.is_meta for t in tensors):
+        raise DfquantError("the model's tensors are on the meta device (they have no values): load its weights first")
+    other_dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.is_floating_point() and t.dtype != torch.float32})
+    devices = sorted({t.device.type for t in tensors if t.device.type != "cpu"})
+    if not (model.training or other_dtypes or devices):
+        return model, []
+    notes = []
+    model = copy_model(model)
+    if model.training:
+        notes.append("the model was in training mode: its eval-mode function was quantized (BN running statistics); the given model is unchanged")
+    if devices:
+        notes.append(f"the model's {'/'.join(devices)} tensors were copied to the CPU to quantize (genie/zeroq: device= picks where they train)")
+    if other_dtypes:
+        notes.append(f"the model's {'/'.join(other_dtypes)} tensors were converted to float32 to quantize; the quantized model computes in float32")
+    return model.cpu().float().eval(), notes
+
+
+def check_input_size(input_size: Any) -> Optional[Tuple[int, ...]]:
+    """``input_size`` as a tuple of positive ints (channels, height, width), or None; else a clear error."""
+    if input_size is None:
+        return None
+    if isinstance(input_size, (str, bytes, torch.Tensor)) or not hasattr(input_size, "__iter__"):
+        raise DfquantError(f"input_size must be a tuple of positive integers such as (3, 32, 32), got {input_size!r}")
+    size = tuple(input_size)
+    if not size or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in size):
+        raise DfquantError(f"input_size must be a tuple of positive integers such as (3, 32, 32), got {input_size!r}")
+    return size
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy, or a clear error naming why the model cannot be copied."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001 - deepcopy fails deep inside torch for some legacy hooks
+        hint = " (legacy torch.nn.utils.weight_norm: call remove_weight_norm, or use torch.nn.utils.parametrizations.weight_norm)" if "deepcopy" in str(exc) else ""
+        raise DfquantError(f"the model cannot be copied, and dfquant never changes the given model: {str(exc).splitlines()[0]}{hint}") from None
+
+
+def check_runs(model: nn.Module, input_size: Tuple[int, ...]) -> None:
+    """One all-zero input through the model: a wrong input_size is a clear error, not a half-analysed graph."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    except Exception as exc:  # noqa: BLE001 - any failure here means the size does not fit the model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DfquantError(f"the model cannot run on an input of size {tuple(input_size)} (input_size): {first}") from None

@@ -78,8 +78,8 @@ class QuantConv2d(_QuantWeightLayer):
         if conv.padding_mode != "zeros":
             raise ValueError("only zero padding is supported")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self._quant_input(x), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Conv2d's name (calls by keyword)
+        return F.conv2d(self._quant_input(input), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, w_bits={self.w_bits}"
@@ -90,8 +90,8 @@ class QuantLinear(_QuantWeightLayer):
         super().__init__(weight_codes, qp, linear.bias if bias is None else bias, input_quant)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._quant_input(x), self.weight, self.bias)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's name (calls by keyword)
+        return F.linear(self._quant_input(input), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, w_bits={self.w_bits}"

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from .errors import DfquantError
 from .files import atomic_write_all, check_writable
+from .graph import replace_module
 from .qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from .quantizer import QParams, qrange
 
@@ -252,7 +253,7 @@ def _rebuild(info: Dict[str, Any], model: nn.Module, state: Dict[str, torch.Tens
         bn = lookup(bn_name, "folded_bn")
         if not isinstance(bn, (nn.modules.batchnorm._BatchNorm, nn.Identity)):
             raise DfquantError(f"{where}: folded_bn names {bn_name!r}, which is a {type(bn).__name__} in this architecture, not a BatchNorm")
-        q.set_submodule(bn_name, nn.Identity())
+        replace_module(q, bn_name, nn.Identity())
     for act_name in info.get("relu6_to_relu", []):  # DFQ's ReLU6 -> ReLU (dfquant.dfq.replace_relu6)
         try:
             act = q.get_submodule(act_name)
@@ -262,7 +263,7 @@ def _rebuild(info: Dict[str, Any], model: nn.Module, state: Dict[str, torch.Tens
             raise DfquantError(f"the saved model replaced a ReLU6 {act_name!r}, but this architecture has a {type(act).__name__} there")
         relu = nn.ReLU(inplace=act.inplace)
         relu._dfquant_from_relu6 = True
-        q.set_submodule(act_name, relu)
+        replace_module(q, act_name, relu)
     for name in info.get("float_biased", []):
         layer = lookup(name, "float_biased")
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
@@ -285,7 +286,7 @@ def _rebuild(info: Dict[str, Any], model: nn.Module, state: Dict[str, torch.Tens
         qp = QParams(torch.ones(n_scales), torch.zeros(n_scales), spec["w_bits"], True)
         bias = torch.zeros(layer.weight.shape[0]) if spec["has_bias"] and layer.bias is None else None
         cls = QuantConv2d if spec["kind"] == "conv" else QuantLinear
-        q.set_submodule(name, cls(layer, zeros, qp, act, bias=bias))
+        replace_module(q, name, cls(layer, zeros, qp, act, bias=bias))
     return q
 
 

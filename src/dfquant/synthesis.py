@@ -95,7 +95,6 @@ metadata is stored with sorted keys, so two identical runs write byte-identical 
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -109,6 +108,7 @@ import torch.nn.functional as F
 from .devices import deterministic_cudnn, resolve_device as _resolve_device
 from .errors import DfquantError
 from .files import atomic_write, check_writable
+from .graph import check_runs, copy_model, float32_eval_cpu
 
 __all__ = [
     "GENIE_DEFAULTS",
@@ -182,11 +182,13 @@ class _BNInputs:
 
     def __init__(self, layers: Sequence[nn.BatchNorm2d]):
         self.inputs: List[Optional[torch.Tensor]] = [None] * len(layers)
-        self._handles = [layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(layers)]
+        self._handles = [layer.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
 
     def _hook(self, i: int):
-        def hook(module, args):
-            self.inputs[i] = args[0]
+        def hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            # a copy: a model that later adds to this tensor in place (x += ...) must not change it
+            self.inputs[i] = x.clone()
 
         return hook
 
@@ -224,10 +226,12 @@ def _per_image_stats(x: torch.Tensor, with_eps: bool) -> Tuple[torch.Tensor, tor
     """Per-image, per-channel (mean, std) over the spatial axes: two (B, C) tensors."""
     flat = x.flatten(2)
     mean = flat.mean(dim=2)
+    # unbiased as published; a 1x1 map (a BN after global pooling) has std 0, not the 0/0 of n - 1 = 0
+    correction = 1 if flat.shape[2] > 1 else 0
     if with_eps:  # ZeroQ: sqrt(unbiased var + eps)
-        std = torch.sqrt(flat.var(dim=2) + BN_STD_EPS)
+        std = torch.sqrt(flat.var(dim=2, correction=correction) + BN_STD_EPS)
     else:  # Genie: unbiased std
-        std = flat.std(dim=2)
+        std = flat.std(dim=2, correction=correction)
     return mean, std
 
 
@@ -315,6 +319,13 @@ class SwingConv2d(nn.Module):
         self.conv = conv
         self.jitter = jitter
         self.rng = rng
+
+    def __getattr__(self, name: str):
+        # a model's forward may read the conv's attributes (``self.conv1.stride``): the wrapped conv's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["conv"], name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         j = self.jitter
@@ -519,8 +530,7 @@ def synthesize(
         raise DfquantError(f"unknown synthesis method {method!r}; choose {' or '.join(_METHODS)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise DfquantError(f"number of images must be a positive integer, got {n!r}")
-    if not isinstance(model, nn.Module):
-        raise DfquantError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model, _ = float32_eval_cpu(model)  # a half-precision or training-mode model: a float32 eval copy
     _check_has_bn(model)
     dev = _resolve_device(device)
     defaults = GENIE_DEFAULTS if method == "genie" else ZEROQ_DEFAULTS
@@ -544,9 +554,13 @@ def synthesize(
         raise DfquantError(f"input_size must be (C, H, W), got {input_size!r}") from None
     if len(input_size) != 3 or min(input_size) < 1:
         raise DfquantError(f"input_size must be three positive integers (C, H, W), got {input_size!r}")
+    check_runs(model, input_size)
     sizes = _batch_sizes(n, batch_size)
     if method == "genie" and min(sizes) < 2:
-        raise DfquantError("Genie needs at least 2 images per batch (its loss uses batch statistics)")
+        raise DfquantError(
+            f"Genie needs at least 2 images per batch (its loss uses batch statistics): {n} images in batches of at most "
+            f"{batch_size} split into {sizes}; choose the number of images and the batch size so that no batch has one image"
+        )
 
     fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     out: List[torch.Tensor] = []
@@ -554,7 +568,7 @@ def synthesize(
         seeds = torch.Generator().manual_seed(int(seed))
         swing_rng = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=seeds)))
 
-        teacher = copy.deepcopy(model)
+        teacher = copy_model(model)
         teacher.eval().requires_grad_(False)
         if swing:
             _apply_swing(teacher, swing_rng)
