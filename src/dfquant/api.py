@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from .activation_ranges import propagate_bn_stats, stats_range
 from .errors import DfquantError, check_bits
-from .graph import analyse, check_input_size, check_runs, copy_model, float32_eval_cpu, fold_bn, replace_module
+from .graph import analyse, fold_bn, replace_module
+from .modelcheck import check_input_size, check_runs, copy_model, float32_eval_cpu
 from .qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from .quantizer import WEIGHT_RANGES, from_grid, rtn_round, to_grid, weight_params
 from .report import LayerReport, QuantReport

@@ -49,7 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import DfquantError
-from .graph import analyse, bn_fold_scale, copy_model, replace_module, trace
+from .graph import analyse, bn_fold_scale, replace_module, trace
+from .modelcheck import copy_model
 
 _RELU = (nn.ReLU,)
 _POOL = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)

@@ -164,7 +164,8 @@ import torch.nn.functional as F
 
 from .devices import deterministic_cudnn, resolve_device as _resolve_device
 from .errors import DfquantError
-from .graph import check_runs, replace_module
+from .graph import replace_module
+from .modelcheck import check_runs
 from .qmodules import QUANT_LAYERS, ActQuantizer, QuantConv2d
 from .quantizer import params_from_range, qrange, to_grid
 

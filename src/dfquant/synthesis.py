@@ -108,7 +108,7 @@ import torch.nn.functional as F
 from .devices import deterministic_cudnn, resolve_device as _resolve_device
 from .errors import DfquantError
 from .files import atomic_write, check_writable
-from .graph import check_runs, copy_model, float32_eval_cpu
+from .modelcheck import check_runs, copy_model, float32_eval_cpu
 
 __all__ = [
     "GENIE_DEFAULTS",
