@@ -271,3 +271,15 @@ def test_the_input_size_given_is_kept_for_export():
     m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
     q, _ = dfquant.quantize(m, "rtn", 8, 8, input_size=(1, 6, 6))
     assert q.input_size == (1, 6, 6) and not hasattr(m, "input_size")
+
+
+def test_non_finite_weights_or_statistics_are_named(digits, tmp_path):
+    bad = copy.deepcopy(digits[0])
+    with torch.no_grad():
+        bad.bn1.running_var[0] = float("inf")
+    for method in ("rtn", "squant"):
+        with pytest.raises(DfquantError, match="NaN or inf values in bn1.running_var"):
+            dfquant.quantize(bad, method, 8, 8)
+    torch.save(bad.state_dict(), tmp_path / "bad.pth")
+    with pytest.raises(DfquantError, match="bad.pth has NaN or inf values in bn1.running_var"):
+        dfquant.create_model("digits_cnn", weights=str(tmp_path / "bad.pth"))

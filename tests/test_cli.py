@@ -62,7 +62,10 @@ def test_quantize_report_table(capsys, digits):
         (["quantize", "--model", "resnet18"], "--weights PATH is required"),
         (["quantize", "--model", "digits_cnn", "--weights", "/no/such/file.pth"], "weights file not found"),
         (["evaluate", "/no/such/model.safetensors"], "not found"),
-        (["quantize", "--model", "digits_cnn", "--eval", "cifar10", "--data", "/no/such.npz"], "not found"),
+        (["quantize", "--model", "resnet20", "--random-init", "--eval", "cifar10", "--data", "/no/such.npz"], "not found"),
+        (["quantize", "--model", "digits_cnn", "--eval", "cifar10", "--data", "/no/such.npz"], "scores a digits model on cifar10 images"),
+        (["quantize", "--model", "resnet18", "--random-init", "--eval", "imagenet"], "--eval none to skip evaluation"),
+        (["quantize", "--model", "mobilenet_v2", "--random-init", "--method", "rtn", "--cle", "--eval", "none"], "no conv -> [BN] -> ReLU -> conv pair"),
         (["quantize", "--model", "digits_cnn", "--method", "squant", "--synthetic", "a.safetensors", "--recon-iters", "5"], "--recon-iters, --synthetic apply only to --method genie or zeroq, not to squant"),
         (["quantize", "--model", "digits_cnn", "--method", "rtn", "--init", "squant"], "--init applies only to --method genie or zeroq"),
         (["quantize", "--model", "digits_cnn", "--method", "squant-k", "--save-synthetic", "s.safetensors"], "--save-synthetic applies only"),
@@ -257,3 +260,15 @@ def test_quantize_first_input_uses_the_models_input_range(capsys, digits):
     assert code == 0 and "conv1" not in res["float_inputs"]
     code, out, _ = run(capsys, "quantize", "--model", "digits_cnn", "--json")
     assert code == 0 and "conv1" in json.loads(out)["float_inputs"]
+
+
+def test_random_init_follows_the_seed_and_notes_are_printed(capsys, tmp_path):
+    outs = []
+    for i, seed in enumerate((0, 0, 1)):
+        code, out, _ = run(capsys, "quantize", "--model", "resnet20", "--random-init", "--seed", str(seed), "--method", "rtn",
+                           "--cle", "--eval", "none", "--out", str(tmp_path / f"m{i}"))
+        assert code == 0 and "note: cross-layer equalization:" in out and "more lines of notes: see --report" in out
+        outs.append((tmp_path / f"m{i}.safetensors").read_bytes())
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+    code, out, _ = run(capsys, "quantize", "--model", "resnet20", "--random-init", "--method", "rtn", "--cle", "--eval", "none", "--json")
+    assert json.loads(out)["notes"][0].startswith("cross-layer equalization:")

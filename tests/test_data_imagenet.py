@@ -128,3 +128,19 @@ def test_messages_are_one_line(tmp_path: Path):
         with pytest.raises(DfquantError) as info:
             imagenet_folder_loader(bad)
         assert "\n" not in str(info.value)
+
+
+def test_an_image_too_large_to_decode_is_a_clear_error(tmp_path: Path, monkeypatch):
+    (tmp_path / "cls").mkdir()
+    _save(tmp_path / "cls" / "big.png", 64, 64, np.random.default_rng(0))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: PIL's decompression-bomb refusal
+    with pytest.raises(DfquantError, match="cannot read image .*big.png"):
+        next(iter(imagenet_folder_loader(tmp_path)))
+
+
+def test_torchvisions_image_extensions_are_read(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "cls").mkdir()
+    for ext in (".bmp", ".ppm", ".tif", ".webp", ".png"):
+        _save(tmp_path / "cls" / f"img{ext}", 40, 30, rng)
+    assert len(imagenet_folder_loader(tmp_path).dataset) == 5

@@ -143,3 +143,15 @@ def test_a_model_that_returns_a_tuple_is_a_clear_error():
 
     with pytest.raises(DfquantError, match="got a tuple"):
         dfquant.evaluate(Two(), (torch.randn(3, 4), torch.zeros(3, dtype=torch.long)))
+
+
+def test_non_finite_outputs_are_refused_and_the_callers_modes_are_kept():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5)).train()
+    net[1].eval()  # a mixed-mode model comes back mixed as it was
+    data = (torch.randn(5, 4), torch.zeros(5, dtype=torch.long))
+    dfquant.evaluate(net, data)
+    assert net.training and net[0].training and not net[1].training
+    with torch.no_grad():
+        net[0].weight[0, 0] = float("nan")
+    with pytest.raises(DfquantError, match="NaN or inf"):
+        dfquant.evaluate(net, data)

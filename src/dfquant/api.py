@@ -178,6 +178,9 @@ def quantize(model: nn.Module, method: str = "squant", w_bits: int = 4, a_bits: 
         from .dfq import equalize_cross_layer
 
         base, record = equalize_cross_layer(base)
+        if not record.pairs:
+            why = "; ".join(sorted({w for _, w in record.skipped}))[:400]
+            raise DfquantError(f"cle: this model has no conv -> [BN] -> ReLU -> conv pair to equalize ({why})")
         cle_notes += [record.summary()] + [f"  not equalized: {name}: {why}" for name, why in record.skipped]
     qmodel, report = _quantize_rounding(base, cfg, input_size)
     report.notes.extend(cle_notes)

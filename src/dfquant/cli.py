@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(args) -> Any:
+    import torch
+
     from .assets import CIFAR_RESNET_WEIGHTS, asset_path
     from .data import digits_model
     from .models import create_model, model_spec
@@ -232,8 +234,10 @@ def _load_model(args) -> Any:
         raise DfquantError("--weights and --random-init contradict each other: give one")
     if args.model == "digits_cnn" and args.weights is None and not args.random_init:
         return digits_model(progress=args.progress_on)
-    if args.random_init:
-        return create_model(args.model)
+    if args.random_init:  # drawn from the command's seed: the same command, the same model
+        with torch.random.fork_rng():
+            torch.manual_seed(getattr(args, "seed", 0))
+            return create_model(args.model)
     weights = args.weights
     if weights is None and args.model in CIFAR_RESNET_WEIGHTS:
         found = asset_path(CIFAR_RESNET_WEIGHTS[args.model])
@@ -243,7 +247,7 @@ def _load_model(args) -> Any:
     return create_model(args.model, weights=weights)
 
 
-def _eval_data(args, dataset: str):
+def _eval_data(args, dataset: str, num_classes: "int | None" = None):
     from .data import load_eval_data
 
     name = args.eval or dataset
@@ -254,7 +258,17 @@ def _eval_data(args, dataset: str):
         return None
     if name == "digits" and args.data is not None:
         raise DfquantError("the digits data is embedded (scikit-learn's load_digits); --data is for cifar10 (an .npz) or imagenet (a folder)")
-    return load_eval_data(name, args.data, limit=args.limit)
+    if name != dataset:
+        raise DfquantError(f"--eval {name} scores a {dataset} model on {name} images: its labels would not mean the model's classes (--eval {dataset} or --eval none)")
+    data = load_eval_data(name, args.data, limit=args.limit)
+    classes = getattr(getattr(data, "dataset", None), "classes", None)
+    if classes is not None and num_classes is not None and len(classes) != num_classes:
+        print(
+            f"dfquant: note: {args.data} has {len(classes)} class folders and the model {num_classes} classes: "
+            f"label i is the i-th folder in sorted order, which is the model's class i only for the full, complete set of folders",
+            file=sys.stderr,
+        )
+    return data
 
 
 # quantize flags that only the learned methods use (dest -> flag, value when not given); --device
@@ -340,7 +354,7 @@ def cmd_quantize(args) -> int:
         print(f"dfquant: note: --device applies to genie and zeroq; {args.method} runs on the CPU (it takes well under a second)", file=sys.stderr)
     spec = model_spec(args.model)
     model = _load_model(args)
-    data = _eval_data(args, spec.dataset)
+    data = _eval_data(args, spec.dataset, spec.num_classes)
     options: Dict[str, Any] = dict(
         squant_kernel=not args.no_kernel,
         squant_channel=not args.no_channel,
@@ -374,6 +388,7 @@ def cmd_quantize(args) -> int:
         result.update(quant_top1=qa["top1"], quant_top5=qa["top5"])
     result["float_inputs"] = [n for n, _ in report.float_inputs]
     result["unsupported_layers"] = report.unsupported
+    result["notes"] = report.notes
     if "genie" in report.config:
         result["genie"] = {k: v for k, v in report.config["genie"].items() if k != "units"}
     if args.out:
@@ -401,6 +416,13 @@ def cmd_quantize(args) -> int:
         print(f"  inputs left in float: {', '.join(n for n, _ in report.float_inputs)} (see --report)")
     if report.unsupported:
         print(f"  unsupported layers left in float: {', '.join(report.unsupported)}")
+    if not args.report:  # what the run changed or could not do (the per-layer detail is --report's)
+        detail = [n for n in report.notes if n.startswith("  ")]
+        for note in report.notes:
+            if not note.startswith("  "):
+                print(f"  note: {note}")
+        if detail:
+            print(f"  ({len(detail)} more lines of notes: see --report)")
     if args.out:
         print(f"  saved {paths[0]} and {paths[1]}")
     if args.onnx:
@@ -453,7 +475,7 @@ def cmd_evaluate(args) -> int:
         what = f"{args.model} (float)"
     else:
         raise DfquantError("give a quantized model file or --model NAME")
-    data = _eval_data(args, dataset)
+    data = _eval_data(args, dataset, model_spec(name).num_classes if name else None)
     if data is None:
         raise DfquantError("nothing to evaluate on: choose --eval")
     res = dfquant.evaluate(qmodel, data, progress=args.progress_on)

@@ -79,9 +79,16 @@ def evaluate(
     with a ``reference`` too, ``logit_sq_err``: each image's mean squared logit difference from the
     reference (their mean is ``logit_mse``), for :func:`paired_error_comparison`.
     """
-    model = model.eval().to(device)
-    if reference is not None:
-        reference = reference.eval().to(device)
+    # evaluated in eval mode; each module's mode is put back afterwards (the caller's model is theirs)
+    modes = [(m, m.training) for net in (model, reference) if isinstance(net, nn.Module) for m in net.modules()]
+    try:
+        return _evaluate(model.eval().to(device), data, batch_size, progress, device, reference.eval().to(device) if reference is not None else None, predictions)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _evaluate(model, data, batch_size, progress, device, reference, predictions) -> Dict[str, Any]:
     correct1 = correct5 = total = agree = 0
     sq_err = 0.0
     preds, hits, errs = [], [], []
@@ -95,6 +102,8 @@ def evaluate(
             raise DfquantError(f"the model must return a (batch, classes) tensor of logits, got a {type(logits).__name__}")
         if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             raise DfquantError(f"the model must return (batch, classes) logits, got shape {tuple(logits.shape)}")
+        if not torch.isfinite(logits).all():
+            raise DfquantError("the model's outputs contain NaN or inf: its weights or BN statistics are not finite, or it overflows")
         _check_labels(y, logits.shape[1])
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices

@@ -29,6 +29,10 @@ def float32_eval_cpu(model: Any) -> Tuple[nn.Module, list]:
     tensors = list(model.parameters()) + list(model.buffers())
     if any(t.is_meta for t in tensors):
         raise DfquantError("the model's tensors are on the meta device (they have no values): load its weights first")
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    bad = [n for n, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise DfquantError(f"the model has NaN or inf values in {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}: nothing sensible can be quantized from them")
     other_dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.is_floating_point() and t.dtype != torch.float32})
     devices = sorted({t.device.type for t in tensors if t.device.type != "cpu"})
     if not (model.training or other_dtypes or devices):

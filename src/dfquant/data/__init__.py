@@ -62,7 +62,7 @@ def load_eval_data(name: str, path: "str | None" = None, limit: "int | None" = N
         from .imagenet import imagenet_folder_loader
 
         if path is None:
-            raise DfquantError("--data PATH is required for imagenet evaluation (a folder of class sub-folders)")
+            raise DfquantError("--data PATH is required for imagenet evaluation (a folder of class sub-folders; --eval none to skip evaluation)")
         return imagenet_folder_loader(path, limit=limit)
     else:
         raise DfquantError(f"unknown evaluation data {name!r}; choose digits, cifar10 or imagenet")

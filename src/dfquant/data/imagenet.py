@@ -20,7 +20,7 @@ from ..errors import DfquantError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 RESIZE = 256
 CROP = 224
 
@@ -87,7 +87,9 @@ class ImageFolderDataset(Dataset):
         try:
             with Image.open(file) as img:
                 x = preprocess(img)
-        except OSError as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            # OSError: unreadable or truncated files; ValueError: oversized PNG text chunks;
+            # DecompressionBombError: an image whose header claims more pixels than PIL will decode
             raise DfquantError(f"cannot read image {file}: {exc}") from None
         return x, label
 

@@ -72,6 +72,9 @@ def load_weights(model: nn.Module, path: "str | Path") -> nn.Module:
     problem = describe_state_mismatch(own, state, optional=lambda k: k.endswith("num_batches_tracked"))
     if problem:
         raise DfquantError(f"weights file {path} does not fit model {type(model).__name__}: {problem}")
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise DfquantError(f"weights file {path} has NaN or inf values in {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}")
     for k in own:
         if k not in state:
             state[k] = own[k]
