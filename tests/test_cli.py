@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import dfquant
 from dfquant.cli import main
 
 
@@ -272,3 +273,32 @@ def test_random_init_follows_the_seed_and_notes_are_printed(capsys, tmp_path):
     assert outs[0] == outs[1] and outs[0] != outs[2]
     code, out, _ = run(capsys, "quantize", "--model", "resnet20", "--random-init", "--method", "rtn", "--cle", "--eval", "none", "--json")
     assert json.loads(out)["notes"][0].startswith("cross-layer equalization:")
+
+
+def test_outputs_that_would_collide_or_be_misnamed_are_refused(capsys, digits, tmp_path):
+    code, _, err = run(capsys, "quantize", "--model", "digits_cnn", "--out", str(tmp_path / "m.onnx"))
+    assert code == 2 and "give --onnx" in err
+    code, _, err = run(capsys, "quantize", "--model", "digits_cnn", "--method", "genie", "--out", str(tmp_path / "s"),
+                       "--save-synthetic", str(tmp_path / "s.safetensors"))
+    assert code == 2 and "the model would overwrite the images" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_digits_cache_folder_problems_are_clear(capsys, tmp_path, monkeypatch):
+    from dfquant.data import digits as digits_module
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setenv("DFQUANT_CACHE", str(afile))
+    code, _, err = run(capsys, "evaluate", "--model", "digits_cnn")
+    assert code == 2 and "cannot use" in err and "DFQUANT_CACHE" in err
+    # a cache that cannot be written: the model just trained is used, with a note
+    monkeypatch.setenv("DFQUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(digits_module, "train_digits_cnn", lambda progress=False: dfquant.create_model("digits_cnn").eval())
+
+    def refuse(path, write):
+        raise RuntimeError("open file failed with strerror: Permission denied")
+
+    monkeypatch.setattr(digits_module, "atomic_write", refuse)
+    model = digits_module.digits_model()
+    assert isinstance(model, torch.nn.Module) and "could not be cached" in capsys.readouterr().err

@@ -313,3 +313,16 @@ def test_a_data_dependent_forward_is_refused_with_its_reason_not_the_exporters_a
         export_onnx(q, tmp_path / "b.onnx")
     assert "GraphModule" not in capfd.readouterr().err  # no pages of graph dumps
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("raw, message", [("{oops", "not valid JSON"), ("[1]", "must be a JSON object"), ('{"config": [1]}', "'config' must be a dict")])
+def test_damaged_metadata_in_an_onnx_file_is_one_clear_error(capsys, digits_onnx, tmp_path, raw, message):
+    model = onnx.load(str(digits_onnx["path"]))
+    for prop in model.metadata_props:
+        if prop.key == "dfquant":
+            prop.value = raw
+    onnx.save(model, str(tmp_path / "t.ONNX"))
+    with pytest.raises(DfquantError, match=message):
+        dfquant.OnnxRuntimeModel(tmp_path / "t.ONNX")
+    code, _, err = run(capsys, "evaluate", str(tmp_path / "t.ONNX"))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

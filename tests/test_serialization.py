@@ -150,9 +150,16 @@ def _set(tensors, key, value):
     "change,message",
     [
         # w_bits edited 4 -> 2 with the 4-bit codes left in place
-        (lambda m, t: (m["layers"]["conv2"].update(w_bits=2), t)[1], r"layer 'conv2': weight codes span -?\d+..\d+, outside the 2-bit range -2..1"),
+        (lambda m, t: (m["layers"]["conv2"].update(w_bits=2), t)[1], r"layers\['conv2'\] 'w_bits' 2 is not what the config gives it \(\[4\]\)"),
+        # ... and with the config edited to match, the codes give it away
+        (lambda m, t: (m["layers"]["conv2"].update(w_bits=2), m["config"].update(layer_w_bits={"conv2": 2}), t)[2], r"layer 'conv2': weight codes span -?\d+..\d+, outside the 2-bit range -2..1"),
+        (lambda m, t: (m["layers"]["fc"].update(a_bits=2), t)[1], r"layers\['fc'\] 'a_bits' 2 is none of the config's activation bits \(\[4, 8\]\)"),
         (lambda m, t: _set(t, "conv2.weight_int", torch.full_like(t["conv2.weight_int"], 100)), "weight codes span 100..100, outside the 4-bit range -8..7"),
-        (lambda m, t: _set(t, "conv2.weight_scale", torch.full_like(t["conv2.weight_scale"], float("nan"))), "layer 'conv2': weight scales must be finite and > 0, found nan"),
+        (lambda m, t: _set(t, "conv2.weight_scale", torch.full_like(t["conv2.weight_scale"], float("nan"))), "NaN or inf values in conv2.weight_scale"),
+        (lambda m, t: _set(t, "conv2.weight_scale", torch.zeros_like(t["conv2.weight_scale"])), "layer 'conv2': weight scales must be finite and > 0, found 0"),
+        (lambda m, t: _set(t, "bn2.bias", torch.full_like(t["bn2.bias"], float("inf"))), "NaN or inf values in bn2.bias"),
+        (lambda m, t: _set(t, "conv2.weight_zero_point", t["conv2.weight_zero_point"] + 0.5), "weight zero points must be finite whole numbers"),
+        (lambda m, t: (m.update(num_classes=10**9), t)[1], "'num_classes' 1000000000 is the output count of no layer"),
         (lambda m, t: _set(t, "conv3.input_quant.scale", torch.tensor(-1.0)), "layer 'conv3': activation scale must be finite and > 0, found -1"),
         (lambda m, t: _set(t, "conv3.input_quant.zero_point", torch.tensor(2.5)), "activation zero point must be a finite whole number, found 2.5"),
     ],
@@ -233,3 +240,17 @@ def test_a_skipped_conv_with_a_folded_bn_saves_and_reloads(digits, tmp_path):
     q2, _ = load_quantized(path)
     with torch.no_grad():
         assert torch.equal(q(x), q2(x))
+
+
+def test_the_names_saving_takes_load_back_and_any_float_dtype_is_loaded_into(saved, tmp_path):
+    q, path, _, _ = saved
+    stem = str(path)[: -len(".safetensors")]
+    x = torch.randn(3, 1, 8, 8)
+    for name in (stem, stem + ".json", path):
+        r, _ = load_quantized(name)
+        assert torch.equal(r(x), q(x))
+    r, _ = load_quantized(path, model=dfquant.create_model("digits_cnn").half())
+    assert r.fc.bias.dtype == torch.float32 and torch.equal(r(x), q(x))
+    torch.save({}, tmp_path / "float.pth")
+    with pytest.raises(DfquantError, match="float checkpoint: load it with --model NAME --weights FILE"):
+        load_quantized(tmp_path / "float.pth")

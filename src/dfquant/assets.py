@@ -53,7 +53,10 @@ def cache_dir() -> Path:
     else:
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         d = Path(base) / "dfquant"
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DfquantError(f"cannot use {d} as dfquant's cache folder ({exc.strerror}): set DFQUANT_CACHE to a writable folder") from None
     return d
 
 

@@ -339,6 +339,14 @@ def cmd_quantize(args) -> int:
         raise DfquantError("--int4-weights sets how the ONNX export stores weights: give --onnx FILE too")
     _check_output(args.out, "--out")
     _check_output(args.save_synthetic, "--save-synthetic")
+    if args.out and args.out.lower().endswith(".onnx"):
+        raise DfquantError(f"--out {args.out} writes a .safetensors model and its .json; for an ONNX file give --onnx {args.out}")
+    if args.out and args.save_synthetic:
+        from .serialization import model_paths
+        from .synthesis import images_path
+
+        if model_paths(args.out)[0].resolve() == images_path(args.save_synthetic).resolve():
+            raise DfquantError(f"--out and --save-synthetic both name {model_paths(args.out)[0]}: the model would overwrite the images")
     seen: Dict[str, int] = {}
     for layer, bits in args.layer_bits:
         if layer in seen and seen[layer] != bits:
@@ -447,7 +455,7 @@ def cmd_evaluate(args) -> int:
         given = [flag for flag, on in (("--weights", args.weights is not None), ("--random-init", args.random_init)) if on]
         if given:
             raise DfquantError(f"{' and '.join(given)} {'load' if len(given) > 1 else 'loads'} a float model; {args.file} is evaluated as saved")
-    if args.file and args.file.endswith(".onnx"):
+    if args.file and args.file.lower().endswith(".onnx"):
         from .export import OnnxRuntimeModel
 
         qmodel = OnnxRuntimeModel(args.file, threads=args.threads)
@@ -459,8 +467,9 @@ def cmd_evaluate(args) -> int:
         if name is None and args.eval is None:
             raise DfquantError(f"{args.file} has no dfquant metadata naming its model: give --model NAME or --eval DATASET")
         dataset = model_spec(name).dataset if name else args.eval
-        cfg = info.get("config", {})
-        what = f"{args.file} ({name}, {cfg.get('method')} {_bits_label(cfg)}, run by onnxruntime)"
+        cfg = info.get("config") or {}
+        how = f"{cfg.get('method')} {_bits_label(cfg)}, " if cfg.get("method") else ""
+        what = f"{args.file} ({name or 'no model name'}, {how}run by onnxruntime)"
     elif args.file:
         qmodel, info = load_quantized(args.file)
         name = info.get("model_name")

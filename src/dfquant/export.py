@@ -301,6 +301,26 @@ def _pack_int4_weights(model) -> list:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def _read_file_metadata(path: Path, text: Optional[str]) -> Dict[str, Any]:
+    """The dfquant metadata of an ONNX file ({} for a file dfquant did not write), checked for the
+    keys readers use: a damaged entry is one clear error, not a failure later."""
+    if text is None:
+        return {}
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        raise DfquantError(f"{path}: its dfquant metadata is not valid JSON (damaged or edited file)") from None
+    if not isinstance(meta, dict):
+        raise DfquantError(f"{path}: its dfquant metadata must be a JSON object, found a {type(meta).__name__}")
+    for key, kind in (("config", dict), ("model_name", str), ("input_size", list)):
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            raise DfquantError(f"{path}: dfquant metadata {key!r} must be a {kind.__name__}, found {meta[key]!r}")
+    size = meta.get("input_size")
+    if size is not None and not (len(size) == 3 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in size)):
+        raise DfquantError(f"{path}: dfquant metadata 'input_size' must be three positive integers, found {size!r}")
+    return meta
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     """The innermost exception behind ``exc``: the exporter wraps what went wrong (e.g. data-dependent
     control flow in the model's forward) in a page of generic advice."""
@@ -385,7 +405,7 @@ class OnnxRuntimeModel(nn.Module):
         except Exception as exc:
             raise DfquantError(f"{path} is not an ONNX model onnxruntime can run: {_first_line(exc)}") from None
         props = self.session.get_modelmeta().custom_metadata_map
-        self.metadata: Dict[str, Any] = json.loads(props["dfquant"]) if "dfquant" in props else {}
+        self.metadata: Dict[str, Any] = _read_file_metadata(path, props.get("dfquant"))
         self.input_name = self.session.get_inputs()[0].name
         size = self.metadata.get("input_size")
         if size:

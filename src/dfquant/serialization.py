@@ -31,6 +31,7 @@ import torch.nn as nn
 from .errors import DfquantError
 from .files import atomic_write_all, check_writable
 from .graph import replace_module
+from .modelcheck import check_plain_module, copy_model
 from .qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from .quantizer import QParams, qrange
 
@@ -211,7 +212,46 @@ def _check_metadata(p: Path, info: Any) -> Dict[str, Any]:
             raise _damaged(p, f"{where} 'a_bits' must be null (float input) or an integer 2..8, found {spec['a_bits']!r}")
         if not isinstance(spec["has_bias"], bool):
             raise _damaged(p, f"{where} 'has_bias' must be true or false, found {spec['has_bias']!r}")
+    _check_bits_against_config(p, info)
     return info
+
+
+def _check_bits_against_config(p: Path, info: Dict[str, Any]) -> None:
+    """Each layer's bits must be ones its config gives: a hand-edited ``a_bits`` or ``w_bits`` would
+    otherwise load as another model than the one the file says it is."""
+    cfg = info["config"]
+    if not _is_bits(cfg.get("w_bits")) or not (cfg.get("a_bits") is None or _is_bits(cfg.get("a_bits"))):
+        return  # a config without the bits (not written by save_quantized from quantize): nothing to compare
+    per_layer = cfg.get("layer_w_bits") if isinstance(cfg.get("layer_w_bits"), dict) else {}
+    w_allowed = {b for b in (cfg["w_bits"], cfg.get("first_last_w_bits")) if _is_bits(b)}
+    a_allowed = set()
+    if cfg["a_bits"] is not None:
+        first = cfg.get("first_input_bits") if cfg.get("quantize_first_input") else None
+        a_allowed = {b for b in (cfg["a_bits"], cfg.get("last_input_bits"), first) if _is_bits(b)}
+    for name, spec in info["layers"].items():
+        want = per_layer.get(name)
+        if (spec["w_bits"] != want) if _is_bits(want) else (spec["w_bits"] not in w_allowed):
+            raise _damaged(p, f"layers[{name!r}] 'w_bits' {spec['w_bits']} is not what the config gives it ({want if _is_bits(want) else sorted(w_allowed)})")
+        if spec["a_bits"] is not None and spec["a_bits"] not in a_allowed:
+            raise _damaged(p, f"layers[{name!r}] 'a_bits' {spec['a_bits']} is none of the config's activation bits ({sorted(a_allowed) or 'none: weight-only'})")
+
+
+def saved_model_file(path: "str | Path") -> Path:
+    """The ``.safetensors`` file a save to ``path`` wrote: the names saving takes are read back too
+    (``r20`` and ``r20.json`` -> ``r20.safetensors``)."""
+    p = Path(path)
+    if p.is_file() and not p.name.endswith(".json"):
+        return p
+    if not p.exists() or p.name.endswith(".json"):  # the .json sidecar names its model file too
+        try:
+            written = model_paths(path)[0]
+        except DfquantError:
+            written = p
+        if written.is_file():
+            return written
+    if p.is_file():  # a .json with no model file beside it
+        raise DfquantError(f"{p} is a sidecar whose model file {model_paths(p)[0].name} is missing")
+    raise DfquantError(f"quantized model file not found: {p}" + (" (a folder)" if p.is_dir() else ""))
 
 
 def read_metadata(path: "str | Path") -> Dict[str, Any]:
@@ -219,14 +259,13 @@ def read_metadata(path: "str | Path") -> Dict[str, Any]:
     or if the metadata lacks or garbles a key a load needs)."""
     from safetensors import safe_open
 
-    p = Path(path)
-    if not p.is_file():
-        raise DfquantError(f"quantized model file not found: {p}")
+    p = saved_model_file(path)
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception:
-        raise DfquantError(f"{p} is not a safetensors file") from None
+        hint = " (a float checkpoint: load it with --model NAME --weights FILE)" if p.suffix.lower() in (".pth", ".pt", ".th", ".ckpt") else ""
+        raise DfquantError(f"{p} is not a safetensors file{hint}") from None
     if "dfquant" not in meta:
         raise DfquantError(f"{p} is a safetensors file but not a dfquant quantized model (no dfquant metadata)")
     try:
@@ -239,9 +278,8 @@ def read_metadata(path: "str | Path") -> Dict[str, Any]:
 def _rebuild(info: Dict[str, Any], model: nn.Module, state: Dict[str, torch.Tensor], where: Any) -> nn.Module:
     """A copy of the float ``model`` with the saved structure: folded BNs, ReLU6 -> ReLU, and each
     listed layer swapped for a quantized layer of the saved kind, bits and scale count."""
-    import copy
-
-    q = copy.deepcopy(model).eval()
+    check_plain_module(model)
+    q = copy_model(model).float().cpu().eval()  # the file's tensors are float32 CPU tensors
 
     def lookup(name: str, key: str) -> nn.Module:
         try:
@@ -317,9 +355,9 @@ def _check_values(p: Any, q: nn.Module, info: Dict[str, Any]) -> None:
         ok = torch.isfinite(scale) & (scale > 0)
         if not bool(ok.all()):
             raise _damaged(p, f"layer {name!r}: weight scales must be finite and > 0, found {_bad_values(scale, ok)}")
-        ok = torch.isfinite(zp)
+        ok = torch.isfinite(zp) & (zp == zp.round())
         if not bool(ok.all()):
-            raise _damaged(p, f"layer {name!r}: weight zero points must be finite, found {_bad_values(zp, ok)}")
+            raise _damaged(p, f"layer {name!r}: weight zero points must be finite whole numbers, found {_bad_values(zp, ok)}")
         aq = layer.input_quant
         if aq is not None:
             s, z = aq.scale, aq.zero_point
@@ -347,20 +385,29 @@ def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tup
     """
     from safetensors.torch import load_file
 
+    path = saved_model_file(path)
     info = read_metadata(path)
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # truncated or corrupt tensor data
+        raise DfquantError(f"cannot read the tensors of {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    n_classes = info.get("num_classes")
+    if n_classes is not None and not any(k.endswith((".weight_int", ".weight")) and t.dim() and t.shape[0] == n_classes for k, t in state.items()):
+        raise _damaged(path, f"metadata 'num_classes' {n_classes} is the output count of no layer in the file")
     if model is None:
         if not info.get("model_name"):
-            raise DfquantError("this file was saved from a model outside the registry: pass the float model to load it into")
+            raise DfquantError(
+                f"{path} was saved from a model outside the registry: load it in Python with dfquant.load_quantized(path, model=<the float model>)"
+            )
         from .models import create_model
 
         try:
             model = create_model(info["model_name"], num_classes=info.get("num_classes"))
         except DfquantError as exc:
             raise DfquantError(f"{path}: metadata 'model_name' {info['model_name']!r}: {exc}") from None
-    try:
-        state = load_file(str(path))
-    except Exception as exc:  # truncated or corrupt tensor data
-        raise DfquantError(f"cannot read the tensors of {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise _damaged(path, f"NaN or inf values in {', '.join(bad[:5])}")
     q = _rebuild(info, model, state, path)
     problem = _state_mismatch(q.state_dict(), state)
     if problem:

@@ -5,6 +5,7 @@ seconds; the weights are cached under the user's cache dir so later runs just lo
 """
 from __future__ import annotations
 
+import sys
 from typing import Tuple
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..assets import cache_dir
+from ..files import atomic_write
 
 Split = Tuple[torch.Tensor, torch.Tensor]
 # pixels (0..16) / 16, then normalised with this mean and std: the model's input lies in [-1, 1]
@@ -77,7 +79,9 @@ def digits_model(progress: bool = False, retrain: bool = False) -> nn.Module:
         except Exception:
             pass  # a stale or corrupt cache entry: train again
     model = train_digits_cnn(progress=progress)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), str(tmp))
-    tmp.replace(path)
+    try:  # a per-process temporary name: two processes filling the cache at once both succeed
+        atomic_write(path, lambda tmp: torch.save(model.state_dict(), str(tmp)))
+    except (OSError, RuntimeError) as exc:  # torch.save reports an unwritable file as a RuntimeError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"dfquant: note: the trained digits CNN could not be cached in {path.parent} ({first}); it is used uncached", file=sys.stderr)
     return model
