@@ -127,3 +127,23 @@ def test_a_linear_over_the_width_axis_gets_no_channel_statistics(with_bn_stats):
         _, report = dfquant.quantize(m, "rtn", 8, 8, input_size=(3, 6, width), bias_correction=True)
         reasons = dict(report.float_inputs)
         assert "4-D tensor" in reasons["mix"]
+
+
+def test_a_sum_of_relu_outputs_keeps_its_zero_floor_but_not_false_moments(with_bn_stats):
+    class TwoReLUs(nn.Module):  # relu(a) + relu(b) feeds a conv directly (no ReLU after the sum)
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.bn_a, self.bn_b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+            self.c = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.bn_a(self.a(x))) + torch.relu(self.bn_b(self.b(x))))
+
+    m = with_bn_stats(TwoReLUs())
+    st = propagate_bn_stats(analyse(m).traced, (3, 8, 8))["c"].stats
+    assert st.floor == 0.0 and st.clip_lo is None
+    ma, _ = ChannelStats(m.bn_a.bias.detach(), m.bn_a.weight.detach().abs(), 0.0).moments()
+    mb, _ = ChannelStats(m.bn_b.bias.detach(), m.bn_b.weight.detach().abs(), 0.0).moments()
+    assert torch.allclose(st.moments()[0], ma + mb)  # the mean bias correction uses is the sum's
+    for rule in ("dfq", "mse"):
+        assert stats_range(st, 4, rule)[0] == 0.0

@@ -64,17 +64,26 @@ _ADD = {operator.add, operator.iadd, torch.add}
 
 @dataclass
 class ChannelStats:
-    """Per-channel statistics of ``clip(N(mu, sigma^2), lo, hi)`` (lo/hi None: not clipped)."""
+    """Per-channel statistics of ``clip(N(mu, sigma^2), lo, hi)`` (lo/hi None: not clipped).
+
+    ``floor``: a lower bound the values are known to keep although the Gaussian is not clipped there
+    (a sum of two ReLU outputs is >= 0 while its moments are those of the sum); it moves only the
+    range's lower end, never the moments."""
 
     mu: torch.Tensor
     sigma: torch.Tensor
     clip_lo: Optional[float] = None
     clip_hi: Optional[float] = None
+    floor: Optional[float] = None
+
+    @property
+    def lower_bound(self) -> Optional[float]:
+        return self.clip_lo if self.clip_lo is not None else self.floor
 
     def clipped(self, lo: Optional[float], hi: Optional[float]) -> "ChannelStats":
         new_lo = lo if self.clip_lo is None else (self.clip_lo if lo is None else max(lo, self.clip_lo))
         new_hi = hi if self.clip_hi is None else (self.clip_hi if hi is None else min(hi, self.clip_hi))
-        return ChannelStats(self.mu, self.sigma, new_lo, new_hi)
+        return ChannelStats(self.mu, self.sigma, new_lo, new_hi, self.floor)
 
     def moments(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Exact mean and variance of the clipped Gaussian, per channel (closed form)."""
@@ -112,7 +121,8 @@ def _merge_calls(prev: InputRange, here: InputRange) -> InputRange:
         return InputRange(None, f"called {calls} times (shared weights); one call's input has no BN statistics: {why}", calls)
     if (a.clip_lo, a.clip_hi) != (b.clip_lo, b.clip_hi):
         return InputRange(None, f"called {calls} times (shared weights) on inputs with different clipping (ReLU/ReLU6/none)", calls)
-    return InputRange(ChannelStats(torch.cat([a.mu, b.mu]), torch.cat([a.sigma, b.sigma]), a.clip_lo, a.clip_hi), "", calls)
+    floor = None if None in (a.floor, b.floor) else min(a.floor, b.floor)
+    return InputRange(ChannelStats(torch.cat([a.mu, b.mu]), torch.cat([a.sigma, b.sigma]), a.clip_lo, a.clip_hi, floor), "", calls)
 
 
 def _relu_like(mod_or_fn, node: fx.Node) -> Optional[Tuple[Optional[float], Optional[float]]]:
@@ -131,9 +141,13 @@ def _concat_channels(parts) -> ChannelStats:
     clips = {(p.clip_lo, p.clip_hi) for p in parts}
     if len(clips) == 1:
         lo, hi = clips.pop()
-        return ChannelStats(torch.cat([p.mu for p in parts]), torch.cat([p.sigma for p in parts]), lo, hi)
+        floors = [p.floor for p in parts]
+        floor = None if None in floors else min(floors)
+        return ChannelStats(torch.cat([p.mu for p in parts]), torch.cat([p.sigma for p in parts]), lo, hi, floor)
     ms = [p.moments() for p in parts]
-    return ChannelStats(torch.cat([m for m, _ in ms]), torch.cat([v.sqrt() for _, v in ms]))
+    bounds = [p.lower_bound for p in parts]
+    floor = None if None in bounds else min(bounds)
+    return ChannelStats(torch.cat([m for m, _ in ms]), torch.cat([v.sqrt() for _, v in ms]), floor=floor)
 
 
 def _layer_input(layer: nn.Module, src, in_shape) -> Union[ChannelStats, str, None]:
@@ -153,7 +167,9 @@ def _layer_input(layer: nn.Module, src, in_shape) -> Union[ChannelStats, str, No
 def _add(x: ChannelStats, y: ChannelStats) -> ChannelStats:
     m1, v1 = x.moments()
     m2, v2 = y.moments()
-    return ChannelStats(m1 + m2, torch.sqrt(v1 + v2))
+    bounds = (x.lower_bound, y.lower_bound)
+    floor = None if None in bounds else bounds[0] + bounds[1]  # e.g. ReLU + ReLU >= 0
+    return ChannelStats(m1 + m2, torch.sqrt(v1 + v2), floor=floor)
 
 
 def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]] = None) -> Dict[str, InputRange]:
@@ -290,19 +306,20 @@ def stats_range(stats: ChannelStats, bits: int, rule: str = "mse", n_sigma: Opti
     n = n_sigma if n_sigma is not None else DFQ_N_SIGMA[bits]
     hi_env = float((mu + n * s).max()) if rule == "dfq" else float((mu + 8 * s).max())
     lo_env = float((mu - n * s).min()) if rule == "dfq" else float((mu - 8 * s).min())
-    if stats.clip_lo is not None:
-        lo_env = max(lo_env, stats.clip_lo)
+    bound = stats.lower_bound
+    if bound is not None:
+        lo_env = max(lo_env, bound)
     if stats.clip_hi is not None:
         hi_env = min(hi_env, stats.clip_hi)
-    if stats.clip_lo is not None and stats.clip_lo >= 0:
-        lo_env = stats.clip_lo  # after ReLU: zero must be exact, so the range starts at the clip
+    if bound is not None and bound >= 0:
+        lo_env = bound  # after ReLU: zero must be exact, so the range starts at the clip
     hi_env = max(hi_env, lo_env + 1e-6)
     if rule == "dfq":
         return lo_env, hi_env
     if rule != "mse":
         raise ValueError(f"unknown range rule {rule!r}")
     grid = torch.linspace(0.02, 1.0, 50, dtype=torch.float64)
-    if stats.clip_lo is not None and stats.clip_lo >= 0:
+    if bound is not None and bound >= 0:
         his = lo_env + (hi_env - lo_env) * torch.linspace(0.01, 1.0, 400, dtype=torch.float64)
         los = torch.full_like(his, lo_env)
     else:  # two-sided: shrink each end towards the channel means' span independently
