@@ -355,3 +355,19 @@ def test_synthesize_is_part_of_the_top_level_api():
     import dfquant
 
     assert dfquant.synthesize is synthesize
+
+
+def test_a_bn_input_written_in_place_is_a_clear_error():
+    class InPlace(nn.Module):  # pre-activation block: bn reads x, then x += f(x) rewrites it
+        def __init__(self):
+            super().__init__()
+            self.stem, self.bn, self.conv = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)
+            self.bn_out, self.fc = nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x += self.conv(torch.relu(self.bn(x)))
+            return self.fc(torch.relu(self.bn_out(x)).mean((2, 3)))
+
+    with pytest.raises(DfquantError, match="in place after the BN has read it"):
+        synthesize(InPlace().eval(), 4, input_size=(3, 8, 8), iters=2, batch_size=4, progress=False)

@@ -178,22 +178,34 @@ def _check_has_bn(model: nn.Module) -> List[nn.BatchNorm2d]:
 
 
 class _BNInputs:
-    """Forward pre-hooks that keep the latest input of each BN layer (Genie Sec. 3.1 taps)."""
+    """Forward pre-hooks that keep the latest input of each BN layer (Genie Sec. 3.1 taps).
+
+    The tensors are kept by reference (no copy in the synthesis loop); :attr:`inputs` checks that
+    none was written to in place after its BN read it (``x += ...`` in the model's forward), which
+    would make the statistics those of another tensor."""
 
     def __init__(self, layers: Sequence[nn.BatchNorm2d]):
-        self.inputs: List[Optional[torch.Tensor]] = [None] * len(layers)
+        self._taps: List[Optional[Tuple[torch.Tensor, int]]] = [None] * len(layers)
         self._handles = [layer.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
 
     def _hook(self, i: int):
         def hook(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
-            # a copy: a model that later adds to this tensor in place (x += ...) must not change it
-            self.inputs[i] = x.clone()
+            self._taps[i] = (x, x._version)
 
         return hook
 
+    @property
+    def inputs(self) -> List[Optional[torch.Tensor]]:
+        if any(t is not None and t[0]._version != t[1] for t in self._taps):
+            raise DfquantError(
+                "the model writes to a BatchNorm layer's input in place after the BN has read it (e.g. `x += f(x)`): "
+                "the BN statistics cannot be matched on it; write that step out of place (`x = x + f(x)`)"
+            )
+        return [t[0] if t is not None else None for t in self._taps]
+
     def clear(self) -> None:
-        self.inputs = [None] * len(self.inputs)
+        self._taps = [None] * len(self._taps)
 
     def remove(self) -> None:
         for h in self._handles:
