@@ -121,8 +121,7 @@ def _merge_calls(prev: InputRange, here: InputRange) -> InputRange:
         return InputRange(None, f"called {calls} times (shared weights); one call's input has no BN statistics: {why}", calls)
     if (a.clip_lo, a.clip_hi) != (b.clip_lo, b.clip_hi):
         return InputRange(None, f"called {calls} times (shared weights) on inputs with different clipping (ReLU/ReLU6/none)", calls)
-    floor = None if None in (a.floor, b.floor) else min(a.floor, b.floor)
-    return InputRange(ChannelStats(torch.cat([a.mu, b.mu]), torch.cat([a.sigma, b.sigma]), a.clip_lo, a.clip_hi, floor), "", calls)
+    return InputRange(_concat_channels([a, b]), "", calls)
 
 
 def _relu_like(mod_or_fn, node: fx.Node) -> Optional[Tuple[Optional[float], Optional[float]]]:
@@ -141,13 +140,14 @@ def _concat_channels(parts) -> ChannelStats:
     clips = {(p.clip_lo, p.clip_hi) for p in parts}
     if len(clips) == 1:
         lo, hi = clips.pop()
-        floors = [p.floor for p in parts]
-        floor = None if None in floors else min(floors)
-        return ChannelStats(torch.cat([p.mu for p in parts]), torch.cat([p.sigma for p in parts]), lo, hi, floor)
+        return ChannelStats(torch.cat([p.mu for p in parts]), torch.cat([p.sigma for p in parts]), lo, hi, _lowest([p.floor for p in parts]))
     ms = [p.moments() for p in parts]
-    bounds = [p.lower_bound for p in parts]
-    floor = None if None in bounds else min(bounds)
-    return ChannelStats(torch.cat([m for m, _ in ms]), torch.cat([v.sqrt() for _, v in ms]), floor=floor)
+    return ChannelStats(torch.cat([m for m, _ in ms]), torch.cat([v.sqrt() for _, v in ms]), floor=_lowest([p.lower_bound for p in parts]))
+
+
+def _lowest(bounds) -> Optional[float]:
+    """A lower bound of every part, or None when one part has none."""
+    return None if None in bounds else min(bounds)
 
 
 def _layer_input(layer: nn.Module, src, in_shape) -> Union[ChannelStats, str, None]:

@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import DfquantError
-from .graph import analyse, bn_fold_scale, replace_module, trace
+from .graph import analyse, bn_fold_scale, call_counts, replace_module, trace
 from .modelcheck import copy_model
 
 _RELU = (nn.ReLU,)
@@ -133,10 +133,7 @@ def equalization_pairs(model: nn.Module) -> Tuple[List[EqualizationPair], List[T
         raise DfquantError("cross-layer equalization needs an fx-traceable model")
     modules = dict(gm.named_modules())
     conv_bn = analyse(model).conv_bn
-    calls: Dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = call_counts(gm)
     pairs, skipped, seen = [], [], set()
     for node in gm.graph.nodes:
         conv = modules.get(node.target) if node.op == "call_module" else None

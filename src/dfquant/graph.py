@@ -39,6 +39,15 @@ class _Tracer(fx.Tracer):
         return is_supported(m) or isinstance(m, nn.BatchNorm2d) or super().is_leaf_module(m, qualname)
 
 
+def call_counts(gm: fx.GraphModule) -> Dict[str, int]:
+    """How often each module runs in one forward (a shared module more than once)."""
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
 def first_input(node: fx.Node):
     """A node's first input, whether passed by position or by keyword (``bn(input=x)``)."""
     if node.args:
@@ -99,10 +108,7 @@ def analyse(model: nn.Module) -> ModelGraph:
         return ModelGraph(layers, unsupported, None, {}, "model is not fx-traceable: layer order is registration order, no BN pairing")
     order: List[str] = []
     conv_bn: Dict[str, str] = {}
-    calls: Dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = call_counts(gm)
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue

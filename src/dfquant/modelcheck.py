@@ -3,7 +3,7 @@ is given, and what it cannot work on is a clear error here rather than a failure
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional, Tuple
+from typing import Any, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,12 @@ def check_plain_module(model: Any) -> None:
         raise DfquantError(f"expected a torch.nn.Module, got {type(model).__name__}")
 
 
+def non_finite(named: Iterable[Tuple[str, Any]]) -> str:
+    """The names (the first five) of the floating-point tensors holding NaN or inf, or ""."""
+    bad = [n for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
+    return ", ".join(bad[:5]) + (" …" if len(bad) > 5 else "")
+
+
 def float32_eval_cpu(model: Any) -> Tuple[nn.Module, list]:
     """The model quantize works from, and notes for the report: ``model`` itself when it is an
     eval-mode float32 model on the CPU, else such a copy. The caller's model is never changed (in
@@ -29,10 +35,9 @@ def float32_eval_cpu(model: Any) -> Tuple[nn.Module, list]:
     tensors = list(model.parameters()) + list(model.buffers())
     if any(t.is_meta for t in tensors):
         raise DfquantError("the model's tensors are on the meta device (they have no values): load its weights first")
-    named = list(model.named_parameters()) + list(model.named_buffers())
-    bad = [n for n, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite(list(model.named_parameters()) + list(model.named_buffers()))
     if bad:
-        raise DfquantError(f"the model has NaN or inf values in {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}: nothing sensible can be quantized from them")
+        raise DfquantError(f"the model has NaN or inf values in {bad}: nothing sensible can be quantized from them")
     other_dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.is_floating_point() and t.dtype != torch.float32})
     devices = sorted({t.device.type for t in tensors if t.device.type != "cpu"})
     if not (model.training or other_dtypes or devices):

@@ -31,7 +31,7 @@ import torch.nn as nn
 from .errors import DfquantError
 from .files import atomic_write_all, check_writable
 from .graph import replace_module
-from .modelcheck import check_plain_module, copy_model
+from .modelcheck import check_plain_module, copy_model, non_finite
 from .qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from .quantizer import QParams, qrange
 
@@ -405,9 +405,9 @@ def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tup
             model = create_model(info["model_name"], num_classes=info.get("num_classes"))
         except DfquantError as exc:
             raise DfquantError(f"{path}: metadata 'model_name' {info['model_name']!r}: {exc}") from None
-    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite(state.items())
     if bad:
-        raise _damaged(path, f"NaN or inf values in {', '.join(bad[:5])}")
+        raise _damaged(path, f"NaN or inf values in {bad}")
     q = _rebuild(info, model, state, path)
     problem = _state_mismatch(q.state_dict(), state)
     if problem:

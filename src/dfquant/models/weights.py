@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ..assets import require_file
 from ..errors import DfquantError
+from ..modelcheck import non_finite
 
 
 def read_state_dict(path: "str | Path") -> Dict[str, torch.Tensor]:
@@ -72,9 +73,9 @@ def load_weights(model: nn.Module, path: "str | Path") -> nn.Module:
     problem = describe_state_mismatch(own, state, optional=lambda k: k.endswith("num_batches_tracked"))
     if problem:
         raise DfquantError(f"weights file {path} does not fit model {type(model).__name__}: {problem}")
-    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite(state.items())
     if bad:
-        raise DfquantError(f"weights file {path} has NaN or inf values in {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}")
+        raise DfquantError(f"weights file {path} has NaN or inf values in {bad}")
     for k in own:
         if k not in state:
             state[k] = own[k]
