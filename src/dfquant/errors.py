@@ -1,14 +1,23 @@
 """The one exception type dfquant raises for bad input, so the CLI can print one clear line."""
+from __future__ import annotations
+
+from typing import Optional
 
 
 class DfquantError(ValueError):
-    """Bad input or an unsupported request: the message names the problem and what to do."""
+    """Bad input or an unsupported request: the message names the problem and what to do.
+
+    ``param`` names the API parameter at fault, when there is one (the CLI names its flag)."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
 
 
 def check_bits(bits: int, what: str = "bit-width") -> int:
-    """Validate a bit-width: an int in 2..8 (what dfquant supports)."""
+    """Validate a bit-width: an int in 2..8 (what dfquant supports). See :mod:`dfquant.checks`."""
     if isinstance(bits, bool) or not isinstance(bits, int):
-        raise DfquantError(f"{what} must be an integer between 2 and 8, got {bits!r}")
+        raise DfquantError(f"{what} must be an integer between 2 and 8, got {bits!r}", param=what)
     if not 2 <= bits <= 8:
-        raise DfquantError(f"{what} must be between 2 and 8, got {bits}")
+        raise DfquantError(f"{what} must be between 2 and 8, got {bits}", param=what)
     return bits
