@@ -21,7 +21,7 @@ import torch
 import dfquant
 from dfquant.activation_ranges import DFQ_N_SIGMA
 from dfquant.assets import CIFAR_RESNET_WEIGHTS, asset_path
-from dfquant.synthesis import load_images
+from dfquant.io.images import load_images
 
 RESULTS = Path(__file__).parent / "results" / "act_nsigma"
 GRID = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0)

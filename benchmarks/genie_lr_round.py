@@ -34,7 +34,7 @@ import dfquant
 from dfquant.assets import CIFAR_RESNET_WEIGHTS, asset_path
 from dfquant.data import load_cifar10_npz
 from dfquant.genie import CPU_BUDGET
-from dfquant.synthesis import load_images
+from dfquant.io.images import load_images
 
 from act_nsigma import logit_mse  # sibling benchmark scripts (benchmarks/ is on sys.path when run)
 from genie_cifar import parse_setting

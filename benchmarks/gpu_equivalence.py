@@ -32,7 +32,8 @@ import dfquant
 from dfquant.assets import CIFAR_RESNET_WEIGHTS, asset_path
 from dfquant.data import load_cifar10_npz
 from dfquant.qmodules import QuantConv2d, QuantLinear
-from dfquant.synthesis import bn_statistics_loss, load_images, synthesize
+from dfquant.genie import bn_statistics_loss, synthesize
+from dfquant.io.images import load_images
 
 RESULTS = Path(__file__).parent / "results" / "gpu_equivalence"
 

@@ -31,7 +31,7 @@ import torch
 import dfquant
 from dfquant.assets import CIFAR_RESNET_WEIGHTS, CIFAR10_TEST_NPZ, asset_path
 from dfquant.data import load_cifar10_npz
-from dfquant.export import export_onnx, qdq_model
+from dfquant.io.export import export_onnx, qdq_model
 from genie_cifar import cpu_name
 from squant_cifar import best_time
 

@@ -3,7 +3,7 @@
     python benchmarks/synthetic_stats.py --synthetic-dir out/syn
 
 For each CIFAR ResNet and generator, the first cached 256-image set (seed 0, made by
-``genie_cifar.py``) is scored with both losses of :func:`dfquant.synthesis.bn_statistics_loss`:
+``genie_cifar.py``) is scored with both losses of :func:`dfquant.genie.bn_statistics_loss`:
 Genie's batch-statistics form and ZeroQ's per-image form (batches of 128), plus the model's mean
 prediction entropy and predicted-class counts; Gaussian noise gives the scale.
 Writes benchmarks/results/synthetic_stats.md.
@@ -17,7 +17,8 @@ import torch
 
 import dfquant
 from dfquant.assets import CIFAR_RESNET_WEIGHTS, asset_path
-from dfquant.synthesis import bn_statistics_loss, load_images
+from dfquant.genie import bn_statistics_loss
+from dfquant.io.images import load_images
 
 
 def score(model, x):

@@ -81,9 +81,9 @@ def test_fold_bn_option(digits):
     "kwargs,match",
     [
         (dict(method="nope"), "unknown method"),
-        (dict(w_bits=1), "w_bits must be between 2 and 8"),
-        (dict(a_bits=9), "a_bits must be between 2 and 8"),
-        (dict(act_range="percentile"), "unknown activation range"),
+        (dict(w_bits=1), "w_bits must be an integer between 2 and 8, got 1"),
+        (dict(a_bits=9), "a_bits must be an integer between 2 and 8, got 9"),
+        (dict(act_range="percentile"), "unknown act_range 'percentile'; choose dfq, mse"),
         (dict(skip=("nolayer",)), "names no quantizable layer"),
         (dict(bogus=1), "unknown option"),
         (dict(method="rtn", init="squant"), "applies to the learned methods"),
@@ -93,9 +93,9 @@ def test_fold_bn_option(digits):
         (dict(input_range=(-1.0, 1.0)), "the image input stays float otherwise"),
         (dict(method="squant-k", squant_channel=False), "of method 'squant' only"),
         (dict(method="genie", squant_kernel=False), "not of 'genie'"),
-        (dict(method="squant", recon_iters=10), "unknown option"),
+        (dict(method="squant", recon_iters=10), "recon_iters applies only to the learned methods"),
         (dict(layer_w_bits={"nope": 8}), "given for no quantizable layer: nope"),
-        (dict(layer_w_bits={"conv2": 9}), "weight bit-width of layer 'conv2' must be between 2 and 8"),
+        (dict(layer_w_bits={"conv2": 9}), "weight bit-width of layer 'conv2' must be an integer between 2 and 8"),
         (dict(layer_w_bits={"conv2": 8}, skip=("conv2",)), "both skipped and given a bit-width: conv2"),
         (dict(layer_w_bits=[("conv2", 8)]), "must map layer names to bit-widths"),
         (dict(per_channel="no"), "per_channel must be True"),
@@ -174,7 +174,7 @@ def test_weight_range_rule_defaults_and_errors(digits):
     mm, _ = dfquant.quantize(model, "rtn", 2, None)
     w = model.conv2.weight
     assert (q.conv2.weight - w).norm() < (mm.conv2.weight - w).norm()  # clipping helps at 2 bits
-    with pytest.raises(dfquant.DfquantError, match="weight range"):
+    with pytest.raises(dfquant.DfquantError, match="unknown w_range 'max'"):
         dfquant.quantize(model, "rtn", 4, 4, w_range="max")
 
 

@@ -57,9 +57,9 @@ def test_quantize_report_table(capsys, digits):
     "argv,message",
     [
         (["quantize", "--model", "nope"], "unknown model 'nope'"),
-        (["quantize", "--model", "digits_cnn", "--method", "magic"], "unknown method 'magic'"),
-        (["quantize", "--model", "digits_cnn", "--w-bits", "9"], "w_bits must be between 2 and 8"),
-        (["quantize", "--model", "digits_cnn", "--a-bits", "1"], "a_bits must be between 2 and 8"),
+        (["quantize", "--model", "digits_cnn", "--method", "magic"], "argument --method: invalid choice: 'magic'"),
+        (["quantize", "--model", "digits_cnn", "--w-bits", "9"], "--w-bits must be an integer between 2 and 8, got 9"),
+        (["quantize", "--model", "digits_cnn", "--a-bits", "1"], "--a-bits must be an integer between 2 and 8, got 1"),
         (["quantize", "--model", "resnet18"], "--weights PATH is required"),
         (["quantize", "--model", "digits_cnn", "--weights", "/no/such/file.pth"], "weights file not found"),
         (["evaluate", "/no/such/model.safetensors"], "not found"),
@@ -67,12 +67,12 @@ def test_quantize_report_table(capsys, digits):
         (["quantize", "--model", "digits_cnn", "--eval", "cifar10", "--data", "/no/such.npz"], "scores a digits model on cifar10 images"),
         (["quantize", "--model", "resnet18", "--random-init", "--eval", "imagenet"], "--eval none to skip evaluation"),
         (["quantize", "--model", "mobilenet_v2", "--random-init", "--method", "rtn", "--cle", "--eval", "none"], "no conv -> [BN] -> ReLU -> conv pair"),
-        (["quantize", "--model", "digits_cnn", "--method", "squant", "--synthetic", "a.safetensors", "--recon-iters", "5"], "--recon-iters, --synthetic apply only to --method genie or zeroq, not to squant"),
-        (["quantize", "--model", "digits_cnn", "--method", "rtn", "--init", "squant"], "--init applies only to --method genie or zeroq"),
+        (["quantize", "--model", "digits_cnn", "--method", "squant", "--synthetic", "a.safetensors", "--recon-iters", "5"], "--recon-iters, --synthetic apply only to the learned methods (genie and zeroq), not to 'squant'"),
+        (["quantize", "--model", "digits_cnn", "--method", "rtn", "--init", "squant"], "--init squant applies to the learned methods (genie, zeroq) only, not to 'rtn'"),
         (["quantize", "--model", "digits_cnn", "--method", "squant-k", "--save-synthetic", "s.safetensors"], "--save-synthetic applies only"),
-        (["quantize", "--model", "digits_cnn", "--method", "rtn", "--no-kernel"], "--no-kernel/--no-channel switch the levels of --method squant only"),
-        (["quantize", "--model", "digits_cnn", "--method", "genie", "--no-channel"], "not of genie"),
-        (["quantize", "--model", "digits_cnn", "--method", "zeroq", "--cle", "--bias-correction"], "--cle, --bias-correction are DFQ steps for the rounding methods"),
+        (["quantize", "--model", "digits_cnn", "--method", "rtn", "--no-kernel"], "--no-kernel/--no-channel switch SQuant's levels of method 'squant' only, not of 'rtn'"),
+        (["quantize", "--model", "digits_cnn", "--method", "genie", "--no-channel"], "not of 'genie'"),
+        (["quantize", "--model", "digits_cnn", "--method", "zeroq", "--cle", "--bias-correction"], "--cle is a DFQ step for the rounding methods"),
         # contradictory or unused options are refused, not dropped
         (["quantize", "--model", "resnet20", "--weights", "w.th", "--random-init"], "--weights and --random-init contradict"),
         (["quantize", "--model", "digits_cnn", "--data", "x.npz"], "the digits data is embedded"),
@@ -80,10 +80,10 @@ def test_quantize_report_table(capsys, digits):
         (["quantize", "--model", "digits_cnn", "--layer-bits", "conv1=8", "--layer-bits", "conv1=2"], "gives conv1 two bit-widths (8 and 2)"),
         (["quantize", "--model", "digits_cnn", "--a-bits", "none", "--last-input-bits", "4"], "--a-bits none quantizes no input"),
         (["quantize", "--model", "digits_cnn", "--method", "genie", "--synthetic", "s.safetensors", "--distill-iters", "3"], "--synthetic uses the given images"),
-        (["quantize", "--model", "digits_cnn", "--n-sigma", "0"], "n_sigma must be a positive finite number"),
+        (["quantize", "--model", "digits_cnn", "--n-sigma", "0"], "--n-sigma must be a positive finite number"),
         (["quantize", "--model", "digits_cnn", "--method", "genie", "--a-bits", "none", "--act-calib", "bn"], "--a-bits none quantizes no activation"),
-        (["quantize", "--model", "digits_cnn", "--method", "genie", "--n-sigma", "3", "--recon-iters", "0"], "use them with act_calib='bn'"),
-        (["quantize", "--model", "digits_cnn", "--method", "zeroq", "--act-range", "mse", "--recon-iters", "0"], "use them with act_calib='bn'"),
+        (["quantize", "--model", "digits_cnn", "--method", "genie", "--n-sigma", "3", "--recon-iters", "0"], "use them with --act-calib bn"),
+        (["quantize", "--model", "digits_cnn", "--method", "zeroq", "--act-range", "mse", "--recon-iters", "0"], "use them with --act-calib bn"),
         # output paths are checked before any work
         (["quantize", "--model", "digits_cnn", "--out", "/no/such/folder/m"], "output folder does not exist: /no/such/folder"),
         (["quantize", "--model", "digits_cnn", "--out", ""], "--out needs a file name"),
@@ -125,9 +125,9 @@ def test_output_paths_that_cannot_be_written_are_refused_before_any_work(capsys,
 
 
 def test_a_negative_limit_is_refused(capsys, digits):
-    with pytest.raises(SystemExit):
-        main(["--no-progress", "quantize", "--model", "digits_cnn", "--limit", "-5"])
-    assert "expected a positive integer" in capsys.readouterr().err
+    assert main(["--no-progress", "quantize", "--model", "digits_cnn", "--limit", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert "expected a positive integer" in err and "see dfquant quantize --help" in err and len(err.strip().splitlines()) == 1
 
 
 def test_json_with_report_carries_the_per_layer_report(capsys, digits):
@@ -155,13 +155,14 @@ def test_synthesize_keeps_a_dotted_name(capsys, digits, tmp_path):
 
 
 def test_synthesize_on_a_cpu_takes_the_cpu_budget(capsys, digits, tmp_path, monkeypatch):
-    from dfquant.synthesis import CPU_BUDGET, images_metadata
+    from dfquant.genie import CPU_BUDGET
+    from dfquant.io.images import images_metadata
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, out, _ = run(capsys, "synthesize", "--model", "digits_cnn", "-n", "2", "--batch-size", "2", "--out", str(tmp_path / "s"))
     assert code == 0 and "cpu budget" in out
     meta = images_metadata(tmp_path / "s.safetensors")
-    assert meta["budget"] == "cpu" and int(meta["iters"]) == CPU_BUDGET["iters"] and int(meta["batch_size"]) == 2
+    assert meta["budget"] == "cpu" and int(meta["iters"]) == CPU_BUDGET["distill_iters"] and int(meta["batch_size"]) == 2
 
 
 def test_console_script_entry_point():
@@ -193,7 +194,7 @@ def test_per_tensor_weight_grid_with_cle_from_the_command_line_saves_and_reloads
 @pytest.mark.usefixtures("one_thread")
 def test_synthesize_in_parts_then_genie_on_all_parts(capsys, digits, tmp_path):
     """`dfquant synthesize` writes images + a PNG grid; `quantize --synthetic A B` uses both parts."""
-    from dfquant.synthesis import load_images
+    from dfquant.io.images import load_images
 
     parts = []
     for seed in (0, 1):
@@ -223,7 +224,7 @@ def test_synthesize_in_parts_then_genie_on_all_parts(capsys, digits, tmp_path):
 
 @pytest.mark.usefixtures("one_thread")
 def test_synthetic_parts_of_another_shape_or_model(capsys, digits, tmp_path):
-    from dfquant.synthesis import save_images
+    from dfquant.io.images import save_images
 
     ok = save_images(torch.randn(4, 1, 8, 8), tmp_path / "ok.safetensors", metadata={"model": "resnet20"})
     wide = save_images(torch.randn(4, 3, 8, 8), tmp_path / "wide.safetensors", metadata={"model": "digits_cnn"})

@@ -10,7 +10,7 @@ from dfquant import DfquantError
 from dfquant.activation_ranges import propagate_bn_stats
 from dfquant.dfq import _channel_ranges, _folded_weight, bias_correction, equalization_pairs, equalize_cross_layer
 from dfquant.graph import trace
-from dfquant.serialization import load_quantized, save_quantized
+from dfquant.io.serialization import load_quantized, save_quantized
 
 
 def _resnet20_with_bn_stats(seed: int = 0):

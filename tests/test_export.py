@@ -14,7 +14,7 @@ from dfquant.qmodules import QUANT_LAYERS
 
 onnx = pytest.importorskip("onnx", reason="ONNX export is the optional extra dfquant[onnx] (installed by dfquant[test])")
 ort = pytest.importorskip("onnxruntime", reason="checking an exported file needs onnxruntime (dfquant[onnx])")
-from dfquant.export import check_onnx, export_onnx  # noqa: E402
+from dfquant.io.export import check_onnx, export_onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 
@@ -185,7 +185,7 @@ def test_int4_weights_store_the_exact_codes_of_low_bit_layers_packed(digits, dig
     # The same model with int8 containers: onnxruntime computes the same outputs from both files.
     ref = export_onnx(qmodel, tmp_path / "int8.onnx")
     assert ref["int4_weights"] == 0 and out["bytes"] < ref["bytes"]
-    from dfquant.export import OnnxRuntimeModel
+    from dfquant.io.export import OnnxRuntimeModel
 
     a, b = OnnxRuntimeModel(out["path"])(x), OnnxRuntimeModel(ref["path"])(x)
     assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.99
@@ -290,7 +290,7 @@ def test_a_per_tensor_grid_is_written_per_channel_with_its_one_scale(digits, tmp
 
 
 def test_onnx_model_on_inputs_of_the_wrong_shape_is_one_clear_error(digits, digits_onnx):
-    from dfquant.export import OnnxRuntimeModel
+    from dfquant.io.export import OnnxRuntimeModel
 
     runner = OnnxRuntimeModel(digits_onnx["path"])
     with pytest.raises(DfquantError, match=r"the ONNX model cannot run on these inputs of shape \(2, 3, 8, 8\): \[ONNXRuntimeError\].*INVALID_ARGUMENT"):

@@ -1,7 +1,7 @@
 """Atomic output files: an interrupted write leaves the old file (or none) and no temporary file."""
 import pytest
 
-from dfquant.files import atomic_write, atomic_write_all
+from dfquant.io.files import atomic_write, atomic_write_all
 
 
 def _interrupted(path):

@@ -12,9 +12,9 @@ from dfquant.genie import find_units, initial_rounding, lr_round_for
 from dfquant.qmodules import QUANT_LAYERS
 from dfquant.quantizer import minmax_params, qrange, to_grid
 from dfquant.squant import squant_round
-from dfquant.synthesis import synthesize
+from dfquant.genie import synthesize
 
-TINY = dict(samples=64, distill_iters=20, distill_batch=32, batch_size=16, device="cpu", seed=0)
+TINY = dict(samples=64, batch_size=16, device="cpu", seed=0)  # with given images
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,7 +104,7 @@ def test_same_seed_same_model(model, genie_run, images):
 
 
 def test_synthesis_inside_is_deterministic(model):
-    opts = dict(TINY, samples=32, distill_iters=5, recon_iters=3)
+    opts = dict(TINY, distill_batch=32, samples=32, distill_iters=5, recon_iters=3)
     a, ra = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, **opts)
     b, _ = dfquant.quantize(model, method="genie", w_bits=4, a_bits=4, **opts)
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
@@ -163,7 +163,7 @@ def test_initial_rounding_reproduces_codes_exactly():
 def test_act_calib_data_and_zeroq(model, images, tmp_path):
     path = tmp_path / "imgs.safetensors"
     q, report = dfquant.quantize(
-        model, method="zeroq", w_bits=4, a_bits=4, act_calib="data", recon_iters=10, save_synthetic=str(path), **dict(TINY, samples=32, distill_iters=5)
+        model, method="zeroq", w_bits=4, a_bits=4, act_calib="data", recon_iters=10, save_synthetic=str(path), **dict(TINY, distill_batch=32, samples=32, distill_iters=5)
     )
     info = report.config["genie"]
     assert info["data"]["source"] == "synthesized (zeroq)" and path.exists()
@@ -227,7 +227,7 @@ def test_a_given_image_input_range_is_kept_by_the_data_search(digits):
     model, _ = digits
     given = input_range("digits")
     q, report = dfquant.quantize(
-        model, "genie", 4, 4, quantize_first_input=True, input_range=given, act_calib="data", recon_iters=0, **dict(TINY, samples=32, distill_iters=5)
+        model, "genie", 4, 4, quantize_first_input=True, input_range=given, act_calib="data", recon_iters=0, **dict(TINY, distill_batch=32, samples=32, distill_iters=5)
     )
     lo, hi = q.conv1.input_quant.range
     assert lo == pytest.approx(given[0], abs=2 * float(q.conv1.input_quant.scale)) and hi == pytest.approx(given[1], abs=2 * float(q.conv1.input_quant.scale))

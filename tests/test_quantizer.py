@@ -54,11 +54,12 @@ def test_unsigned_activation_params_cover_range():
 
 def test_fake_quant_straight_through_gradient():
     qp = params_from_range(torch.tensor(-1.0), torch.tensor(1.0), 4, signed=True)
-    x = torch.linspace(-0.9, 0.9, 7, requires_grad=True)
-    y = fake_quant(x, qp)
+    x = torch.linspace(-0.87, 0.91, 9, requires_grad=True)  # no value on a rounding tie
+    y = fake_quant(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax, ste=True)
     y.sum().backward()
     assert torch.allclose(x.grad, torch.ones_like(x))
     assert torch.allclose(y, from_grid(quantize_tensor(x.detach(), qp), qp))
+    assert torch.equal(fake_quant(x.detach(), qp.scale, qp.zero_point, qp.qmin, qp.qmax), from_grid(quantize_tensor(x.detach(), qp), qp))
 
 
 def test_rtn_round_clamps():

@@ -6,7 +6,7 @@ import torch
 
 import dfquant
 from dfquant.errors import DfquantError
-from dfquant.serialization import load_quantized, read_metadata, save_quantized
+from dfquant.io.serialization import load_quantized, read_metadata, save_quantized
 
 
 @pytest.mark.parametrize("fold,per_channel", [(False, True), (True, True), (False, False)])
@@ -65,7 +65,7 @@ import os  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from dfquant.serialization import model_paths  # noqa: E402
+from dfquant.io.serialization import model_paths  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +254,15 @@ def test_the_names_saving_takes_load_back_and_any_float_dtype_is_loaded_into(sav
     torch.save({}, tmp_path / "float.pth")
     with pytest.raises(DfquantError, match="float checkpoint: load it with --model NAME --weights FILE"):
         load_quantized(tmp_path / "float.pth")
+
+
+def test_a_file_saved_before_configs_carried_a_version_still_loads(digits, tmp_path):
+    """Files written before the config's format version (version 1: no ``config_version``) load as saved."""
+    q, report = dfquant.quantize(digits[0], "squant", 4, 4)
+    assert report.config["config_version"] == 2
+    old = {k: v for k, v in report.config.items() if k != "config_version"}
+    save_quantized(q, tmp_path / "v1", model_name="digits_cnn", config=old)
+    loaded, info = load_quantized(tmp_path / "v1.safetensors")
+    assert "config_version" not in info["config"]
+    x = digits[1][0][:16]
+    assert torch.equal(loaded(x), q(x))

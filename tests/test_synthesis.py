@@ -11,21 +11,9 @@ import pytest
 from dfquant.data import digits_model
 from dfquant.errors import DfquantError
 from dfquant.models import create_model
-from dfquant.synthesis import (
-    GenieGenerator,
-    SwingConv2d,
-    _apply_swing,
-    bn_statistics_loss,
-    grid_path,
-    images_metadata,
-    images_path,
-    load_image_files,
-    load_images,
-    reflect_shift,
-    save_image_grid,
-    save_images,
-    synthesize,
-)
+from dfquant.genie import GenieGenerator, SwingConv2d, bn_statistics_loss, reflect_shift, synthesize
+from dfquant.genie.distill import _apply_swing
+from dfquant.io.images import grid_path, images_metadata, images_path, load_image_files, load_images, save_image_grid, save_images
 
 TINY = dict(iters=60, batch_size=32, progress=False)
 

@@ -1,13 +1,28 @@
-"""Command-line interface: wiring only (argument parsing, loading, printing)."""
+"""Command-line interface: maps flags to the configs' fields, calls the library, prints.
+
+The quantization flags are built from :class:`dfquant.config.QuantConfig` and
+:class:`dfquant.genie.GenieConfig` (their help, choices and defaults); only the flags a user gives
+reach the library, which checks them and names the API parameter in its errors. :func:`main`
+translates those names into flags (``w_bits`` -> ``--w-bits``), so every error is one line.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
 import time
 from typing import Any, Dict, List, Optional
 
 from .errors import DfquantError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line that names the flag and points to --help."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's signature
+        self.exit(2, f"dfquant: error: {message} (see {self.prog} --help)\n")
 
 
 def _bits_or_none(s: str) -> Optional[int]:
@@ -29,158 +44,111 @@ def _positive_int(s: str) -> int:
     return value
 
 
-# --last-input-bits when not given: 8 (the paper's protocol); told apart from an explicit value
-_LAST_INPUT_DEFAULT = 8
+class _LayerBits(argparse.Action):
+    """``--layer-bits NAME=BITS`` (repeatable) into one {name: bits} mapping."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        name, sep, bits = value.rpartition("=")
+        if not sep or not name:
+            raise argparse.ArgumentError(self, f"expected NAME=BITS (e.g. layer1.0.conv1=8), got {value!r}")
+        try:
+            b = int(bits)
+        except ValueError:
+            raise argparse.ArgumentError(self, f"expected an integer bit-width after '=', got {value!r}") from None
+        mapping = dict(getattr(namespace, self.dest, None) or {})
+        if mapping.get(name, b) != b:
+            raise argparse.ArgumentError(self, f"gives {name} two bit-widths ({mapping[name]} and {b}): give one")
+        mapping[name] = b
+        setattr(namespace, self.dest, mapping)
 
 
-class _Default(int):
-    """An int that remembers it was not given on the command line."""
+#: Config fields whose flag takes a special parser.
+_BITS_OR_NONE = ("a_bits", "last_input_bits")
 
 
-def _check_output(path: Optional[str], flag: str) -> None:
-    """Refuse an output path that cannot be written, before any work is done."""
-    import os
-
-    from .files import check_writable
-
-    if path is None:
-        return
-    if not path.strip():
-        raise DfquantError(f"{flag} needs a file name, got an empty one")
-    if path.endswith(("/", os.sep)):
-        raise DfquantError(f"{flag} {path}: that is a folder; give a file name (in it, if you like)")
-    check_writable(path, flag)
+def flag_of(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
-def _layer_bits(s: str):
-    name, sep, bits = s.rpartition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=BITS (e.g. layer1.0.conv1=8), got {s!r}")
-    try:
-        return name, int(bits)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer bit-width after '=', got {s!r}") from None
+def _add_config_flags(group, config_cls, exclude=()) -> None:
+    """One flag per field of ``config_cls`` offered on the command line (``option(cli=True)``)."""
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        if not meta.get("cli", True) or f.name in exclude:
+            continue
+        kw: Dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS)
+        shown = "none" if f.default is None else f.default
+        if f.name == "layer_w_bits":
+            kw.update(action=_LayerBits, metavar="NAME=BITS", help=f"{meta['help']} (repeatable; names as in --report)")
+        elif f.name == "skip":
+            kw.update(action="append", metavar="LAYER", help=f"{meta['help']} (repeatable)")
+        elif isinstance(f.default, bool):
+            kw.update(action="store_false" if f.default else "store_true", help=meta["help"])
+        else:
+            kw.update(type=_bits_or_none if f.name in _BITS_OR_NONE else _field_type(f), help=f"{meta['help']} (default {shown})")
+            if meta.get("choices"):
+                kw["choices"] = meta["choices"]
+        group.add_argument(flag_of(f), **kw)
 
 
-def _add_quant_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="squant", help="rtn, squant, squant-e, squant-k, squant-c, genie, zeroq (default squant)")
-    p.add_argument("--w-bits", type=int, default=4, help="weight bit-width, 2..8 (default 4)")
-    p.add_argument("--a-bits", type=_bits_or_none, default=4, help="activation bit-width 2..8, or 'none' for weight-only (default 4)")
-    p.add_argument("--no-kernel", action="store_true", help="SQuant: disable the kernel (K) level")
-    p.add_argument("--no-channel", action="store_true", help="SQuant: disable the output-channel (C) level")
-    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding conv before quantizing")
-    p.add_argument(
-        "--w-range",
-        default=None,
-        choices=["minmax", "lp"],
-        help="weight grid: per-channel min/max (SQuant's protocol) or the Lp clipping search (default: minmax, lp for genie/zeroq)",
-    )
-    p.add_argument(
-        "--per-tensor",
-        action="store_true",
-        help="one weight scale per layer instead of one per output channel (DFQ's protocol; coarser, what --cle is for)",
-    )
-    p.add_argument("--cle", action="store_true", help="DFQ cross-layer range equalization of the float model first (rounding methods)")
-    p.add_argument(
-        "--int32-bias",
-        action="store_true",
-        help="round biases to the int32 accumulator grid integer kernels use, so the evaluated model is the deployed (ONNX) one",
-    )
-    p.add_argument(
-        "--relu6-to-relu",
-        action="store_true",
-        help="replace ReLU6 by ReLU first, as DFQ does for MobileNetV2 so --cle can equalize through them (changes the float model)",
-    )
-    p.add_argument(
-        "--bias-correction",
-        action="store_true",
-        help="DFQ analytic bias correction: cancel each layer's expected output shift from its BN-implied input mean (rounding methods)",
-    )
-    p.add_argument("--act-range", default="dfq", choices=["dfq", "mse"], help="BN-statistics range rule (default dfq)")
-    p.add_argument("--n-sigma", type=float, default=None, help="dfq rule: n in beta + n*gamma (default per bit-width)")
-    p.add_argument(
-        "--quantize-first-input",
-        action="store_true",
-        help="also quantize the image input (8 bits; its range from the model's input normalization of pixels in [0, 1], no data)",
-    )
-    p.add_argument(
-        "--last-input-bits",
-        type=_bits_or_none,
-        default=_Default(_LAST_INPUT_DEFAULT),
-        help="bits of the classifier's input (default 8; 'none': same as --a-bits)",
-    )
-    p.add_argument("--skip", action="append", default=[], help="leave this layer in float (repeatable)")
-    p.add_argument(
-        "--layer-bits",
-        action="append",
-        default=[],
-        type=_layer_bits,
-        metavar="NAME=BITS",
-        help="weight bit-width of one layer, overriding --w-bits (repeatable; layer names as in --report)",
-    )
-    g = p.add_argument_group("learned methods (genie, zeroq)")
-    g.add_argument("--init", default=None, choices=["rtn", "squant"], help="rounding that reconstruction starts from (default rtn)")
-    g.add_argument("--samples", type=int, default=None, help="number of synthetic images")
-    g.add_argument("--distill-iters", type=int, default=None, help="synthesis iterations per batch")
-    g.add_argument("--recon-iters", type=int, default=None, help="reconstruction iterations per block")
-    g.add_argument(
-        "--lr-round",
-        type=float,
-        default=None,
-        help="Adam lr of the learned rounding (default: 1e-3 x 20000 / recon-iters, the release's lr x iterations, at most 0.1)",
-    )
-    g.add_argument(
-        "--act-calib",
-        default=None,
-        choices=["bn", "data"],
-        help="where the learned activation steps start: a search on the synthetic data (default, as the Genie release; "
-        "measured closer to FP32 with Genie's images) or the BN-statistics ranges (measured closer with --method zeroq's images)",
-    )
-    g.add_argument("--save-synthetic", default=None, help="write the synthetic images to this file")
-    g.add_argument(
-        "--synthetic",
-        nargs="+",
-        default=None,
-        metavar="FILE",
-        help="use the synthetic images in these files (concatenated, e.g. parts made by parallel "
-        "`dfquant synthesize --seed i` runs) instead of synthesizing",
-    )
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run synthesis and reconstruction")
-    g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same quantized model)")
+def _field_type(f: dataclasses.Field):
+    text = str(f.type)
+    return int if "int" in text else float if "float" in text else str
 
 
-def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, help="registered model name (see `dfquant list`)")
-    p.add_argument("--weights", default=None, help="checkpoint file (.pth/.th/.safetensors)")
-    p.add_argument("--random-init", action="store_true", help="use random weights (timing only)")
+def _quantize_parser(sub) -> None:
+    from .config import QuantConfig
+    from .genie import GenieConfig
 
-
-def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eval", default=None, choices=["digits", "cifar10", "imagenet", "none"], help="evaluation data (default: the model's own dataset)")
-    p.add_argument("--data", default=None, help="evaluation data path (.npz for cifar10, a folder for imagenet)")
-    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate on the first N images only")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dfquant", description="Data-free quantization of trained PyTorch CNNs.")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is often fastest on a busy machine)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("demo", help="the embedded default: digits CNN, FP32 vs RTN vs SQuant-E/K/C at W8A8/W6A6/W4A4")
-    d.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    d.add_argument("--retrain", action="store_true", help="retrain the digits CNN instead of using the cached one")
-
-    q = sub.add_parser("quantize", help="quantize a model, evaluate it, optionally save it")
+    q = sub.add_parser("quantize", help="quantize a model, evaluate it, optionally save or export it")
     _add_model_options(q)
-    _add_quant_options(q)
+    _add_config_flags(q, QuantConfig)
+    g = q.add_argument_group("learned methods (genie, zeroq)")
+    _add_config_flags(g, GenieConfig, exclude=("seed",))
+    g.add_argument("--save-synthetic", default=None, help="write the synthetic images to this file")
+    g.add_argument("--synthetic", nargs="+", default=None, metavar="FILE", help="use the images in these files (concatenated, e.g. parts from parallel `dfquant synthesize --seed i` runs) instead of synthesizing")
     _add_eval_options(q)
     q.add_argument("--out", default=None, help="save the quantized model to FILE.safetensors (+ FILE.json)")
     q.add_argument("--onnx", default=None, metavar="FILE", help="also export the quantized model to FILE.onnx (QDQ; see `dfquant export`)")
     _add_int4_option(q)
     q.add_argument("--json", action="store_true", help="print one JSON object with the results")
     q.add_argument("--report", action="store_true", help="print the per-layer report table")
+
+
+def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="registered model name (see `dfquant list`)")
+    p.add_argument("--weights", default=None, help="checkpoint file (.pth/.th/.safetensors)")
+    p.add_argument("--random-init", action="store_true", help="use random weights drawn from --seed (timing only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of all randomness: synthesis, reconstruction, --random-init (default 0)")
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval", default=None, choices=["digits", "cifar10", "imagenet", "none"], help="evaluation data (default: the model's own dataset)")
+    p.add_argument("--data", default=None, help="evaluation data path (.npz for cifar10, a folder for imagenet)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate on the first N images only (default: all)")
+
+
+def _add_int4_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--int4-weights",
+        action="store_true",
+        help="store the ONNX weights of 2-4 bit layers packed as INT4 (opset 21, half the size); onnxruntime then "
+        "runs those layers in float on the dequantized weights instead of its int8 kernels",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dfquant", description="Data-free quantization of trained PyTorch CNNs.")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (1 is often fastest on a busy machine)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("demo", help="the embedded default: digits CNN, FP32 vs RTN vs SQuant-E/K/C at W8A8/W6A6/W4A4")
+    d.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    d.add_argument("--retrain", action="store_true", help="retrain the digits CNN instead of using the cached one")
+
+    _quantize_parser(sub)
 
     e = sub.add_parser("evaluate", help="load a saved quantized model (or a float one) and evaluate it")
     e.add_argument("file", nargs="?", help="a .safetensors file written by `dfquant quantize --out`, or an .onnx file (run by onnxruntime)")
@@ -190,36 +158,72 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synthesize", help="distil synthetic images from a model's BN statistics (Genie-D or ZeroQ)")
     _add_model_options(s)
-    s.add_argument("-n", type=int, default=256, help="number of images")
-    s.add_argument("--method", default="genie", choices=["genie", "zeroq"])
+    s.add_argument("-n", type=int, default=256, help="number of images (default 256)")
+    s.add_argument("--method", default="genie", choices=["genie", "zeroq"], help="Genie-D or ZeroQ's pixels (default genie)")
     s.add_argument("--iters", type=int, default=None, help="iterations per batch (default: the budget's)")
     s.add_argument("--batch-size", type=int, default=None, help="images per optimized batch (default: the budget's)")
-    s.add_argument(
-        "--budget",
-        default="auto",
-        choices=["auto", "gpu", "cpu"],
-        help="defaults for --iters/--batch-size: gpu = the method's published ones (Genie 4000 iterations, "
-        "ZeroQ 500), cpu = 150 iterations per batch of 128; auto (default): by the device, as quantize does",
-    )
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--budget", default="auto", choices=["auto", "gpu", "cpu"], help="defaults for --iters/--batch-size: gpu = the method's published ones, cpu = ours for a CPU, auto = by the device (default auto)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default auto)")
     s.add_argument("--out", required=True, help="output file (.safetensors); a PNG grid is written beside it")
 
     x = sub.add_parser("export", help="export a saved quantized model to ONNX with QuantizeLinear/DequantizeLinear nodes (int8 or packed int4 weight codes)")
     x.add_argument("file", help="a .safetensors file written by `dfquant quantize --out`")
     x.add_argument("--out", required=True, help="output file (.onnx)")
-    x.add_argument(
-        "--check",
-        type=int,
-        default=16,
-        metavar="N",
-        help="run the file with onnxruntime on N random inputs and compare with dfquant's model (default 16; 0: no check)",
-    )
+    x.add_argument("--check", type=int, default=16, metavar="N", help="run the file with onnxruntime on N random inputs and compare with dfquant's model (default 16; 0: no check)")
     _add_int4_option(x)
     x.add_argument("--json", action="store_true", help="print one JSON object with the export summary")
 
     sub.add_parser("list", help="list models and methods")
     return parser
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: the library names API parameters, the command line its flags
+# --------------------------------------------------------------------------------------------
+
+
+def _param_flags() -> Dict[str, str]:
+    from .config import QuantConfig
+    from .genie import GenieConfig
+
+    flags = {f.name: flag_of(f) for cls in (QuantConfig, GenieConfig) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    flags.update(synthetic="--synthetic", save_synthetic="--save-synthetic", seed="--seed", iters="--iters", n="-n")
+    return flags
+
+
+def cli_message(message: str, param: Any = None) -> str:
+    """A library message with its API parameter names replaced by the flags that set them.
+
+    ``name=value`` is always a parameter, and so is a name with an underscore; a plain word
+    (``skip``, ``seed``) only where the error says it is about that parameter (``param``)."""
+    flags = _param_flags()
+    about = {param} if isinstance(param, str) else set(param or ())
+    for name, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
+        message = re.sub(rf"\b{name}=None\b", f"{flag} none", message)
+        message = re.sub(rf"(?<![\w-]){name}='?([\w.-]+)'?", rf"{flag} \1", message)
+        if "_" in name or name in about:
+            message = re.sub(rf"(?<![\w-]){name}\b", flag, message)
+    return message
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+
+def _check_output(path: Optional[str], flag: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    import os
+
+    from .io.files import check_writable
+
+    if path is None:
+        return
+    if not path.strip():
+        raise DfquantError(f"{flag} needs a file name, got an empty one")
+    if path.endswith(("/", os.sep)):
+        raise DfquantError(f"{flag} {path}: that is a folder; give a file name (in it, if you like)")
+    check_writable(path, flag)
 
 
 def _load_model(args) -> Any:
@@ -236,7 +240,7 @@ def _load_model(args) -> Any:
         return digits_model(progress=args.progress_on)
     if args.random_init:  # drawn from the command's seed: the same command, the same model
         with torch.random.fork_rng():
-            torch.manual_seed(getattr(args, "seed", 0))
+            torch.manual_seed(args.seed)
             return create_model(args.model)
     weights = args.weights
     if weights is None and args.model in CIFAR_RESNET_WEIGHTS:
@@ -271,67 +275,44 @@ def _eval_data(args, dataset: str, num_classes: "int | None" = None):
     return data
 
 
-# quantize flags that only the learned methods use (dest -> flag, value when not given); --device
-# and --seed are left out: they do not change what a rounding method (deterministic, instant) makes
-LEARNED_FLAGS = {
-    "init": ("--init", None),
-    "samples": ("--samples", None),
-    "distill_iters": ("--distill-iters", None),
-    "recon_iters": ("--recon-iters", None),
-    "lr_round": ("--lr-round", None),
-    "act_calib": ("--act-calib", None),
-    "save_synthetic": ("--save-synthetic", None),
-    "synthetic": ("--synthetic", None),
-}
-
-
-def _refuse_learned_flags(args) -> None:
-    """A rounding method would ignore these flags: refuse them rather than quietly drop them."""
-    from .api import LEARNED_METHODS
-
-    given = [flag for dest, (flag, unset) in LEARNED_FLAGS.items() if getattr(args, dest) != unset]
-    if given:
-        verb = "apply" if len(given) > 1 else "applies"
-        raise DfquantError(f"{', '.join(given)} {verb} only to --method {' or '.join(LEARNED_METHODS)}, not to {args.method} (it uses no data and no training)")
-
-
-def _genie_options(args) -> Dict[str, Any]:
-    opts: Dict[str, Any] = {}
-    if args.init is not None:
-        opts["init"] = args.init
-    for key in ("samples", "distill_iters", "recon_iters", "lr_round", "act_calib", "save_synthetic"):
-        if getattr(args, key) is not None:
-            opts[key] = getattr(args, key)
-    if args.synthetic:
-        from .synthesis import images_metadata
-
-        for path in args.synthetic:
-            made_for = images_metadata(path).get("model")
-            if made_for and made_for != args.model:
-                print(f"dfquant: note: {path} was synthesized from {made_for}, not {args.model}", file=sys.stderr)
-        opts["synthetic"] = list(args.synthetic)
-    opts["device"] = args.device
-    opts["seed"] = args.seed
-    return opts
-
-
-def cmd_quantize(args) -> int:
-    import dfquant
-    from .api import LEARNED_METHODS
+def _quantize_options(args, spec) -> Dict[str, Any]:
+    """The flags given, as ``dfquant.quantize`` keyword options (config fields and data)."""
+    from .config import LEARNED_METHODS, QUANT_FIELDS
     from .data import input_range
-    from .models import model_spec
-    from .serialization import save_quantized
+    from .genie.config import GENIE_FIELDS
 
-    if (args.no_kernel or args.no_channel) and args.method != "squant":
-        raise DfquantError(f"--no-kernel/--no-channel switch the levels of --method squant only, not of {args.method} (squant-e, squant-k and squant-c are methods of their own)")
-    if args.method not in LEARNED_METHODS:
-        _refuse_learned_flags(args)
-    else:
-        given = [flag for flag, on in (("--cle", args.cle), ("--bias-correction", args.bias_correction)) if on]
-        if given:
-            raise DfquantError(f"{', '.join(given)} {'are DFQ steps' if len(given) > 1 else 'is a DFQ step'} for the rounding methods, not for --method {args.method}")
-    if args.onnx:  # refused before any work is done
-        from .export import require_onnx, check_output_path
+    options = {k: getattr(args, k) for k in QUANT_FIELDS + GENIE_FIELDS if hasattr(args, k) and k != "seed"}
+    if options.get("skip") is not None:
+        options["skip"] = tuple(options["skip"])
+    if options.get("quantize_first_input"):
+        options["input_range"] = input_range(spec.dataset)
+    if options.get("method", "squant") in LEARNED_METHODS:
+        options["seed"] = args.seed
+    if args.synthetic:
+        options["synthetic"] = list(args.synthetic)
+        _note_foreign_images(args.synthetic, args.model)
+    if args.save_synthetic is not None:
+        options["save_synthetic"] = args.save_synthetic
+    return options
+
+
+def _note_foreign_images(paths, model_name: str) -> None:
+    """A note for image files made from another model (allowed: a deliberate experiment)."""
+    from .io.images import images_metadata
+
+    for path in paths:
+        try:
+            made_for = images_metadata(path).get("model")
+        except DfquantError:
+            return  # the library names what is wrong with the file (or with the options) first
+        if made_for and made_for != model_name:
+            print(f"dfquant: note: {path} was synthesized from {made_for}, not {model_name}", file=sys.stderr)
+
+
+def _check_quantize_outputs(args) -> None:
+    """Outputs are checked before any work (a typo must not cost minutes of synthesis)."""
+    if args.onnx:
+        from .io.export import check_output_path, require_onnx
 
         require_onnx()
         check_output_path(args.onnx)
@@ -342,83 +323,59 @@ def cmd_quantize(args) -> int:
     if args.out and args.out.lower().endswith(".onnx"):
         raise DfquantError(f"--out {args.out} writes a .safetensors model and its .json; for an ONNX file give --onnx {args.out}")
     if args.out and args.save_synthetic:
-        from .serialization import model_paths
-        from .synthesis import images_path
+        from .io.images import images_path
+        from .io.serialization import model_paths
 
         if model_paths(args.out)[0].resolve() == images_path(args.save_synthetic).resolve():
             raise DfquantError(f"--out and --save-synthetic both name {model_paths(args.out)[0]}: the model would overwrite the images")
-    seen: Dict[str, int] = {}
-    for layer, bits in args.layer_bits:
-        if layer in seen and seen[layer] != bits:
-            raise DfquantError(f"--layer-bits gives {layer} two bit-widths ({seen[layer]} and {bits}): give one")
-        seen[layer] = bits
-    if args.a_bits is None and not isinstance(args.last_input_bits, _Default):
-        raise DfquantError("--last-input-bits sets the classifier input's bits, but --a-bits none quantizes no input")
-    if args.a_bits is None and getattr(args, "act_calib", None) is not None:
-        raise DfquantError("--act-calib sets where the activation steps start, but --a-bits none quantizes no activation")
-    if args.synthetic and (args.distill_iters is not None):
-        raise DfquantError("--distill-iters sets the synthesis, but --synthetic uses the given images and synthesizes none")
-    if args.method not in LEARNED_METHODS and args.device == "cuda":
-        print(f"dfquant: note: --device applies to genie and zeroq; {args.method} runs on the CPU (it takes well under a second)", file=sys.stderr)
+
+
+def cmd_quantize(args) -> int:
+    import dfquant
+
+    from .models import model_spec
+
+    _check_quantize_outputs(args)
     spec = model_spec(args.model)
+    options = _quantize_options(args, spec)
     model = _load_model(args)
     data = _eval_data(args, spec.dataset, spec.num_classes)
-    options: Dict[str, Any] = dict(
-        squant_kernel=not args.no_kernel,
-        squant_channel=not args.no_channel,
-        fold_bn=args.fold_bn,
-        cle=args.cle,
-        relu6_to_relu=args.relu6_to_relu,
-        int32_bias=args.int32_bias,
-        bias_correction=args.bias_correction,
-        w_range=args.w_range,
-        per_channel=not args.per_tensor,
-        act_range=args.act_range,
-        n_sigma=args.n_sigma,
-        quantize_first_input=args.quantize_first_input,
-        input_range=input_range(spec.dataset) if args.quantize_first_input else None,
-        last_input_bits=int(args.last_input_bits) if args.last_input_bits is not None else None,
-        skip=tuple(args.skip),
-        layer_w_bits=dict(args.layer_bits),
-    )
-    if args.method in LEARNED_METHODS:
-        options.update(_genie_options(args))
-    result: Dict[str, Any] = {"model": args.model, "method": args.method, "w_bits": args.w_bits, "a_bits": args.a_bits}
+    method = options.pop("method", "squant")
+    result: Dict[str, Any] = {"model": args.model, "method": method, "w_bits": options.get("w_bits", 4), "a_bits": options.get("a_bits", 4)}
     if data is not None:
         fp = dfquant.evaluate(model, data, progress=args.progress_on)
         result.update(fp32_top1=fp["top1"], fp32_top5=fp["top5"], n_eval=fp["n"])
     t = time.perf_counter()
-    qmodel, report = dfquant.quantize(model, args.method, args.w_bits, args.a_bits, progress=args.progress_on, **options)
-    result["quant_time_s"] = time.perf_counter() - t
-    result["weight_time_s"] = report.weight_time_s
+    qmodel, report = dfquant.quantize(model, method, progress=args.progress_on, **options)
+    result.update(w_bits=report.w_bits, a_bits=report.a_bits, quant_time_s=time.perf_counter() - t, weight_time_s=report.weight_time_s)
     if data is not None:
         qa = dfquant.evaluate(qmodel, data, progress=args.progress_on)
         result.update(quant_top1=qa["top1"], quant_top5=qa["top5"])
-    result["float_inputs"] = [n for n, _ in report.float_inputs]
-    result["unsupported_layers"] = report.unsupported
-    result["notes"] = report.notes
+    result.update(float_inputs=[n for n, _ in report.float_inputs], unsupported_layers=report.unsupported, notes=report.notes)
     if "genie" in report.config:
         result["genie"] = {k: v for k, v in report.config["genie"].items() if k != "units"}
     if args.out:
-        paths = save_quantized(qmodel, args.out, model_name=args.model, config=report.config, report=report.to_dict())
+        paths = dfquant.save_quantized(qmodel, args.out, model_name=args.model, config=report.config, report=report.to_dict())
         result["out"] = str(paths[0])
     if args.onnx:
         result["onnx"] = _export(qmodel, args.onnx, 16, {"model_name": args.model, "config": report.config}, args.int4_weights)
         if data is not None:  # what the deployed file scores, beside the fake-quant figure
-            from .export import OnnxRuntimeModel
-
-            result["onnx_top1"] = dfquant.evaluate(OnnxRuntimeModel(args.onnx, threads=args.threads), data, progress=args.progress_on)["top1"]
+            result["onnx_top1"] = dfquant.evaluate(dfquant.OnnxRuntimeModel(args.onnx, threads=args.threads), data, progress=args.progress_on)["top1"]
     if args.json:
         if args.report:  # the per-layer report, in the one JSON object
             result["report"] = report.to_dict()
         print(json.dumps(result, default=str))
         return 0
+    _print_quantize(args, result, report)
+    return 0
+
+
+def _print_quantize(args, result: Dict[str, Any], report) -> None:
     if args.report:
         print(report.format_table())
         print()
-    bits = f"W{args.w_bits}A{args.a_bits if args.a_bits else 'fp'}"
-    print(f"{args.model} {args.method} {bits}: quantized in {result['quant_time_s']:.2f} s (weight rounding {report.weight_time_s * 1000:.1f} ms)")
-    if data is not None:
+    print(f"{args.model} {result['method']} {_bits_label(result)}: quantized in {result['quant_time_s']:.2f} s (weight rounding {report.weight_time_s * 1000:.1f} ms)")
+    if "quant_top1" in result:
         print(f"  FP32 top-1 {result['fp32_top1']:.2f} %   quantized top-1 {result['quant_top1']:.2f} %   ({result['n_eval']} images)")
     if report.float_inputs:
         print(f"  inputs left in float: {', '.join(n for n, _ in report.float_inputs)} (see --report)")
@@ -432,12 +389,11 @@ def cmd_quantize(args) -> int:
         if detail:
             print(f"  ({len(detail)} more lines of notes: see --report)")
     if args.out:
-        print(f"  saved {paths[0]} and {paths[1]}")
+        print(f"  saved {result['out']} and its .json")
     if args.onnx:
         _print_export(result["onnx"], indent="  ")
         if "onnx_top1" in result:
             print(f"  the ONNX file run by onnxruntime: top-1 {result['onnx_top1']:.2f} %")
-    return 0
 
 
 def _bits_label(cfg: Dict[str, Any]) -> str:
@@ -448,17 +404,15 @@ def _bits_label(cfg: Dict[str, Any]) -> str:
 
 def cmd_evaluate(args) -> int:
     import dfquant
+
     from .models import model_spec
-    from .serialization import load_quantized
 
     if args.file:
         given = [flag for flag, on in (("--weights", args.weights is not None), ("--random-init", args.random_init)) if on]
         if given:
             raise DfquantError(f"{' and '.join(given)} {'load' if len(given) > 1 else 'loads'} a float model; {args.file} is evaluated as saved")
     if args.file and args.file.lower().endswith(".onnx"):
-        from .export import OnnxRuntimeModel
-
-        qmodel = OnnxRuntimeModel(args.file, threads=args.threads)
+        qmodel = dfquant.OnnxRuntimeModel(args.file, threads=args.threads)
         info = qmodel.metadata
         saved_name = info.get("model_name")
         if saved_name and args.model and args.model != saved_name:
@@ -471,7 +425,7 @@ def cmd_evaluate(args) -> int:
         how = f"{cfg.get('method')} {_bits_label(cfg)}, " if cfg.get("method") else ""
         what = f"{args.file} ({name or 'no model name'}, {how}run by onnxruntime)"
     elif args.file:
-        qmodel, info = load_quantized(args.file)
+        qmodel, info = dfquant.load_quantized(args.file)
         name = info.get("model_name")
         if args.model and args.model != name:
             raise DfquantError(f"{args.file} holds {name or 'a model outside the registry'}; --model {args.model} does not apply to it")
@@ -497,49 +451,34 @@ def cmd_evaluate(args) -> int:
 
 def cmd_synthesize(args) -> int:
     from .data import input_normalization
+    from .devices import resolve_device
+    from .genie import GenieConfig, synthesize
+    from .io.images import grid_path, images_path, save_image_grid, save_images
     from .models import model_spec
-    from .synthesis import grid_path, images_path, save_image_grid, save_images, synthesize
 
     _check_output(args.out, "--out")
     out, png = images_path(args.out), grid_path(args.out)  # names with dots (seed0.5) keep their tail
-    from .devices import resolve_device
-    from .synthesis import CPU_BUDGET
-
     model = _load_model(args)
-    budget = args.budget if args.budget != "auto" else ("gpu" if resolve_device(args.device).type == "cuda" else "cpu")
-    kw: Dict[str, Any] = dict(CPU_BUDGET) if budget == "cpu" else {}
-    if args.iters is not None:
-        kw["iters"] = args.iters
-    if args.batch_size is not None:
-        kw["batch_size"] = args.batch_size
+    dev = resolve_device(args.device)
+    cfg = GenieConfig(budget=args.budget, device=args.device, seed=args.seed, distill_iters=args.iters, distill_batch=args.batch_size)
+    resolved = cfg.resolve(dev.type, args.method)
     t = time.perf_counter()
-    images = synthesize(model, args.n, method=args.method, device=args.device, seed=args.seed, progress=args.progress_on, **kw)
+    images = synthesize(model, args.n, cfg, method=args.method, progress=args.progress_on)
     dt = time.perf_counter() - t
     # no wall time in the file: the same seed gives the same bytes
-    meta = {"model": args.model, "method": args.method, "seed": args.seed, "budget": budget}
-    meta.update(kw)
+    meta = {"model": args.model, "method": args.method, "seed": args.seed, "budget": resolved.budget, "iters": resolved.distill_iters, "batch_size": resolved.distill_batch}
     save_images(images, out, metadata=meta)
     mean, std = input_normalization(model_spec(args.model).dataset)  # so the grid shows the images' colours
     save_image_grid(images, png, mean=mean, std=std)
-    steps = f"{kw['iters']} iterations per batch" if "iters" in kw else f"the {args.method} default iterations"
-    print(f"wrote {len(images)} images to {out} and a grid of the first {min(64, len(images))} to {png} ({dt:.1f} s; {budget} budget, {steps})")
+    print(f"wrote {len(images)} images to {out} and a grid of the first {min(64, len(images))} to {png} ({dt:.1f} s; {resolved.budget} budget, {resolved.distill_iters} iterations per batch)")
     return 0
-
-
-def _add_int4_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--int4-weights",
-        action="store_true",
-        help="store the ONNX weights of 2-4 bit layers packed as INT4 (opset 21, half the size); onnxruntime then "
-        "runs those layers in float on the dequantized weights instead of its int8 kernels",
-    )
 
 
 def _export(qmodel, out: str, check: int, metadata: Dict[str, Any], int4_weights: bool = False) -> Dict[str, Any]:
     """Export to ONNX and (check > 0) compare onnxruntime's outputs with the model's on random inputs."""
     import torch
 
-    from .export import check_onnx, export_onnx
+    from .io.export import check_onnx, export_onnx
 
     summary = export_onnx(qmodel, out, metadata=metadata, int4_weights=int4_weights)
     if int4_weights and not summary["int4_weights"]:
@@ -572,14 +511,14 @@ def _print_export(summary: Dict[str, Any], indent: str = "") -> None:
 
 
 def cmd_export(args) -> int:
-    from .serialization import load_quantized
+    import dfquant
+
+    from .io.export import check_output_path
 
     if args.check < 0:
         raise DfquantError(f"--check must be 0 or more, got {args.check}")
-    from .export import check_output_path
-
     check_output_path(args.out)  # before loading and exporting
-    qmodel, info = load_quantized(args.file)
+    qmodel, info = dfquant.load_quantized(args.file)
     summary = _export(qmodel, args.out, args.check, {"model_name": info.get("model_name"), "config": info.get("config", {})}, args.int4_weights)
     if args.json:
         print(json.dumps(summary))
@@ -589,7 +528,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .api import METHODS
+    from .config import METHODS
     from .models import list_models, model_spec
 
     print("models:")
@@ -608,21 +547,21 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.progress_on = (args.progress or sys.stderr.isatty()) and not args.no_progress
-    if args.threads is not None:
-        if args.threads < 1:
-            print("dfquant: error: --threads must be at least 1", file=sys.stderr)
-            return 2
-        import torch
-
-        torch.set_num_threads(args.threads)
-    handlers = {"quantize": cmd_quantize, "evaluate": cmd_evaluate, "synthesize": cmd_synthesize, "list": cmd_list, "demo": cmd_demo, "export": cmd_export}
     try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help, or a parse error already printed in one line
+            return int(exc.code or 0)
+        args.progress_on = (args.progress or sys.stderr.isatty()) and not args.no_progress
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        handlers = {"quantize": cmd_quantize, "evaluate": cmd_evaluate, "synthesize": cmd_synthesize, "list": cmd_list, "demo": cmd_demo, "export": cmd_export}
         return handlers[args.command](args)
     except DfquantError as exc:
-        print(f"dfquant: error: {exc}", file=sys.stderr)
+        print(f"dfquant: error: {cli_message(str(exc), exc.param)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a write that failed after the checks (disk full, permissions changed)
         print(f"dfquant: error: {exc}", file=sys.stderr)

@@ -1,15 +1,16 @@
 """The one exception type dfquant raises for bad input, so the CLI can print one clear line."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Tuple, Union
 
 
 class DfquantError(ValueError):
     """Bad input or an unsupported request: the message names the problem and what to do.
 
-    ``param`` names the API parameter at fault, when there is one (the CLI names its flag)."""
+    ``param`` names the API parameter (or a tuple of them) at fault, when there is one (the CLI
+    names its flag instead)."""
 
-    def __init__(self, message: str, param: Optional[str] = None):
+    def __init__(self, message: str, param: Union[str, Tuple[str, ...], None] = None):
         super().__init__(message)
         self.param = param
 

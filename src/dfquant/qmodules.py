@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quantizer import QParams, code_dtype, from_grid, params_from_range, qrange
+from .quantizer import QParams, code_dtype, fake_quant, from_grid, params_from_range, qrange
 
 
 class ActQuantizer(nn.Module):
@@ -35,9 +35,7 @@ class ActQuantizer(nn.Module):
         return float((qmin - self.zero_point) * self.scale), float((qmax - self.zero_point) * self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qmin, qmax = qrange(self.bits, False)
-        q = torch.clamp(torch.round(x / self.scale) + self.zero_point, qmin, qmax)
-        return (q - self.zero_point) * self.scale
+        return fake_quant(x, self.scale, self.zero_point, *qrange(self.bits, False))
 
     def extra_repr(self) -> str:
         lo, hi = self.range

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Iterable, Tuple
 
 import torch
 
@@ -80,34 +80,40 @@ def minmax_params(w: torch.Tensor, bits: int, per_channel: bool = True, signed: 
 LP_NORM = 2.4
 
 
-def lp_params(
-    w: torch.Tensor, bits: int, per_channel: bool = True, signed: bool = True, p: float = LP_NORM, steps: int = 100
-) -> QParams:
-    """Scale/zero point of the clipped range minimising the mean ``|w - Q(w)|^p`` (per output channel).
+def lp_search(flat: torch.Tensor, candidates: Iterable[Tuple[torch.Tensor, torch.Tensor]], bits: int, signed: bool, p: float = LP_NORM):
+    """Per row of ``flat`` (R, N), the candidate range ``(lo, hi)`` (each of shape (R,)) minimising
+    the mean ``|x - Q(x)|^p``; the first candidate wins ties. Returns ``(lo, hi)``, each (R,).
 
-    The candidates are ``[r * min, r * max]`` for ``r = 1, 1 - 1/steps, ..., 1/steps``, the search
-    of BRECQ (Li et al., ICLR 2021) that Genie's release uses to start its weight step sizes
-    (``init_scale``, p = 2.4, 100 ratios). At low bit-widths it clips outliers that a min/max grid
-    spends most of its levels on. Vectorized over channels; the loop runs over the ``steps`` ratios.
+    With candidates ``[r * min, r * max]`` for ``r = 1, 0.99, ..., 0.01`` this is the clipping search of
+    BRECQ (Li et al., ICLR 2021) that Genie's release uses to start its weight and activation step
+    sizes (``init_scale``, p = 2.4): at low bit-widths it clips outliers that a min/max grid spends
+    most of its levels on. Vectorized over rows; the loop runs over the candidates.
     """
+    qmin, qmax = qrange(bits, signed)
+    best = best_lo = best_hi = None
+    for lo, hi in candidates:
+        qp = params_from_range(lo, hi, bits, signed)
+        s, z = qp.scale.unsqueeze(1), qp.zero_point.unsqueeze(1)
+        err = ((torch.clamp(torch.round(flat / s) + z, qmin, qmax) - z) * s - flat).abs_().pow_(p).mean(dim=1)
+        if best is None:
+            best, best_lo, best_hi = err, lo.clone(), hi.clone()
+            continue
+        better = err < best
+        best = torch.where(better, err, best)
+        best_lo = torch.where(better, lo, best_lo)
+        best_hi = torch.where(better, hi, best_hi)
+    return best_lo, best_hi
+
+
+def lp_params(w: torch.Tensor, bits: int, per_channel: bool = True, signed: bool = True, p: float = LP_NORM, steps: int = 100) -> QParams:
+    """Weight grid of the :func:`lp_search` range over ``[r * min, r * max]``, per output channel (or per tensor)."""
     w = w.detach().float()
     flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
     lo0, hi0 = flat.min(dim=1).values, flat.max(dim=1).values
-    qmin, qmax = qrange(bits, signed)
-    best = torch.full_like(lo0, math.inf)
-    best_lo, best_hi = lo0.clone(), hi0.clone()
-    for i in range(steps):
-        r = 1.0 - i / steps
-        qp = params_from_range(lo0 * r, hi0 * r, bits, signed)
-        s, z = qp.scale.unsqueeze(1), qp.zero_point.unsqueeze(1)
-        err = ((torch.clamp(torch.round(flat / s) + z, qmin, qmax) - z) * s - flat).abs_().pow_(p).mean(dim=1)
-        better = err < best
-        best = torch.where(better, err, best)
-        best_lo = torch.where(better, lo0 * r, best_lo)
-        best_hi = torch.where(better, hi0 * r, best_hi)
+    lo, hi = lp_search(flat, ((lo0 * (1.0 - i / steps), hi0 * (1.0 - i / steps)) for i in range(steps)), bits, signed, p)
     if not per_channel:
-        best_lo, best_hi = best_lo[0], best_hi[0]
-    return params_from_range(best_lo, best_hi, bits, signed)
+        lo, hi = lo[0], hi[0]
+    return params_from_range(lo, hi, bits, signed)
 
 
 #: How a weight's grid is chosen: "minmax" (the SQuant protocol) or "lp" (clipping search).
@@ -144,11 +150,14 @@ def quantize_tensor(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     return rtn_round(to_grid(x, qp), qp.qmin, qp.qmax)
 
 
-def fake_quant(x: torch.Tensor, qp: QParams) -> torch.Tensor:
-    """Quantize-dequantize with a straight-through gradient for the rounding (for learned methods)."""
-    g = to_grid(x, qp)
-    q = torch.clamp(g + (torch.round(g) - g).detach(), qp.qmin, qp.qmax)
-    return from_grid(q, qp)
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, ste: bool = False) -> torch.Tensor:
+    """Quantize-dequantize ``x``: ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``.
+
+    The activation quantizer of every dfquant layer; with ``ste`` the rounding passes gradients
+    straight through (the learned methods' LSQ steps)."""
+    g = x / scale
+    r = g + (torch.round(g) - g).detach() if ste else torch.round(g)
+    return (torch.clamp(r + zero_point, qmin, qmax) - zero_point) * scale
 
 
 def code_dtype(bits: int, signed: bool) -> torch.dtype:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..assets import cache_dir
-from ..files import atomic_write
+from ..io.files import atomic_write
 
 Split = Tuple[torch.Tensor, torch.Tensor]
 # pixels (0..16) / 16, then normalised with this mean and std: the model's input lies in [-1, 1]

@@ -28,12 +28,12 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .errors import DfquantError
+from ..errors import DfquantError
+from ..graph import replace_module
+from ..modelcheck import check_plain_module, copy_model, non_finite
+from ..qmodules import ActQuantizer, QuantConv2d, QuantLinear
+from ..quantizer import QParams, qrange
 from .files import atomic_write_all, check_writable
-from .graph import replace_module
-from .modelcheck import check_plain_module, copy_model, non_finite
-from .qmodules import ActQuantizer, QuantConv2d, QuantLinear
-from .quantizer import QParams, qrange
 
 FORMAT = "dfquant-quantized-v1"
 
@@ -137,7 +137,7 @@ def _without_timings(value: Any) -> Any:
 
 def _check_fits_registry(qmodel: nn.Module, model_name: str, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
     """Refuse to save under ``model_name`` a model that the registry's architecture cannot load."""
-    from .models import create_model
+    from ..models import create_model
 
     if not isinstance(model_name, str):
         raise DfquantError(f"model_name must be a registry model name (a string), got {model_name!r}")
@@ -330,7 +330,7 @@ def _rebuild(info: Dict[str, Any], model: nn.Module, state: Dict[str, torch.Tens
 
 def _state_mismatch(expected: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> str:
     """The keys of ``state`` that ``expected`` lacks, wants, or shapes or types differently ('' if none)."""
-    from .models.weights import describe_state_mismatch
+    from ..models.weights import describe_state_mismatch
 
     codes = [  # int8 codes copied into an int8 buffer unchanged; a float or wider type would not be
         f"{k} ({str(state[k].dtype).replace('torch.', '')}, expected {str(expected[k].dtype).replace('torch.', '')})"
@@ -399,7 +399,7 @@ def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tup
             raise DfquantError(
                 f"{path} was saved from a model outside the registry: load it in Python with dfquant.load_quantized(path, model=<the float model>)"
             )
-        from .models import create_model
+        from ..models import create_model
 
         try:
             model = create_model(info["model_name"], num_classes=info.get("num_classes"))

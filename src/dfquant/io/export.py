@@ -50,11 +50,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import DfquantError
+from ..errors import DfquantError
+from ..graph import replace_module
+from ..qmodules import ActQuantizer, QuantConv2d, QuantLinear, _QuantWeightLayer
+from ..quantizer import qrange
 from .files import atomic_write, check_writable
-from .graph import replace_module
-from .qmodules import ActQuantizer, QuantConv2d, QuantLinear, _QuantWeightLayer
-from .quantizer import qrange
 
 #: ONNX opset of the exported graph (per-axis DequantizeLinear needs >= 13).
 OPSET = 18

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence, Tuple
 
-from .errors import DfquantError
+from ..errors import DfquantError
 
 Writer = Callable[[Path], object]
 

@@ -1,0 +1,121 @@
+"""The settings of one quantization run, :class:`QuantConfig`, validated once and saved with the model.
+
+Every method's own settings live beside it (Genie's in :class:`dfquant.genie.GenieConfig`); this
+config holds what all methods share: bits, grids, which inputs are quantized and how their ranges
+are set (the paper protocols' choices are the defaults), the DFQ steps. ``validate()`` returns the
+config with its defaults resolved; errors name the parameter (the CLI names its flag instead).
+:data:`CONFIG_VERSION` is saved with every model; files without it (version 1) load unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from .checks import check_bits, check_bool, check_choice, check_float, check_range, fail, option
+
+#: Version of the saved config's layout (1: before it carried a version).
+CONFIG_VERSION = 2
+
+#: Methods that decide each weight's rounding from the weight alone (no data, no training).
+ROUNDING_METHODS = ("rtn", "squant-e", "squant-k", "squant-c", "squant")
+#: Methods that start from a rounding and then learn on synthetic images (dfquant.genie).
+LEARNED_METHODS = ("genie", "zeroq")
+METHODS = ROUNDING_METHODS + LEARNED_METHODS
+
+WEIGHT_RANGES = ("minmax", "lp")
+ACT_RANGES = ("dfq", "mse")
+INITS = ("rtn", "squant")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Every setting a quantization run shares across methods (saved with the model)."""
+
+    method: str = option("squant", "quantization method", choices=METHODS)
+    w_bits: int = option(4, "weight bit-width, 2..8")
+    a_bits: Optional[int] = option(4, "activation bit-width 2..8, or none for weight-only")
+    squant_kernel: bool = option(True, "SQuant's kernel (K) level (--no-kernel: off)", flag="--no-kernel")
+    squant_channel: bool = option(True, "SQuant's output-channel (C) level (--no-channel: off)", flag="--no-channel")
+    fold_bn: bool = option(False, "fold BatchNorm into the preceding conv before quantizing (SQuant's protocol keeps it)")
+    act_range: str = option("dfq", "BN-statistics activation range rule: dfq (beta + n*gamma) or mse", choices=ACT_RANGES)
+    n_sigma: Optional[float] = option(None, "dfq rule: n in beta + n*gamma (default per bit-width)")
+    quantize_first_input: bool = option(False, "also quantize the image input (its range from the model's input scaling of valid pixels)")
+    first_input_bits: int = option(8, "bits of the image input when it is quantized", cli=False)
+    input_range: Optional[Tuple[float, float]] = option(None, "the image input's range (lo, hi), needed to quantize it", cli=False)
+    last_input_bits: Optional[int] = option(8, "bits of the classifier's input (none: the same as a_bits)")
+    first_last_w_bits: Optional[int] = option(None, "weight bits of the first and last layers (none: w_bits)", cli=False)
+    layer_w_bits: Dict[str, int] = option({}, "weight bit-width of single layers by name, overriding w_bits", flag="--layer-bits")
+    per_channel: bool = option(True, "one weight scale per output channel (--per-tensor: one per layer, DFQ's protocol)", flag="--per-tensor")
+    w_range: Optional[str] = option(None, "weight grid: minmax (SQuant's) or lp (Genie's clipping search); default lp for genie/zeroq", choices=WEIGHT_RANGES)
+    skip: Tuple[str, ...] = option((), "layers to leave in float")
+    init: str = option("rtn", "learned methods: the rounding they start from", choices=INITS)
+    cle: bool = option(False, "DFQ cross-layer range equalization of the float model first (rounding methods)")
+    bias_correction: bool = option(False, "DFQ analytic bias correction from BN statistics (rounding methods)")
+    relu6_to_relu: bool = option(False, "replace ReLU6 by ReLU first, as DFQ does for MobileNetV2 (changes the float model)")
+    int32_bias: bool = option(False, "round biases to the int32 accumulator grid integer kernels use (the evaluated model is the deployed one)")
+
+    def validate(self) -> "QuantConfig":
+        """This config with its defaults resolved, or a :class:`DfquantError` naming the bad parameter."""
+        check_choice(self.method, "method", METHODS)
+        check_bits(self.w_bits, "w_bits")
+        if self.a_bits is not None:
+            check_bits(self.a_bits, "a_bits")
+        for name in ("first_input_bits", "last_input_bits", "first_last_w_bits"):
+            if getattr(self, name) is not None:
+                check_bits(getattr(self, name), name)
+        for name in ("squant_kernel", "squant_channel", "fold_bn", "quantize_first_input", "per_channel", "cle", "bias_correction", "relu6_to_relu", "int32_bias"):
+            check_bool(getattr(self, name), name)
+        if isinstance(self.skip, str):
+            raise fail("skip", f"skip must be a list of layer names, got the string {self.skip!r} (write skip=({self.skip!r},))")
+        if self.n_sigma is not None:
+            check_float(self.n_sigma, "n_sigma", 0.0, lo_open=True)
+        rng = check_range(self.input_range, "input_range") if self.input_range is not None else None
+        if not isinstance(self.layer_w_bits, dict):
+            raise fail("layer_w_bits", f"layer_w_bits must map layer names to bit-widths, got {type(self.layer_w_bits).__name__}")
+        for layer, bits in self.layer_w_bits.items():
+            check_bits(bits, f"the weight bit-width of layer {layer!r}")
+        check_choice(self.act_range, "act_range", ACT_RANGES)
+        w_range = self.w_range if self.w_range is not None else ("lp" if self.method in LEARNED_METHODS else "minmax")
+        check_choice(w_range, "w_range", WEIGHT_RANGES)
+        check_choice(self.init, "init", INITS)
+        self._check_combinations()
+        return dataclasses.replace(self, w_range=w_range, skip=tuple(self.skip), layer_w_bits=dict(self.layer_w_bits), input_range=rng)
+
+    def _check_combinations(self) -> None:
+        """Settings a method would silently ignore are refused: the model would not be the one asked for."""
+        for name in ("cle", "bias_correction", "relu6_to_relu"):
+            if getattr(self, name) and self.method in LEARNED_METHODS:
+                raise fail(name, f"{name} is a DFQ step for the rounding methods ({', '.join(ROUNDING_METHODS)}), not for {self.method!r}")
+        if self.init != "rtn" and self.method not in LEARNED_METHODS:
+            raise fail("init", f"init={self.init!r} applies to the learned methods ({', '.join(LEARNED_METHODS)}) only, not to {self.method!r}")
+        if self.a_bits is None:
+            for name, unset in (("n_sigma", None), ("act_range", "dfq"), ("quantize_first_input", False), ("input_range", None)):
+                if getattr(self, name) != unset:
+                    raise fail(name, f"{name} sets how activations are quantized, but a_bits=None quantizes none (weight-only)")
+        if self.n_sigma is not None and self.act_range != "dfq":
+            raise fail("n_sigma", f"n_sigma is the n of the dfq range rule (beta + n*gamma); act_range={self.act_range!r} does not use it")
+        if self.input_range is not None and not self.quantize_first_input:
+            raise fail("input_range", "input_range is the image's range for quantize_first_input=True; the image input stays float otherwise")
+        if not (self.squant_kernel and self.squant_channel) and self.method != "squant":
+            raise fail(
+                "squant_kernel",
+                f"squant_kernel/squant_channel switch SQuant's levels of method 'squant' only, not of {self.method!r} "
+                "(the levels have their own methods: squant-e, squant-k, squant-c)",
+            )
+
+    @property
+    def rounding(self) -> str:
+        """The rounding method that sets the codes (for a learned method: its start)."""
+        if self.method in ROUNDING_METHODS:
+            if self.method == "squant" and not (self.squant_kernel and self.squant_channel):
+                return {(True, False): "squant-k", (False, True): "squant-c", (False, False): "squant-e"}[(self.squant_kernel, self.squant_channel)]
+            return self.method
+        return self.init
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The saved form: every field and the layout's version."""
+        return dict({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, config_version=CONFIG_VERSION)
+
+
+QUANT_FIELDS = tuple(f.name for f in dataclasses.fields(QuantConfig))
