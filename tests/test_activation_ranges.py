@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import dfquant
 from dfquant.activation_ranges import ChannelStats, DFQ_N_SIGMA, expected_quant_mse, propagate_bn_stats, stats_range
@@ -147,3 +148,99 @@ def test_a_sum_of_relu_outputs_keeps_its_zero_floor_but_not_false_moments(with_b
     assert torch.allclose(st.moments()[0], ma + mb)  # the mean bias correction uses is the sum's
     for rule in ("dfq", "mse"):
         assert stats_range(st, 4, rule)[0] == 0.0
+
+
+# (spelling of a classifier head, function of (module, feature map) giving the Linear's input)
+GLOBAL_HEADS = {
+    "AdaptiveAvgPool2d(1) -> nn.Flatten()": lambda m, x: m.flatten(m.avg1(x)),
+    "AdaptiveAvgPool2d((1, 1)) -> torch.flatten(x, 1)": lambda m, x: torch.flatten(m.avg11(x), 1),
+    "F.adaptive_avg_pool2d(x, 1) -> x.view(x.size(0), -1)": lambda m, x: (lambda p: p.view(p.size(0), -1))(F.adaptive_avg_pool2d(x, 1)),
+    "x.mean((2, 3))": lambda m, x: x.mean((2, 3)),
+    "x.mean([-1, -2], keepdim=True) -> x.reshape(x.shape[0], -1)": lambda m, x: (lambda p: p.reshape(p.shape[0], -1))(x.mean([-1, -2], keepdim=True)),
+    "AdaptiveMaxPool2d(1) -> x.flatten(1)": lambda m, x: m.max1(x).flatten(1),
+    "F.adaptive_max_pool2d(x, 1) -> x.reshape(x.size()[0], 8)": lambda m, x: (lambda p: p.reshape(p.size()[0], 8))(F.adaptive_max_pool2d(x, 1)),
+    "F.adaptive_avg_pool2d(x, (1, 1)) -> x.view(-1, 8)": lambda m, x: F.adaptive_avg_pool2d(x, (1, 1)).view(-1, 8),
+}
+
+
+class Head(nn.Module):
+    """conv -> BN -> ReLU, then the head ``spelling`` and a Linear of ``features`` inputs."""
+
+    def __init__(self, spelling, features=8):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.avg1, self.avg11, self.max1 = nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d((1, 1)), nn.AdaptiveMaxPool2d(1)
+        self.avg2, self.pool2, self.pool8, self.flatten = nn.AdaptiveAvgPool2d(2), nn.AvgPool2d(2), nn.AvgPool2d(8), nn.Flatten()
+        self.spelling = spelling
+        self.fc = nn.Linear(features, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc((GLOBAL_HEADS | LOCAL_HEADS)[self.spelling](self, x))
+
+
+def _fc_input(model, **options):
+    q, report = dfquant.quantize(model, "squant", 4, 4, **options)
+    return q.fc.input_quant, dict(report.float_inputs).get("fc", ""), {l.name: l.a_range for l in report.layers}["fc"]
+
+
+@pytest.mark.parametrize("spelling", list(GLOBAL_HEADS))
+def test_a_global_pooling_head_keeps_the_classifier_range_without_input_size(spelling, with_bn_stats):
+    m = with_bn_stats(Head(spelling))
+    act, why, a_range = _fc_input(m)
+    assert act is not None and why == "", why
+    ref, _, ref_range = _fc_input(m, input_size=(3, 8, 8))
+    assert act.bits == 8 and a_range == ref_range and a_range[1] > 0
+    assert torch.equal(act.scale, ref.scale) and torch.equal(act.zero_point, ref.zero_point)
+
+
+def test_a_torchvision_resnet18_head_gets_its_8_bit_range_without_input_size(with_bn_stats):
+    from dfquant.models.imagenet import resnet18
+
+    m = with_bn_stats(resnet18(num_classes=10))
+    assert getattr(m, "input_size", None) is None  # no size to fall back on
+    act, why, a_range = _fc_input(m)
+    assert act is not None and why == "", why
+    ref, _, ref_range = _fc_input(m, input_size=(3, 32, 32))  # a 1x1 pool: any input size gives the same
+    assert act.bits == 8 and a_range == ref_range and torch.equal(act.scale, ref.scale)
+
+
+# heads whose flattened features are channels at several positions: (spelling, Linear features at 8x8 input)
+LOCAL_HEADS = {
+    "AdaptiveAvgPool2d(2) -> nn.Flatten()": lambda m, x: m.flatten(m.avg2(x)),
+    "AvgPool2d(2) -> torch.flatten(x, 1)": lambda m, x: torch.flatten(m.pool2(x), 1),
+    "AvgPool2d(8) -> x.view(x.size(0), -1)": lambda m, x: (lambda p: p.view(p.size(0), -1))(m.pool8(x)),
+}
+
+
+@pytest.mark.parametrize(
+    "spelling,features,without,with_size",
+    [
+        ("AdaptiveAvgPool2d(2) -> nn.Flatten()", 32, "2x2 map", "2x2 map"),  # 2x2 at any input size
+        ("AvgPool2d(2) -> torch.flatten(x, 1)", 128, "input size", "4x4 map"),
+        ("AvgPool2d(8) -> x.view(x.size(0), -1)", 8, "input size", None),  # 1x1 only at an 8x8 input
+    ],
+)
+def test_a_flatten_of_a_spatial_map_stays_float_with_the_reason(spelling, features, without, with_size, with_bn_stats):
+    m = with_bn_stats(Head(spelling, features))
+    act, why, _ = _fc_input(m)
+    assert act is None and without in why, why
+    act, why, _ = _fc_input(m, input_size=(3, 8, 8))
+    if with_size is None:
+        assert act is not None and why == ""
+    else:
+        assert act is None and with_size in why, why
+
+
+def test_a_linear_over_the_width_axis_gets_no_statistics_without_input_size(with_bn_stats):
+    class Mixer(nn.Module):  # as many width positions as BN channels: only the rank tells them apart
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.mix, self.fc = nn.Linear(8, 8), nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(self.mix(torch.relu(self.bn(self.c1(x)))).mean((2, 3)))
+
+    _, report = dfquant.quantize(with_bn_stats(Mixer()), "rtn", 8, 8)
+    assert "4-D tensor" in dict(report.float_inputs)["mix"]

@@ -9,8 +9,10 @@ quantized layer's input:
 - a residual addition adds the branches' means and variances (independence assumed), using the
   exact moments of a clipped Gaussian for each branch (closed form),
 - pooling (also a spatial ``mean``), flatten of a 1x1 map, dropout, identity, spatial slicing pass
-  the statistics through,
-  channel zero-padding (option-A shortcuts) adds zero channels, concatenation joins them.
+  the statistics through, channel zero-padding (option-A shortcuts) adds zero channels,
+  concatenation joins them. A map is known to be 1x1 after a global pooling (adaptive pooling to 1,
+  a mean over the spatial axes) whatever the input size, so a classifier head keeps its statistics
+  without ``input_size``; a flatten of a map whose size depends on the input size needs it.
 
 A quantized input that no BN statistic reaches (the image, a conv output without BN, an unknown
 op) gets no range: the report lists it and its input stays in float; nothing is guessed.
@@ -32,7 +34,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -150,7 +152,7 @@ def _lowest(bounds) -> Optional[float]:
     return None if None in bounds else min(bounds)
 
 
-def _layer_input(layer: nn.Module, src, in_shape) -> Union[ChannelStats, str, None]:
+def _layer_input(layer: nn.Module, src, lay: "Layout") -> Union[ChannelStats, str, None]:
     """The statistics reaching a Conv2d/Linear, if they describe what it reads: a conv reads the BN
     channels as its input channels; a Linear must see them as its features, on a (batch, features)
     input (applied to the last axis of a feature map it reads something else)."""
@@ -159,9 +161,148 @@ def _layer_input(layer: nn.Module, src, in_shape) -> Union[ChannelStats, str, No
     n = src.mu.numel()
     if isinstance(layer, nn.Conv2d):
         return src if n == layer.in_channels else f"{n} channels with BN statistics, the conv reads {layer.in_channels}"
-    if in_shape is not None and len(in_shape) != 2:
-        return f"a Linear applied to a {len(in_shape)}-D tensor reads an axis other than the BN channels"
+    if lay is None:
+        return "a Linear applied to a tensor of unknown rank: it may read an axis other than the BN channels (give input_size)"
+    if len(lay) != 0:
+        return f"a Linear applied to a {len(lay) + 2}-D tensor reads an axis other than the BN channels"
     return src if n == layer.in_features else f"{n} channels with BN statistics, the Linear reads {layer.in_features} features"
+
+
+# What the analysis knows of the tensor a node's statistics describe, besides its channels: the size
+# of each axis after (batch, channels), an int when known (a global pooling makes it 1 whatever the
+# input size) or None when it depends on the input size and no input_size was given; None as a
+# whole when even the rank is unknown. With input_size, the traced shapes give it exactly.
+Layout = Optional[Tuple[Optional[int], ...]]
+
+_SIZE_UNKNOWN = "its spatial size depends on the input size (no global pooling before it): give input_size"
+
+
+def _spatial_text(sizes) -> str:
+    return "x".join(str(s) for s in sizes)
+
+
+def _merge_into_features(lay: Layout, axes: Tuple[Optional[int], ...], what: str) -> Union[Layout, str]:
+    """The layout of ``what`` (a flatten or reshape onto (batch, channels, ...)) merging ``axes``
+    into the channel axis: only axes of size 1 keep the channels as the features."""
+    if any(a is None for a in axes):
+        return f"{what} of a feature map whose spatial size is not known: {_SIZE_UNKNOWN}"
+    if any(a != 1 for a in axes):
+        return f"{what} of a {_spatial_text(axes)} map: its features are the channels at every position, not the BN channels"
+    return lay
+
+
+def _flatten_layout(lay: Layout, start: Any, end: Any) -> Union[Layout, str]:
+    if lay is None:
+        return "flatten of a tensor of unknown rank (give input_size)"
+    rank = len(lay) + 2
+    if not all(isinstance(d, int) and -rank <= d < rank for d in (start, end)):
+        return "flatten with axes the analysis cannot read"
+    s, e = start % rank, end % rank
+    if s == 0:
+        return "flatten that merges the batch axis into the features"
+    if e < s:
+        return "flatten with end_dim before start_dim"
+    if s == 1:  # channels and spatial axes 2..e become the features
+        merged = _merge_into_features(lay[e - 1:], lay[: e - 1], "flatten")
+        return merged
+    part = lay[s - 2 : e - 1]  # spatial axes only: the channels stay where they are
+    size = None if None in part else math.prod(part)
+    return lay[: s - 2] + (size,) + lay[e - 1 :]
+
+
+def _mean_layout(lay: Layout, dim: Any, keepdim: Any) -> Union[Layout, str]:
+    """A mean over spatial axes keeps each channel's statistics (as pooling does)."""
+    if dim is None:
+        return "mean over every axis, batch and channels included"
+    if lay is None:
+        return "mean of a tensor of unknown rank (give input_size)"
+    rank = len(lay) + 2
+    dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (tuple, list)) else None
+    if dims is None or not all(isinstance(d, int) and not isinstance(d, bool) and -rank <= d < rank for d in dims):
+        return "mean over axes the analysis cannot read"
+    axes = {d % rank for d in dims}
+    if axes & {0, 1}:
+        return "mean over the batch or channel axis"
+    if keepdim is True:
+        return tuple(1 if i + 2 in axes else n for i, n in enumerate(lay))
+    if keepdim is not False:
+        return "mean with a keepdim the analysis cannot read"
+    return tuple(n for i, n in enumerate(lay) if i + 2 not in axes)
+
+
+def _adaptive_pool_layout(lay: Layout, output_size: Any) -> Layout:
+    """2-D adaptive pooling: the output size is fixed (1 for a global pooling), None keeps an axis."""
+    sizes = (output_size, output_size) if output_size is None or isinstance(output_size, int) else tuple(output_size)
+    if lay is None or len(lay) != 2 or len(sizes) != 2 or not all(n is None or isinstance(n, int) for n in sizes):
+        return None
+    return tuple(lay[i] if n is None else n for i, n in enumerate(sizes))
+
+
+def _is_batch_size(a: Any) -> bool:
+    """``x.size(0)``, ``x.size()[0]`` or ``x.shape[0]`` of a traced tensor: the batch size."""
+    if not isinstance(a, fx.Node):
+        return False
+    if a.op == "call_method" and a.target == "size":
+        return (a.args[1] if len(a.args) > 1 else a.kwargs.get("dim")) == 0
+    if a.op == "call_function" and a.target is operator.getitem and len(a.args) == 2 and a.args[1] == 0:
+        s = a.args[0]
+        return isinstance(s, fx.Node) and (
+            (s.op == "call_method" and s.target == "size" and len(s.args) == 1 and not s.kwargs)
+            or (s.op == "call_function" and s.target is getattr and s.args[1:] == ("shape",))
+        )
+    return False
+
+
+def _reshape_layout(node: fx.Node, lay: Layout, channels: int) -> Union[Layout, str, None]:
+    """``view``/``reshape`` to (batch, features) in the spellings of a classifier head:
+    ``(x.size(0), -1)``, ``(x.shape[0], C)``, ``(-1, C)``; None: another spelling."""
+    target = list(node.args[1:])
+    if not target:
+        target = node.kwargs.get("shape", node.kwargs.get("size"))
+        target = [] if target is None else [target]
+    if len(target) == 1 and isinstance(target[0], (tuple, list)):
+        target = list(target[0])
+    if len(target) != 2:
+        return None
+    a, b = target
+    b_int = isinstance(b, int) and not isinstance(b, bool)
+    if not (b_int and ((_is_batch_size(a) and b in (-1, channels)) or (a == -1 and b == channels))):
+        return None
+    if lay is None:
+        return "reshape of a tensor of unknown rank (give input_size)"
+    return _merge_into_features((), lay, "reshape")
+
+
+def _broadcast_layout(a: Layout, b: Layout) -> Layout:
+    """The layout of an elementwise result (addition, concatenation along the channels)."""
+    if a is None or b is None or len(a) != len(b):
+        return None
+    return tuple(x if x == y else (y if x == 1 else x if y == 1 else None) for x, y in zip(a, b))
+
+
+def _pad_layout(lay: Layout, pad: Any) -> Layout:
+    if lay is None:
+        return None
+    sizes = list(lay)
+    for i in range(min(len(pad) // 2, len(sizes))):  # F.pad pads the last axis first
+        j = len(sizes) - 1 - i
+        lo, hi = pad[2 * i], pad[2 * i + 1]
+        sizes[j] = sizes[j] + lo + hi if sizes[j] is not None and isinstance(lo, int) and isinstance(hi, int) else None
+    return tuple(sizes)
+
+
+def _getitem_layout(lay: Layout, idx: tuple) -> Layout:
+    if lay is None:
+        return None
+    sizes = []
+    for i, n in enumerate(lay):
+        k = idx[i + 2] if i + 2 < len(idx) else slice(None)
+        if isinstance(k, int) and not isinstance(k, bool):
+            continue  # the axis is dropped
+        if not isinstance(k, slice):
+            return None
+        sizes.append(n if k == slice(None) else None)
+    return tuple(sizes)
 
 
 def _add(x: ChannelStats, y: ChannelStats) -> ChannelStats:
@@ -173,7 +314,12 @@ def _add(x: ChannelStats, y: ChannelStats) -> ChannelStats:
 
 
 def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]] = None) -> Dict[str, InputRange]:
-    """Carry BN channel statistics through the graph; returns, per Conv2d/Linear name, its input's."""
+    """Carry BN channel statistics through the graph; returns, per Conv2d/Linear name, its input's.
+
+    Without ``input_size`` the spatial size of a feature map is unknown, but a global pooling
+    (adaptive pooling to 1, a mean over the spatial axes) makes it 1, so a classifier head
+    ``pool -> flatten / view(N, -1) -> Linear`` keeps its statistics; a flatten of a map whose size
+    depends on the input size is refused, saying so."""
     modules = dict(gm.named_modules())
     shapes_known = False
     if input_size is not None:
@@ -188,10 +334,14 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
         return getattr(meta, "shape", None) if shapes_known else None
 
     env: Dict[str, Union[ChannelStats, None, str]] = {}
+    layouts: Dict[str, Layout] = {}
     result: Dict[str, InputRange] = {}
 
     def get(a) -> Union[ChannelStats, None, str]:
         return env.get(a.name, "unknown op before this layer") if isinstance(a, fx.Node) else None
+
+    def layout(a) -> Layout:
+        return layouts.get(a.name) if isinstance(a, fx.Node) else None
 
     def channel_preserving(node: fx.Node) -> bool:
         sin, sout = shape(first_input(node)), shape(node)
@@ -199,44 +349,71 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
             return False
         return len(sin) >= 2 and len(sout) >= 2 and sin[1] == sout[1] and all(d == 1 for d in sout[2:])
 
+    def arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+    def reshaped(src, new: Union[Layout, str]):
+        """(statistics, layout) after an op that changes the layout (a str: the reason it refuses)."""
+        if not isinstance(src, ChannelStats):
+            return src, None
+        return (new, None) if isinstance(new, str) else (src, new)
+
     for node in gm.graph.nodes:
         out: Union[ChannelStats, None, str] = "unsupported op " + str(node.target)
+        src_node = first_input(node)
+        lay: Layout = layout(src_node)  # most ops keep their input's layout
         if node.op == "placeholder":
             out = "the model input (image) has no BN statistics"
         elif node.op == "call_module":
             mod = modules[node.target]
-            src = get(first_input(node))
+            src = get(src_node)
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                src = _layer_input(mod, src, shape(first_input(node)))
+                src = _layer_input(mod, src, lay)
                 here = InputRange(src if isinstance(src, ChannelStats) else None, "" if isinstance(src, ChannelStats) else str(src))
                 prev = result.get(node.target)
                 result[node.target] = here if prev is None else _merge_calls(prev, here)
                 out = f"output of {node.target} (no BN after it)"
             elif isinstance(mod, nn.BatchNorm2d):
                 gamma, beta = bn_affine(mod)
-                out = ChannelStats(beta.clone(), gamma.abs().clone())
+                out, lay = ChannelStats(beta.clone(), gamma.abs().clone()), (None, None)
             elif _relu_like(mod, node) is not None:
                 out = src.clipped(*_relu_like(mod, node)) if isinstance(src, ChannelStats) else src
             elif isinstance(mod, nn.Flatten):
-                out = src if channel_preserving(node) else "flatten of a spatial map"
+                out, lay = reshaped(src, _flatten_layout(lay, mod.start_dim, mod.end_dim))
+            elif isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+                out, lay = src, _adaptive_pool_layout(lay, mod.output_size)
+            elif isinstance(mod, (nn.AvgPool2d, nn.MaxPool2d)):
+                out, lay = src, (None, None) if lay is not None and len(lay) == 2 else None
             elif isinstance(mod, _PASS_MODULES):
                 out = src
         elif node.op in ("call_function", "call_method"):
             t = node.target
             args = node.args
-            src = get(first_input(node))
+            src = get(src_node)
             if t in _ADD and len(args) == 2:
                 x, y = get(args[0]), get(args[1])
                 if isinstance(x, ChannelStats) and isinstance(y, ChannelStats):
-                    out = _add(x, y)
+                    out, lay = _add(x, y), _broadcast_layout(layout(args[0]), layout(args[1]))
                 else:
                     out = "addition with an operand without BN statistics"
             elif _relu_like(t, node) is not None:
                 out = src.clipped(*_relu_like(t, node)) if isinstance(src, ChannelStats) else src
             elif t in (torch.mean, "mean"):  # global average pooling written as x.mean((2, 3))
-                out = src if channel_preserving(node) else "mean over channels or without the shapes (give input_size)"
-            elif t in (torch.flatten, "flatten", "view", "reshape"):
-                out = src if channel_preserving(node) else "flatten/reshape that regroups channels"
+                out, lay = reshaped(src, _mean_layout(lay, arg(node, 1, "dim", None), arg(node, 2, "keepdim", False)))
+            elif t in (torch.flatten, "flatten"):
+                out, lay = reshaped(src, _flatten_layout(lay, arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1)))
+            elif t in ("view", "reshape"):
+                n = src.mu.numel() if isinstance(src, ChannelStats) else 0
+                new = _reshape_layout(node, lay, n)
+                if new is None:  # another spelling: only the traced shapes can tell
+                    new = () if channel_preserving(node) else (
+                        "flatten/reshape that regroups channels" if shapes_known else "a view/reshape the analysis cannot read without the shapes (give input_size)"
+                    )
+                out, lay = reshaped(src, new)
+            elif t in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+                out, lay = src, _adaptive_pool_layout(lay, arg(node, 1, "output_size", None))
+            elif t in (F.avg_pool2d, F.max_pool2d):
+                out, lay = src, (None, None) if lay is not None and len(lay) == 2 else None
             elif t in _PASS_FUNCS or t in _PASS_METHODS:
                 out = src
             elif t is operator.getitem and isinstance(src, ChannelStats):
@@ -244,6 +421,7 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
                 idx = idx if isinstance(idx, tuple) else (idx,)
                 keeps_channels = len(idx) < 2 or idx[1] == slice(None)
                 out = src if (idx and idx[0] == slice(None) and keeps_channels) else "indexing across channels"
+                lay = _getitem_layout(lay, idx)
             elif t is F.pad and isinstance(src, ChannelStats):
                 pad = args[1] if len(args) > 1 else node.kwargs.get("pad")
                 value = node.kwargs.get("value", args[3] if len(args) > 3 else 0.0) or 0.0
@@ -252,8 +430,10 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
                     m, v = src.moments()
                     z = lambda k: torch.zeros(int(k))  # noqa: E731
                     out = ChannelStats(torch.cat([z(pad[4]), m, z(pad[5])]), torch.cat([z(pad[4]), v.sqrt(), z(pad[5])]))
+                    lay = _pad_layout(lay, pad[:4])
                 elif mode == "constant" and pad is not None and len(pad) <= 4:
                     out = src  # spatial zero padding: channel statistics kept (zeros at the border)
+                    lay = _pad_layout(lay, pad)
                 else:
                     out = "padding that is not constant zero"
             elif t is torch.cat:
@@ -269,7 +449,14 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
                     out = "concatenation of inputs without BN statistics"
                 else:
                     out = _concat_channels(parts)
+                    lay = layout(tensors[0]) if tensors else None
+                    for a in tensors[1:]:
+                        lay = _broadcast_layout(lay, layout(a))
+        sh = shape(node)
+        if sh is not None and len(sh) >= 2:
+            lay = tuple(int(d) for d in sh[2:])  # the traced shapes, when known, are exact
         env[node.name] = out
+        layouts[node.name] = lay if isinstance(out, ChannelStats) else None
     return result
 
 
