@@ -1,4 +1,4 @@
-"""Data-free activation ranges from BatchNorm statistics.
+"""Data-free activation ranges: from BatchNorm statistics, or the SQuant authors' noise pass.
 
 Each BN output channel is modelled as a Gaussian N(beta, gamma^2) (DFQ, Nagel et al. 2019, Sec. 4.2
 and 5): its running statistics normalise the input, so beta and |gamma| are the output's mean and
@@ -14,8 +14,9 @@ quantized layer's input:
   a mean over the spatial axes) whatever the input size, so a classifier head keeps its statistics
   without ``input_size``; a flatten of a map whose size depends on the input size needs it.
 
-A quantized input that no BN statistic reaches (the image, a conv output without BN, an unknown
-op) gets no range: the report lists it and its input stays in float; nothing is guessed.
+With these BN rules, a quantized input that no BN statistic reaches (the image, a conv output
+without BN, an unknown op) gets no range: the report lists it and its input stays in float; nothing
+is guessed.
 
 Two ways to turn a tensor's channel statistics into one per-tensor range:
 
@@ -25,9 +26,10 @@ Two ways to turn a tensor's channel statistics into one per-tensor range:
   BN-implied Gaussian mixture, clipping error (closed-form Gaussian tail integrals) plus rounding
   noise (step^2/12), by a grid search. Data-free as well, with no per-bit-width constant.
 
-Deliberate deviation from the SQuant authors' code: it sets activation ranges from the first batch
-it is fed (a random batch in their script, the first test batch in others). dfquant never looks at
-input data to set a range.
+The SQuant authors' own rule is data-free as well, but not a BN rule: their code sets each range
+from one forward pass of the quantizing model on a batch of uniform noise (``alpha = s * std`` of
+the input each quantizer receives), which reaches every input, BN or not.
+:func:`calibrate_on_noise` reproduces it on a quantized model. None of these rules looks at data.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .errors import DfquantError
 from .graph import bn_affine, first_input
 
 # n in beta + n*gamma per activation bit-width for the "dfq" rule, chosen without real data:
@@ -152,7 +155,7 @@ def _lowest(bounds) -> Optional[float]:
     return None if None in bounds else min(bounds)
 
 
-def _layer_input(layer: nn.Module, src, lay: "Layout") -> Union[ChannelStats, str, None]:
+def _layer_input(layer: nn.Module, src, lay: Layout) -> Union[ChannelStats, str, None]:
     """The statistics reaching a Conv2d/Linear, if they describe what it reads: a conv reads the BN
     channels as its input channels; a Linear must see them as its features, on a (batch, features)
     input (applied to the last axis of a feature map it reads something else)."""
@@ -518,3 +521,177 @@ def stats_range(stats: ChannelStats, bits: int, rule: str = "mse", n_sigma: Opti
     err = expected_quant_mse(stats, los, his, bits)
     i = int(torch.argmin(err))
     return float(los[i]), float(his[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# The SQuant authors' data-free activation rule: one forward pass on uniform noise.
+
+#: s in alpha = s * std per activation bit-width of the run: the authors' run.sh passes ``-s 12``,
+#: ``-s 14``, ``-s 25`` with ``-ab 4``, ``-ab 6``, ``-ab 8`` (one s per run, for every quantizer of
+#: the run, the classifier's 8-bit input included). They give none for 2, 3, 5 or 7 bits.
+SQUANT_NOISE_S: Dict[int, float] = {4: 12.0, 6: 14.0, 8: 25.0}
+
+#: Below this bit-width alpha is also clipped at the input's maximum (the authors' ``bit < 6``).
+SQUANT_CLIP_BELOW_BITS = 6
+
+
+@dataclass
+class NoiseRange:
+    """What :func:`calibrate_on_noise` set for one layer's input quantizer."""
+
+    alpha: float  # the rule's clipping value
+    signed: bool  # the noise pass gave the input a negative value: range [-alpha, alpha], else [0, alpha]
+    bits: int
+    s: float  # the factor in alpha = s * std
+    range: Tuple[float, float]  # what the quantizer's grid really covers (zero on a code)
+
+
+def squant_alpha(x: torch.Tensor, bits: int, s: float) -> Tuple[float, bool]:
+    """The SQuant authors' clipping value for one activation tensor: ``(alpha, signed)``.
+
+    ``signed`` when ``x`` has a negative value. Unsigned: ``alpha = s * std(x[x > 0])``; signed:
+    ``alpha = s * std(x) / 1.25`` (the range is then ``[-alpha, alpha]``); the standard deviation is
+    the unbiased one (``torch.std``'s default), over every element of the batch. Below 6 bits alpha
+    is also at most ``max(x)``. (``quant_modules.py``: ``Quantizer._sigma``, ``updata_signed``,
+    ``_init_quant_para``.) Where the authors' code would give NaN or an inverted range we do not:
+    fewer than two values to take a standard deviation of give ``alpha = max(x)``, and a negative
+    alpha (every value below zero, clipped at its maximum) is 0."""
+    x = x.detach()
+    signed = bool(x.min() < 0)
+    values = x.reshape(-1) if signed else x[x > 0]
+    if values.numel() > 1:
+        alpha = s * float(values.std())
+        if signed:
+            alpha /= 1.25
+    else:
+        alpha = float(x.max())
+    if bits < SQUANT_CLIP_BELOW_BITS:
+        alpha = min(alpha, float(x.max()))
+    return max(alpha, 0.0), signed
+
+
+def _input_quantizers(qmodel: nn.Module):
+    """(layer name, its ActQuantizer) for every quantized layer with an input quantizer, once each."""
+    from .qmodules import QUANT_LAYERS, ActQuantizer
+
+    found, seen = [], set()
+    for name, layer in qmodel.named_modules():
+        act = getattr(layer, "input_quant", None) if isinstance(layer, QUANT_LAYERS) else None
+        if isinstance(act, ActQuantizer) and id(act) not in seen:
+            seen.add(id(act))
+            found.append((name, act))
+    return found
+
+
+@torch.no_grad()
+def calibrate_on_noise(
+    qmodel: nn.Module,
+    input_size: Tuple[int, ...],
+    *,
+    a_bits: Optional[int] = None,
+    s: Optional[float] = None,
+    seed: int = 0,
+    batch: int = 256,
+    fixed: Tuple[str, ...] = (),
+) -> Dict[str, NoiseRange]:
+    """Set the input range of every activation quantizer of a dfquant quantized model the way the
+    SQuant authors' code does (Guo et al., ICLR 2022, github.com/clevercool/SQuant), in place.
+
+    One forward pass of the quantizing model, in eval mode, on ``batch`` images of uniform noise
+    in [0, 1) of shape ``input_size`` (``main.py``: ``torch.rand([batch_size, 3, 224, 224])``,
+    ``batch_size`` 256 by default, then ``quantized_model(rand_input)``). Each quantizer takes its
+    range from the first input it receives (:func:`squant_alpha`), and quantizes with it at once,
+    so a later layer's range is computed on what the already-quantized earlier layers give it, in
+    execution order (``quant_modules.py``: ``Quantizer.tensor_forward`` initialises once, in the
+    forward). A layer run more than once takes its range from its first call, as there.
+
+    ``s``: the factor of the rule, for every quantizer (the authors pass one per run); None:
+    :data:`SQUANT_NOISE_S` at ``a_bits``, the run's activation bit-width (None: the lowest
+    bit-width among the quantizers), so an 8-bit classifier input in a 4-bit run uses the 4-bit s,
+    as the authors' ``set_first_last_layer`` (``quant_model.py``) only changes its bit-width. The
+    clip at ``max(x)`` below 6 bits follows each quantizer's own bit-width. ``fixed``: layer names
+    whose quantizer keeps its range (a given image range): it is active in the pass, not set.
+
+    Range onto our quantizer: ``ActQuantizer(bits, 0, alpha)`` or ``ActQuantizer(bits, -alpha,
+    alpha)``. The authors' activation quantizer (``quant_affine.py``, ``AsymmetricQuantFunction``)
+    uses unsigned codes on [0, alpha] (the same grid as ours) and, for a signed input, signed codes
+    with step 2 alpha / (2^b - 1) and zero on a code, so its 2^b levels end half a step beyond
+    alpha at one end and half a step inside at the other; ours (unsigned codes, zero point) has the
+    same step and levels, and in both codes which end gets the extra half step is decided by the
+    float rounding of a tie (the zero point is -(2^b - 1)/2 before rounding), so the two can differ
+    by that one level on a signed input. Deviations: the noise is drawn from a seeded generator
+    (theirs is unseeded), and :func:`squant_alpha` avoids their NaN/inverted edge cases.
+
+    Returns, per layer name in calibration order, what was set; quantizers the pass does not run
+    (and ``fixed`` ones) keep their range and are absent. The global RNG, the modules' train/eval
+    modes and their hooks are as before the call. Memory: one forward of ``batch`` images."""
+    from .checks import check_bits, check_float, check_int, fail
+    from .modelcheck import check_input_size
+    from .qmodules import ActQuantizer
+
+    if not isinstance(qmodel, nn.Module):
+        raise fail("qmodel", f"qmodel must be a quantized torch.nn.Module, got {type(qmodel).__name__}")
+    try:
+        size = check_input_size(input_size)
+    except DfquantError as exc:
+        raise fail("input_size", str(exc)) from None
+    if size is None:
+        raise fail("input_size", "input_size is needed: the noise batch has the input's shape, e.g. (3, 32, 32)")
+    check_int(seed, "seed")
+    check_int(batch, "batch", 1)
+    if a_bits is not None:
+        check_bits(a_bits, "a_bits")
+    if s is not None:
+        s = check_float(s, "s", 0.0, lo_open=True)
+    if isinstance(fixed, str) or not all(isinstance(n, str) for n in fixed):
+        raise fail("fixed", f"fixed must be a list of layer names, got {fixed!r}")
+    quantizers = _input_quantizers(qmodel)
+    names = {n for n, _ in quantizers}
+    unknown = [n for n in fixed if n not in names]
+    if unknown:
+        raise fail("fixed", f"fixed names no layer with an input quantizer: {', '.join(unknown)}")
+    todo = [(n, act) for n, act in quantizers if n not in fixed]
+    if not todo:
+        raise fail("qmodel", "qmodel has no activation quantizer to calibrate (quantize it with a_bits set)")
+    run_bits = a_bits if a_bits is not None else min(act.bits for _, act in todo)
+    if s is None:
+        if run_bits not in SQUANT_NOISE_S:
+            have = ", ".join(f"{b} bits: {v:g}" for b, v in SQUANT_NOISE_S.items())
+            raise fail("a_bits", f"a_bits={run_bits}: the SQuant authors give s only for 4-, 6- and 8-bit activations ({have}); pass s explicitly")
+        s = SQUANT_NOISE_S[run_bits]
+
+    result: Dict[str, NoiseRange] = {}
+
+    def hook_for(name: str, act: ActQuantizer):
+        def hook(module, args):
+            if name in result:
+                return
+            x = args[0]
+            if not torch.isfinite(x).all():
+                raise DfquantError(f"the noise pass gave NaN or inf at the input of {name}: no range can be set from it", param="qmodel")
+            alpha, signed = squant_alpha(x, act.bits, s)
+            new = ActQuantizer(act.bits, -alpha if signed else 0.0, alpha)
+            act.scale.copy_(new.scale)
+            act.zero_point.copy_(new.zero_point)
+            result[name] = NoiseRange(alpha, signed, act.bits, s, act.range)
+
+        return hook
+
+    device = next((t.device for t in list(qmodel.parameters()) + list(qmodel.buffers())), torch.device("cpu"))
+    noise = torch.rand((batch, *size), generator=torch.Generator().manual_seed(seed)).to(device)
+    modes = [(m, m.training) for m in qmodel.modules()]
+    handles = [act.register_forward_pre_hook(hook_for(n, act)) for n, act in todo]
+    try:
+        qmodel.eval()
+        try:
+            qmodel(noise)
+        except DfquantError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's model: say which parameter to look at
+            raise fail("input_size", f"the model does not run on a noise batch of shape {tuple(noise.shape)} (check input_size): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    return result
