@@ -1,11 +1,25 @@
+import copy
+import statistics
+
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import dfquant
-from dfquant.activation_ranges import ChannelStats, DFQ_N_SIGMA, expected_quant_mse, propagate_bn_stats, stats_range
+from dfquant.activation_ranges import (
+    DFQ_N_SIGMA,
+    SQUANT_NOISE_S,
+    ChannelStats,
+    calibrate_on_noise,
+    expected_quant_mse,
+    propagate_bn_stats,
+    squant_alpha,
+    stats_range,
+)
 from dfquant.graph import analyse
 from dfquant.models import create_model
+from dfquant.qmodules import ActQuantizer
 
 
 @pytest.mark.parametrize("lo,hi", [(None, None), (0.0, None), (0.0, 6.0), (-1.0, 1.0)])
@@ -147,3 +161,295 @@ def test_a_sum_of_relu_outputs_keeps_its_zero_floor_but_not_false_moments(with_b
     assert torch.allclose(st.moments()[0], ma + mb)  # the mean bias correction uses is the sum's
     for rule in ("dfq", "mse"):
         assert stats_range(st, 4, rule)[0] == 0.0
+
+
+def _view_by_size(p):
+    return p.view(p.size(0), -1)
+
+
+def _reshape_by_shape(p):
+    return p.reshape(p.shape[0], -1)
+
+
+def _reshape_by_size_tuple(p):
+    return p.reshape(p.size()[0], 8)
+
+
+# (spelling of a classifier head, function of (module, feature map) giving the Linear's input)
+GLOBAL_HEADS = {
+    "AdaptiveAvgPool2d(1) -> nn.Flatten()": lambda m, x: m.flatten(m.avg1(x)),
+    "AdaptiveAvgPool2d((1, 1)) -> torch.flatten(x, 1)": lambda m, x: torch.flatten(m.avg11(x), 1),
+    "F.adaptive_avg_pool2d(x, 1) -> x.view(x.size(0), -1)": lambda m, x: _view_by_size(F.adaptive_avg_pool2d(x, 1)),
+    "x.mean((2, 3))": lambda m, x: x.mean((2, 3)),
+    "x.mean([-1, -2], keepdim=True) -> x.reshape(x.shape[0], -1)": lambda m, x: _reshape_by_shape(x.mean([-1, -2], keepdim=True)),
+    "AdaptiveMaxPool2d(1) -> x.flatten(1)": lambda m, x: m.max1(x).flatten(1),
+    "F.adaptive_max_pool2d(x, 1) -> x.reshape(x.size()[0], 8)": lambda m, x: _reshape_by_size_tuple(F.adaptive_max_pool2d(x, 1)),
+    "F.adaptive_avg_pool2d(x, (1, 1)) -> x.view(-1, 8)": lambda m, x: F.adaptive_avg_pool2d(x, (1, 1)).view(-1, 8),
+}
+
+
+class Head(nn.Module):
+    """conv -> BN -> ReLU, then the head ``spelling`` and a Linear of ``features`` inputs."""
+
+    def __init__(self, spelling, features=8):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.avg1, self.avg11, self.max1 = nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d((1, 1)), nn.AdaptiveMaxPool2d(1)
+        self.avg2, self.pool2, self.pool8, self.flatten = nn.AdaptiveAvgPool2d(2), nn.AvgPool2d(2), nn.AvgPool2d(8), nn.Flatten()
+        self.spelling = spelling
+        self.fc = nn.Linear(features, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc((GLOBAL_HEADS | LOCAL_HEADS)[self.spelling](self, x))
+
+
+def _fc_input(model, **options):
+    q, report = dfquant.quantize(model, "squant", 4, 4, **options)
+    return q.fc.input_quant, dict(report.float_inputs).get("fc", ""), {l.name: l.a_range for l in report.layers}["fc"]
+
+
+@pytest.mark.parametrize("spelling", list(GLOBAL_HEADS))
+def test_a_global_pooling_head_keeps_the_classifier_range_without_input_size(spelling, with_bn_stats):
+    m = with_bn_stats(Head(spelling))
+    act, why, a_range = _fc_input(m)
+    assert act is not None and why == "", why
+    ref, _, ref_range = _fc_input(m, input_size=(3, 8, 8))
+    assert act.bits == 8 and a_range == ref_range and a_range[1] > 0
+    assert torch.equal(act.scale, ref.scale) and torch.equal(act.zero_point, ref.zero_point)
+
+
+def test_a_torchvision_resnet18_head_gets_its_8_bit_range_without_input_size(with_bn_stats, one_thread):
+    from dfquant.models.imagenet import resnet18
+
+    m = with_bn_stats(resnet18(num_classes=10))
+    assert getattr(m, "input_size", None) is None  # no size to fall back on
+    act, why, a_range = _fc_input(m)
+    assert act is not None and why == "", why
+    ref, _, ref_range = _fc_input(m, input_size=(3, 32, 32))  # a 1x1 pool: any input size gives the same
+    assert act.bits == 8 and a_range == ref_range and torch.equal(act.scale, ref.scale)
+
+
+# heads whose flattened features are channels at several positions: (spelling, Linear features at 8x8 input)
+LOCAL_HEADS = {
+    "AdaptiveAvgPool2d(2) -> nn.Flatten()": lambda m, x: m.flatten(m.avg2(x)),
+    "AvgPool2d(2) -> torch.flatten(x, 1)": lambda m, x: torch.flatten(m.pool2(x), 1),
+    "AvgPool2d(8) -> x.view(x.size(0), -1)": lambda m, x: _view_by_size(m.pool8(x)),
+}
+
+
+@pytest.mark.parametrize(
+    "spelling,features,without,with_size",
+    [
+        ("AdaptiveAvgPool2d(2) -> nn.Flatten()", 32, "2x2 map", "2x2 map"),  # 2x2 at any input size
+        ("AvgPool2d(2) -> torch.flatten(x, 1)", 128, "input size", "4x4 map"),
+        ("AvgPool2d(8) -> x.view(x.size(0), -1)", 8, "input size", None),  # 1x1 only at an 8x8 input
+    ],
+)
+def test_a_flatten_of_a_spatial_map_stays_float_with_the_reason(spelling, features, without, with_size, with_bn_stats):
+    m = with_bn_stats(Head(spelling, features))
+    act, why, _ = _fc_input(m)
+    assert act is None and without in why, why
+    act, why, _ = _fc_input(m, input_size=(3, 8, 8))
+    if with_size is None:
+        assert act is not None and why == ""
+    else:
+        assert act is None and with_size in why, why
+
+
+def test_a_linear_over_the_width_axis_gets_no_statistics_without_input_size(with_bn_stats):
+    class Mixer(nn.Module):  # as many width positions as BN channels: only the rank tells them apart
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.mix, self.fc = nn.Linear(8, 8), nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(self.mix(torch.relu(self.bn(self.c1(x)))).mean((2, 3)))
+
+    _, report = dfquant.quantize(with_bn_stats(Mixer()), "rtn", 8, 8)
+    assert "4-D tensor" in dict(report.float_inputs)["mix"]
+
+
+# ---- the SQuant authors' noise rule (calibrate_on_noise) ----------------------------------------
+
+def _stdev(values):
+    return statistics.stdev(float(v) for v in values)  # the unbiased (n - 1) standard deviation
+
+
+def test_the_noise_rule_takes_s_times_the_std_of_the_positive_values_of_an_unsigned_input():
+    x = torch.tensor([[0.0, 0.0, 1.0], [2.0, 3.0, 10.0]])
+    sd = _stdev([1, 2, 3, 10])  # the zeros are left out
+    assert squant_alpha(x, 8, 25.0) == (pytest.approx(25 * sd), False)
+    assert squant_alpha(x, 4, 0.5) == (pytest.approx(0.5 * sd), False)  # below max(x): no clip
+
+
+def test_the_noise_rule_takes_s_times_the_std_over_1_25_of_a_signed_input():
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 5.0, 0.5])
+    sd = _stdev(x.tolist())  # every value, the zero included
+    assert squant_alpha(x, 8, 25.0) == (pytest.approx(25 * sd / 1.25), True)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_the_noise_rule_clips_alpha_at_the_maximum_below_6_bits_only(signed):
+    x = torch.tensor([-1.0, 0.5, 1.0, 2.0, 4.0]) if signed else torch.tensor([0.0, 0.5, 1.0, 2.0, 4.0])
+    unclipped = squant_alpha(x, 6, 12.0)[0]
+    assert unclipped > 4.0  # s * std is wider than the data
+    assert squant_alpha(x, 5, 12.0)[0] == 4.0 and squant_alpha(x, 2, 12.0)[0] == 4.0
+    assert squant_alpha(x, 7, 12.0)[0] == unclipped == squant_alpha(x, 8, 12.0)[0]
+
+
+class SmallNet(nn.Module):
+    """conv-BN-ReLU, conv-BN (a signed input next), conv-BN-ReLU, a global pool and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c3, self.b3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+        x = torch.relu(self.b3(self.c3(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+SIZE = (3, 8, 8)
+
+
+@pytest.fixture
+def small_qmodel(with_bn_stats):
+    torch.manual_seed(0)
+    q, _ = dfquant.quantize(with_bn_stats(SmallNet()), "squant", 4, 4, input_size=SIZE)
+    assert q.c1.input_quant is None and all(getattr(q, n).input_quant is not None for n in ("c2", "c3", "fc"))
+    return q
+
+
+def _noise(seed, batch=256):
+    return torch.rand((batch, *SIZE), generator=torch.Generator().manual_seed(seed))
+
+
+def _inputs(qmodel, x, names):
+    seen = {}
+    hooks = [qmodel.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0].clone())) for n in names]
+    with torch.no_grad():
+        qmodel(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_calibration_is_sequential_each_range_from_the_already_quantized_earlier_layers(small_qmodel):
+    q = copy.deepcopy(small_qmodel)
+    got = calibrate_on_noise(q, SIZE, seed=3)
+    assert list(got) == ["c2", "c3", "fc"]  # execution order
+    s = SQUANT_NOISE_S[4]
+    # by hand: layer k's range from its input while the ranges before it are set and quantizing
+    ref = copy.deepcopy(small_qmodel)
+    x = _noise(3)
+    order = ["c2", "c3", "fc"]
+    for k, name in enumerate(order):
+        acts = {n: ref.get_submodule(n).input_quant for n in order}
+        for later in order[k:]:
+            ref.get_submodule(later).input_quant = None  # not quantizing yet
+        inp = _inputs(ref, x, [name])[name]
+        for n in order:
+            ref.get_submodule(n).input_quant = acts[n]
+        alpha, signed = squant_alpha(inp, acts[name].bits, s)
+        new = ActQuantizer(acts[name].bits, -alpha if signed else 0.0, alpha)
+        acts[name].scale.copy_(new.scale), acts[name].zero_point.copy_(new.zero_point)
+        assert got[name].alpha == pytest.approx(alpha, rel=1e-6) and got[name].signed == signed
+        assert torch.allclose(q.get_submodule(name).input_quant.scale, new.scale, rtol=1e-6)
+    # and it matters: with the earlier quantizers off, the later inputs give other ranges
+    floatq = copy.deepcopy(small_qmodel)
+    for n in order:
+        floatq.get_submodule(n).input_quant = None
+    float_inputs = _inputs(floatq, x, order)
+    off = {n: squant_alpha(float_inputs[n], got[n].bits, s)[0] for n in order}
+    assert off["c2"] == pytest.approx(got["c2"].alpha, rel=1e-6)  # the first quantized input has nothing before it
+    for n in ("c3", "fc"):  # far beyond the tolerance the by-hand comparison above holds to
+        assert off[n] != pytest.approx(got[n].alpha, rel=1e-4)
+
+
+def test_signed_and_unsigned_inputs_get_their_ranges_and_the_classifier_the_runs_s(small_qmodel):
+    got = calibrate_on_noise(small_qmodel, SIZE)
+    assert got["c3"].signed and not got["c2"].signed and not got["fc"].signed
+    for name, r in got.items():
+        lo, hi = small_qmodel.get_submodule(name).input_quant.range
+        assert (lo, hi) == r.range
+        if r.signed:  # [-alpha, alpha] on 2^b levels with zero on one: half a step off at each end
+            half = r.alpha / (2**r.bits - 1)
+            assert lo == pytest.approx(-r.alpha, abs=half * 1.01) and hi == pytest.approx(r.alpha, abs=half * 1.01)
+            assert hi - lo == pytest.approx(2 * r.alpha, rel=1e-5)
+        else:
+            assert lo == 0.0 and hi == pytest.approx(r.alpha, rel=1e-6)
+    assert got["fc"].bits == 8 and got["c2"].bits == 4
+    assert {r.s for r in got.values()} == {SQUANT_NOISE_S[4]}  # one s per run, the 8-bit input included
+
+
+def test_the_same_seed_gives_the_same_ranges_and_another_seed_others(small_qmodel):
+    runs = [calibrate_on_noise(copy.deepcopy(small_qmodel), SIZE, seed=seed, batch=16) for seed in (0, 0, 1)]
+    assert runs[0] == runs[1]
+    assert all(runs[0][n].alpha != runs[2][n].alpha for n in runs[0])
+
+
+def test_calibration_leaves_no_hooks_the_modes_and_bn_statistics_and_the_global_rng_untouched(small_qmodel):
+    q = small_qmodel.train()
+    bn_before = {k: v.clone() for k, v in q.state_dict().items() if "running" in k}
+    rng = torch.get_rng_state()
+    calibrate_on_noise(q, SIZE, batch=8)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(m.training for m in q.modules())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in q.modules())
+    assert all(torch.equal(v, q.state_dict()[k]) for k, v in bn_before.items())  # the pass ran in eval mode
+    torch.manual_seed(123)  # the global seed does not enter
+    a = calibrate_on_noise(copy.deepcopy(q), SIZE, batch=8)
+    torch.manual_seed(456)
+    assert calibrate_on_noise(copy.deepcopy(q), SIZE, batch=8) == a
+    with pytest.raises(dfquant.DfquantError):  # a failing pass cleans up as well
+        calibrate_on_noise(q, (4, 8, 8))  # 4 channels: the first conv reads 3
+    assert all(not m._forward_pre_hooks for m in q.modules()) and all(m.training for m in q.modules())
+
+
+def test_a_fixed_quantizer_keeps_its_range_and_quantizes_during_the_pass(small_qmodel):
+    before = small_qmodel.c2.input_quant.range
+    got = calibrate_on_noise(small_qmodel, SIZE, fixed=("c2",))
+    assert list(got) == ["c3", "fc"] and small_qmodel.c2.input_quant.range == before
+
+
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [
+        (dict(input_size=None), "input_size"),
+        (dict(input_size=(3, 8)), "input_size"),  # the model does not run on it
+        (dict(a_bits=5), "a_bits"),  # the authors give no s for 5 bits
+        (dict(s=0.0), "s"),
+        (dict(batch=0), "batch"),
+        (dict(seed=1.5), "seed"),
+        (dict(fixed=("nope",)), "fixed"),
+    ],
+)
+def test_bad_calibration_arguments_are_one_error_naming_the_parameter(small_qmodel, kwargs, param):
+    args = dict(input_size=SIZE) | kwargs
+    with pytest.raises(dfquant.DfquantError) as err:
+        calibrate_on_noise(small_qmodel, args.pop("input_size"), **args)
+    assert err.value.param == param and "\n" not in str(err.value)
+    assert calibrate_on_noise(small_qmodel, SIZE, a_bits=5, s=10.0)["c2"].s == 10.0  # with s, any bit-width
+
+
+def test_a_model_without_activation_quantizers_is_refused(with_bn_stats):
+    q, _ = dfquant.quantize(with_bn_stats(SmallNet()), "rtn", 4, None, input_size=SIZE)
+    with pytest.raises(dfquant.DfquantError) as err:
+        calibrate_on_noise(q, SIZE)
+    assert err.value.param == "qmodel"
+
+
+def test_the_noise_rule_on_resnet20_w4a4_is_closer_to_fp32_than_the_bn_rule(resnet20, cifar10, one_thread):
+    torch.manual_seed(0)
+    bn_rule, _ = dfquant.quantize(resnet20, "squant", 4, 4)
+    noise_rule = copy.deepcopy(bn_rule)  # every input but the image already has a quantizer
+    got = calibrate_on_noise(noise_rule, (3, 32, 32), seed=0)
+    assert len(got) == sum(1 for m in noise_rule.modules() if getattr(m, "input_quant", None) is not None)
+    err = {k: dfquant.evaluate(m, cifar10, reference=resnet20)["logit_mse"] for k, m in (("bn", bn_rule), ("noise", noise_rule))}
+    assert err["noise"] < err["bn"]

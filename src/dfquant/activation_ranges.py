@@ -1,4 +1,4 @@
-"""Data-free activation ranges from BatchNorm statistics.
+"""Data-free activation ranges: from BatchNorm statistics, or the SQuant authors' noise pass.
 
 Each BN output channel is modelled as a Gaussian N(beta, gamma^2) (DFQ, Nagel et al. 2019, Sec. 4.2
 and 5): its running statistics normalise the input, so beta and |gamma| are the output's mean and
@@ -9,11 +9,14 @@ quantized layer's input:
 - a residual addition adds the branches' means and variances (independence assumed), using the
   exact moments of a clipped Gaussian for each branch (closed form),
 - pooling (also a spatial ``mean``), flatten of a 1x1 map, dropout, identity, spatial slicing pass
-  the statistics through,
-  channel zero-padding (option-A shortcuts) adds zero channels, concatenation joins them.
+  the statistics through, channel zero-padding (option-A shortcuts) adds zero channels,
+  concatenation joins them. A map is known to be 1x1 after a global pooling (adaptive pooling to 1,
+  a mean over the spatial axes) whatever the input size, so a classifier head keeps its statistics
+  without ``input_size``; a flatten of a map whose size depends on the input size needs it.
 
-A quantized input that no BN statistic reaches (the image, a conv output without BN, an unknown
-op) gets no range: the report lists it and its input stays in float; nothing is guessed.
+With these BN rules, a quantized input that no BN statistic reaches (the image, a conv output
+without BN, an unknown op) gets no range: the report lists it and its input stays in float; nothing
+is guessed.
 
 Two ways to turn a tensor's channel statistics into one per-tensor range:
 
@@ -23,16 +26,17 @@ Two ways to turn a tensor's channel statistics into one per-tensor range:
   BN-implied Gaussian mixture, clipping error (closed-form Gaussian tail integrals) plus rounding
   noise (step^2/12), by a grid search. Data-free as well, with no per-bit-width constant.
 
-Deliberate deviation from the SQuant authors' code: it sets activation ranges from the first batch
-it is fed (a random batch in their script, the first test batch in others). dfquant never looks at
-input data to set a range.
+The SQuant authors' own rule is data-free as well, but not a BN rule: their code sets each range
+from one forward pass of the quantizing model on a batch of uniform noise (``alpha = s * std`` of
+the input each quantizer receives), which reaches every input, BN or not.
+:func:`calibrate_on_noise` reproduces it on a quantized model. None of these rules looks at data.
 """
 from __future__ import annotations
 
 import math
 import operator
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -40,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .errors import DfquantError
 from .graph import bn_affine, first_input
 
 # n in beta + n*gamma per activation bit-width for the "dfq" rule, chosen without real data:
@@ -150,7 +155,7 @@ def _lowest(bounds) -> Optional[float]:
     return None if None in bounds else min(bounds)
 
 
-def _layer_input(layer: nn.Module, src, in_shape) -> Union[ChannelStats, str, None]:
+def _layer_input(layer: nn.Module, src, lay: Layout) -> Union[ChannelStats, str, None]:
     """The statistics reaching a Conv2d/Linear, if they describe what it reads: a conv reads the BN
     channels as its input channels; a Linear must see them as its features, on a (batch, features)
     input (applied to the last axis of a feature map it reads something else)."""
@@ -159,9 +164,148 @@ def _layer_input(layer: nn.Module, src, in_shape) -> Union[ChannelStats, str, No
     n = src.mu.numel()
     if isinstance(layer, nn.Conv2d):
         return src if n == layer.in_channels else f"{n} channels with BN statistics, the conv reads {layer.in_channels}"
-    if in_shape is not None and len(in_shape) != 2:
-        return f"a Linear applied to a {len(in_shape)}-D tensor reads an axis other than the BN channels"
+    if lay is None:
+        return "a Linear applied to a tensor of unknown rank: it may read an axis other than the BN channels (give input_size)"
+    if len(lay) != 0:
+        return f"a Linear applied to a {len(lay) + 2}-D tensor reads an axis other than the BN channels"
     return src if n == layer.in_features else f"{n} channels with BN statistics, the Linear reads {layer.in_features} features"
+
+
+# What the analysis knows of the tensor a node's statistics describe, besides its channels: the size
+# of each axis after (batch, channels), an int when known (a global pooling makes it 1 whatever the
+# input size) or None when it depends on the input size and no input_size was given; None as a
+# whole when even the rank is unknown. With input_size, the traced shapes give it exactly.
+Layout = Optional[Tuple[Optional[int], ...]]
+
+_SIZE_UNKNOWN = "its spatial size depends on the input size (no global pooling before it): give input_size"
+
+
+def _spatial_text(sizes) -> str:
+    return "x".join(str(s) for s in sizes)
+
+
+def _merge_into_features(lay: Layout, axes: Tuple[Optional[int], ...], what: str) -> Union[Layout, str]:
+    """The layout of ``what`` (a flatten or reshape onto (batch, channels, ...)) merging ``axes``
+    into the channel axis: only axes of size 1 keep the channels as the features."""
+    if any(a is None for a in axes):
+        return f"{what} of a feature map whose spatial size is not known: {_SIZE_UNKNOWN}"
+    if any(a != 1 for a in axes):
+        return f"{what} of a {_spatial_text(axes)} map: its features are the channels at every position, not the BN channels"
+    return lay
+
+
+def _flatten_layout(lay: Layout, start: Any, end: Any) -> Union[Layout, str]:
+    if lay is None:
+        return "flatten of a tensor of unknown rank (give input_size)"
+    rank = len(lay) + 2
+    if not all(isinstance(d, int) and -rank <= d < rank for d in (start, end)):
+        return "flatten with axes the analysis cannot read"
+    s, e = start % rank, end % rank
+    if s == 0:
+        return "flatten that merges the batch axis into the features"
+    if e < s:
+        return "flatten with end_dim before start_dim"
+    if s == 1:  # channels and spatial axes 2..e become the features
+        merged = _merge_into_features(lay[e - 1:], lay[: e - 1], "flatten")
+        return merged
+    part = lay[s - 2 : e - 1]  # spatial axes only: the channels stay where they are
+    size = None if None in part else math.prod(part)
+    return lay[: s - 2] + (size,) + lay[e - 1 :]
+
+
+def _mean_layout(lay: Layout, dim: Any, keepdim: Any) -> Union[Layout, str]:
+    """A mean over spatial axes keeps each channel's statistics (as pooling does)."""
+    if dim is None:
+        return "mean over every axis, batch and channels included"
+    if lay is None:
+        return "mean of a tensor of unknown rank (give input_size)"
+    rank = len(lay) + 2
+    dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (tuple, list)) else None
+    if dims is None or not all(isinstance(d, int) and not isinstance(d, bool) and -rank <= d < rank for d in dims):
+        return "mean over axes the analysis cannot read"
+    axes = {d % rank for d in dims}
+    if axes & {0, 1}:
+        return "mean over the batch or channel axis"
+    if keepdim is True:
+        return tuple(1 if i + 2 in axes else n for i, n in enumerate(lay))
+    if keepdim is not False:
+        return "mean with a keepdim the analysis cannot read"
+    return tuple(n for i, n in enumerate(lay) if i + 2 not in axes)
+
+
+def _adaptive_pool_layout(lay: Layout, output_size: Any) -> Layout:
+    """2-D adaptive pooling: the output size is fixed (1 for a global pooling), None keeps an axis."""
+    sizes = (output_size, output_size) if output_size is None or isinstance(output_size, int) else tuple(output_size)
+    if lay is None or len(lay) != 2 or len(sizes) != 2 or not all(n is None or isinstance(n, int) for n in sizes):
+        return None
+    return tuple(lay[i] if n is None else n for i, n in enumerate(sizes))
+
+
+def _is_batch_size(a: Any) -> bool:
+    """``x.size(0)``, ``x.size()[0]`` or ``x.shape[0]`` of a traced tensor: the batch size."""
+    if not isinstance(a, fx.Node):
+        return False
+    if a.op == "call_method" and a.target == "size":
+        return (a.args[1] if len(a.args) > 1 else a.kwargs.get("dim")) == 0
+    if a.op == "call_function" and a.target is operator.getitem and len(a.args) == 2 and a.args[1] == 0:
+        s = a.args[0]
+        return isinstance(s, fx.Node) and (
+            (s.op == "call_method" and s.target == "size" and len(s.args) == 1 and not s.kwargs)
+            or (s.op == "call_function" and s.target is getattr and s.args[1:] == ("shape",))
+        )
+    return False
+
+
+def _reshape_layout(node: fx.Node, lay: Layout, channels: int) -> Union[Layout, str, None]:
+    """``view``/``reshape`` to (batch, features) in the spellings of a classifier head:
+    ``(x.size(0), -1)``, ``(x.shape[0], C)``, ``(-1, C)``; None: another spelling."""
+    target = list(node.args[1:])
+    if not target:
+        target = node.kwargs.get("shape", node.kwargs.get("size"))
+        target = [] if target is None else [target]
+    if len(target) == 1 and isinstance(target[0], (tuple, list)):
+        target = list(target[0])
+    if len(target) != 2:
+        return None
+    a, b = target
+    b_int = isinstance(b, int) and not isinstance(b, bool)
+    if not (b_int and ((_is_batch_size(a) and b in (-1, channels)) or (a == -1 and b == channels))):
+        return None
+    if lay is None:
+        return "reshape of a tensor of unknown rank (give input_size)"
+    return _merge_into_features((), lay, "reshape")
+
+
+def _broadcast_layout(a: Layout, b: Layout) -> Layout:
+    """The layout of an elementwise result (addition, concatenation along the channels)."""
+    if a is None or b is None or len(a) != len(b):
+        return None
+    return tuple(x if x == y else (y if x == 1 else x if y == 1 else None) for x, y in zip(a, b))
+
+
+def _pad_layout(lay: Layout, pad: Any) -> Layout:
+    if lay is None:
+        return None
+    sizes = list(lay)
+    for i in range(min(len(pad) // 2, len(sizes))):  # F.pad pads the last axis first
+        j = len(sizes) - 1 - i
+        lo, hi = pad[2 * i], pad[2 * i + 1]
+        sizes[j] = sizes[j] + lo + hi if sizes[j] is not None and isinstance(lo, int) and isinstance(hi, int) else None
+    return tuple(sizes)
+
+
+def _getitem_layout(lay: Layout, idx: tuple) -> Layout:
+    if lay is None:
+        return None
+    sizes = []
+    for i, n in enumerate(lay):
+        k = idx[i + 2] if i + 2 < len(idx) else slice(None)
+        if isinstance(k, int) and not isinstance(k, bool):
+            continue  # the axis is dropped
+        if not isinstance(k, slice):
+            return None
+        sizes.append(n if k == slice(None) else None)
+    return tuple(sizes)
 
 
 def _add(x: ChannelStats, y: ChannelStats) -> ChannelStats:
@@ -173,7 +317,12 @@ def _add(x: ChannelStats, y: ChannelStats) -> ChannelStats:
 
 
 def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]] = None) -> Dict[str, InputRange]:
-    """Carry BN channel statistics through the graph; returns, per Conv2d/Linear name, its input's."""
+    """Carry BN channel statistics through the graph; returns, per Conv2d/Linear name, its input's.
+
+    Without ``input_size`` the spatial size of a feature map is unknown, but a global pooling
+    (adaptive pooling to 1, a mean over the spatial axes) makes it 1, so a classifier head
+    ``pool -> flatten / view(N, -1) -> Linear`` keeps its statistics; a flatten of a map whose size
+    depends on the input size is refused, saying so."""
     modules = dict(gm.named_modules())
     shapes_known = False
     if input_size is not None:
@@ -188,10 +337,14 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
         return getattr(meta, "shape", None) if shapes_known else None
 
     env: Dict[str, Union[ChannelStats, None, str]] = {}
+    layouts: Dict[str, Layout] = {}
     result: Dict[str, InputRange] = {}
 
     def get(a) -> Union[ChannelStats, None, str]:
         return env.get(a.name, "unknown op before this layer") if isinstance(a, fx.Node) else None
+
+    def layout(a) -> Layout:
+        return layouts.get(a.name) if isinstance(a, fx.Node) else None
 
     def channel_preserving(node: fx.Node) -> bool:
         sin, sout = shape(first_input(node)), shape(node)
@@ -199,44 +352,71 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
             return False
         return len(sin) >= 2 and len(sout) >= 2 and sin[1] == sout[1] and all(d == 1 for d in sout[2:])
 
+    def arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+    def reshaped(src, new: Union[Layout, str]):
+        """(statistics, layout) after an op that changes the layout (a str: the reason it refuses)."""
+        if not isinstance(src, ChannelStats):
+            return src, None
+        return (new, None) if isinstance(new, str) else (src, new)
+
     for node in gm.graph.nodes:
         out: Union[ChannelStats, None, str] = "unsupported op " + str(node.target)
+        src_node = first_input(node)
+        lay: Layout = layout(src_node)  # most ops keep their input's layout
         if node.op == "placeholder":
             out = "the model input (image) has no BN statistics"
         elif node.op == "call_module":
             mod = modules[node.target]
-            src = get(first_input(node))
+            src = get(src_node)
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                src = _layer_input(mod, src, shape(first_input(node)))
+                src = _layer_input(mod, src, lay)
                 here = InputRange(src if isinstance(src, ChannelStats) else None, "" if isinstance(src, ChannelStats) else str(src))
                 prev = result.get(node.target)
                 result[node.target] = here if prev is None else _merge_calls(prev, here)
                 out = f"output of {node.target} (no BN after it)"
             elif isinstance(mod, nn.BatchNorm2d):
                 gamma, beta = bn_affine(mod)
-                out = ChannelStats(beta.clone(), gamma.abs().clone())
+                out, lay = ChannelStats(beta.clone(), gamma.abs().clone()), (None, None)
             elif _relu_like(mod, node) is not None:
                 out = src.clipped(*_relu_like(mod, node)) if isinstance(src, ChannelStats) else src
             elif isinstance(mod, nn.Flatten):
-                out = src if channel_preserving(node) else "flatten of a spatial map"
+                out, lay = reshaped(src, _flatten_layout(lay, mod.start_dim, mod.end_dim))
+            elif isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+                out, lay = src, _adaptive_pool_layout(lay, mod.output_size)
+            elif isinstance(mod, (nn.AvgPool2d, nn.MaxPool2d)):
+                out, lay = src, (None, None) if lay is not None and len(lay) == 2 else None
             elif isinstance(mod, _PASS_MODULES):
                 out = src
         elif node.op in ("call_function", "call_method"):
             t = node.target
             args = node.args
-            src = get(first_input(node))
+            src = get(src_node)
             if t in _ADD and len(args) == 2:
                 x, y = get(args[0]), get(args[1])
                 if isinstance(x, ChannelStats) and isinstance(y, ChannelStats):
-                    out = _add(x, y)
+                    out, lay = _add(x, y), _broadcast_layout(layout(args[0]), layout(args[1]))
                 else:
                     out = "addition with an operand without BN statistics"
             elif _relu_like(t, node) is not None:
                 out = src.clipped(*_relu_like(t, node)) if isinstance(src, ChannelStats) else src
             elif t in (torch.mean, "mean"):  # global average pooling written as x.mean((2, 3))
-                out = src if channel_preserving(node) else "mean over channels or without the shapes (give input_size)"
-            elif t in (torch.flatten, "flatten", "view", "reshape"):
-                out = src if channel_preserving(node) else "flatten/reshape that regroups channels"
+                out, lay = reshaped(src, _mean_layout(lay, arg(node, 1, "dim", None), arg(node, 2, "keepdim", False)))
+            elif t in (torch.flatten, "flatten"):
+                out, lay = reshaped(src, _flatten_layout(lay, arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1)))
+            elif t in ("view", "reshape"):
+                n = src.mu.numel() if isinstance(src, ChannelStats) else 0
+                new = _reshape_layout(node, lay, n)
+                if new is None:  # another spelling: only the traced shapes can tell
+                    new = () if channel_preserving(node) else (
+                        "flatten/reshape that regroups channels" if shapes_known else "a view/reshape the analysis cannot read without the shapes (give input_size)"
+                    )
+                out, lay = reshaped(src, new)
+            elif t in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+                out, lay = src, _adaptive_pool_layout(lay, arg(node, 1, "output_size", None))
+            elif t in (F.avg_pool2d, F.max_pool2d):
+                out, lay = src, (None, None) if lay is not None and len(lay) == 2 else None
             elif t in _PASS_FUNCS or t in _PASS_METHODS:
                 out = src
             elif t is operator.getitem and isinstance(src, ChannelStats):
@@ -244,6 +424,7 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
                 idx = idx if isinstance(idx, tuple) else (idx,)
                 keeps_channels = len(idx) < 2 or idx[1] == slice(None)
                 out = src if (idx and idx[0] == slice(None) and keeps_channels) else "indexing across channels"
+                lay = _getitem_layout(lay, idx)
             elif t is F.pad and isinstance(src, ChannelStats):
                 pad = args[1] if len(args) > 1 else node.kwargs.get("pad")
                 value = node.kwargs.get("value", args[3] if len(args) > 3 else 0.0) or 0.0
@@ -252,8 +433,10 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
                     m, v = src.moments()
                     z = lambda k: torch.zeros(int(k))  # noqa: E731
                     out = ChannelStats(torch.cat([z(pad[4]), m, z(pad[5])]), torch.cat([z(pad[4]), v.sqrt(), z(pad[5])]))
+                    lay = _pad_layout(lay, pad[:4])
                 elif mode == "constant" and pad is not None and len(pad) <= 4:
                     out = src  # spatial zero padding: channel statistics kept (zeros at the border)
+                    lay = _pad_layout(lay, pad)
                 else:
                     out = "padding that is not constant zero"
             elif t is torch.cat:
@@ -269,7 +452,14 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
                     out = "concatenation of inputs without BN statistics"
                 else:
                     out = _concat_channels(parts)
+                    lay = layout(tensors[0]) if tensors else None
+                    for a in tensors[1:]:
+                        lay = _broadcast_layout(lay, layout(a))
+        sh = shape(node)
+        if sh is not None and len(sh) >= 2:
+            lay = tuple(int(d) for d in sh[2:])  # the traced shapes, when known, are exact
         env[node.name] = out
+        layouts[node.name] = lay if isinstance(out, ChannelStats) else None
     return result
 
 
@@ -331,3 +521,177 @@ def stats_range(stats: ChannelStats, bits: int, rule: str = "mse", n_sigma: Opti
     err = expected_quant_mse(stats, los, his, bits)
     i = int(torch.argmin(err))
     return float(los[i]), float(his[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# The SQuant authors' data-free activation rule: one forward pass on uniform noise.
+
+#: s in alpha = s * std per activation bit-width of the run: the authors' run.sh passes ``-s 12``,
+#: ``-s 14``, ``-s 25`` with ``-ab 4``, ``-ab 6``, ``-ab 8`` (one s per run, for every quantizer of
+#: the run, the classifier's 8-bit input included). They give none for 2, 3, 5 or 7 bits.
+SQUANT_NOISE_S: Dict[int, float] = {4: 12.0, 6: 14.0, 8: 25.0}
+
+#: Below this bit-width alpha is also clipped at the input's maximum (the authors' ``bit < 6``).
+SQUANT_CLIP_BELOW_BITS = 6
+
+
+@dataclass
+class NoiseRange:
+    """What :func:`calibrate_on_noise` set for one layer's input quantizer."""
+
+    alpha: float  # the rule's clipping value
+    signed: bool  # the noise pass gave the input a negative value: range [-alpha, alpha], else [0, alpha]
+    bits: int
+    s: float  # the factor in alpha = s * std
+    range: Tuple[float, float]  # what the quantizer's grid really covers (zero on a code)
+
+
+def squant_alpha(x: torch.Tensor, bits: int, s: float) -> Tuple[float, bool]:
+    """The SQuant authors' clipping value for one activation tensor: ``(alpha, signed)``.
+
+    ``signed`` when ``x`` has a negative value. Unsigned: ``alpha = s * std(x[x > 0])``; signed:
+    ``alpha = s * std(x) / 1.25`` (the range is then ``[-alpha, alpha]``); the standard deviation is
+    the unbiased one (``torch.std``'s default), over every element of the batch. Below 6 bits alpha
+    is also at most ``max(x)``. (``quant_modules.py``: ``Quantizer._sigma``, ``updata_signed``,
+    ``_init_quant_para``.) Where the authors' code would give NaN or an inverted range we do not:
+    fewer than two values to take a standard deviation of give ``alpha = max(x)``, and a negative
+    alpha (every value below zero, clipped at its maximum) is 0."""
+    x = x.detach()
+    signed = bool(x.min() < 0)
+    values = x.reshape(-1) if signed else x[x > 0]
+    if values.numel() > 1:
+        alpha = s * float(values.std())
+        if signed:
+            alpha /= 1.25
+    else:
+        alpha = float(x.max())
+    if bits < SQUANT_CLIP_BELOW_BITS:
+        alpha = min(alpha, float(x.max()))
+    return max(alpha, 0.0), signed
+
+
+def _input_quantizers(qmodel: nn.Module):
+    """(layer name, its ActQuantizer) for every quantized layer with an input quantizer, once each."""
+    from .qmodules import QUANT_LAYERS, ActQuantizer
+
+    found, seen = [], set()
+    for name, layer in qmodel.named_modules():
+        act = getattr(layer, "input_quant", None) if isinstance(layer, QUANT_LAYERS) else None
+        if isinstance(act, ActQuantizer) and id(act) not in seen:
+            seen.add(id(act))
+            found.append((name, act))
+    return found
+
+
+@torch.no_grad()
+def calibrate_on_noise(
+    qmodel: nn.Module,
+    input_size: Tuple[int, ...],
+    *,
+    a_bits: Optional[int] = None,
+    s: Optional[float] = None,
+    seed: int = 0,
+    batch: int = 256,
+    fixed: Tuple[str, ...] = (),
+) -> Dict[str, NoiseRange]:
+    """Set the input range of every activation quantizer of a dfquant quantized model the way the
+    SQuant authors' code does (Guo et al., ICLR 2022, github.com/clevercool/SQuant), in place.
+
+    One forward pass of the quantizing model, in eval mode, on ``batch`` images of uniform noise
+    in [0, 1) of shape ``input_size`` (``main.py``: ``torch.rand([batch_size, 3, 224, 224])``,
+    ``batch_size`` 256 by default, then ``quantized_model(rand_input)``). Each quantizer takes its
+    range from the first input it receives (:func:`squant_alpha`), and quantizes with it at once,
+    so a later layer's range is computed on what the already-quantized earlier layers give it, in
+    execution order (``quant_modules.py``: ``Quantizer.tensor_forward`` initialises once, in the
+    forward). A layer run more than once takes its range from its first call, as there.
+
+    ``s``: the factor of the rule, for every quantizer (the authors pass one per run); None:
+    :data:`SQUANT_NOISE_S` at ``a_bits``, the run's activation bit-width (None: the lowest
+    bit-width among the quantizers), so an 8-bit classifier input in a 4-bit run uses the 4-bit s,
+    as the authors' ``set_first_last_layer`` (``quant_model.py``) only changes its bit-width. The
+    clip at ``max(x)`` below 6 bits follows each quantizer's own bit-width. ``fixed``: layer names
+    whose quantizer keeps its range (a given image range): it is active in the pass, not set.
+
+    Range onto our quantizer: ``ActQuantizer(bits, 0, alpha)`` or ``ActQuantizer(bits, -alpha,
+    alpha)``. The authors' activation quantizer (``quant_affine.py``, ``AsymmetricQuantFunction``)
+    uses unsigned codes on [0, alpha] (the same grid as ours) and, for a signed input, signed codes
+    with step 2 alpha / (2^b - 1) and zero on a code, so its 2^b levels end half a step beyond
+    alpha at one end and half a step inside at the other; ours (unsigned codes, zero point) has the
+    same step and levels, and in both codes which end gets the extra half step is decided by the
+    float rounding of a tie (the zero point is -(2^b - 1)/2 before rounding), so the two can differ
+    by that one level on a signed input. Deviations: the noise is drawn from a seeded generator
+    (theirs is unseeded), and :func:`squant_alpha` avoids their NaN/inverted edge cases.
+
+    Returns, per layer name in calibration order, what was set; quantizers the pass does not run
+    (and ``fixed`` ones) keep their range and are absent. The global RNG, the modules' train/eval
+    modes and their hooks are as before the call. Memory: one forward of ``batch`` images."""
+    from .checks import check_bits, check_float, check_int, fail
+    from .modelcheck import check_input_size
+    from .qmodules import ActQuantizer
+
+    if not isinstance(qmodel, nn.Module):
+        raise fail("qmodel", f"qmodel must be a quantized torch.nn.Module, got {type(qmodel).__name__}")
+    try:
+        size = check_input_size(input_size)
+    except DfquantError as exc:
+        raise fail("input_size", str(exc)) from None
+    if size is None:
+        raise fail("input_size", "input_size is needed: the noise batch has the input's shape, e.g. (3, 32, 32)")
+    check_int(seed, "seed")
+    check_int(batch, "batch", 1)
+    if a_bits is not None:
+        check_bits(a_bits, "a_bits")
+    if s is not None:
+        s = check_float(s, "s", 0.0, lo_open=True)
+    if isinstance(fixed, str) or not all(isinstance(n, str) for n in fixed):
+        raise fail("fixed", f"fixed must be a list of layer names, got {fixed!r}")
+    quantizers = _input_quantizers(qmodel)
+    names = {n for n, _ in quantizers}
+    unknown = [n for n in fixed if n not in names]
+    if unknown:
+        raise fail("fixed", f"fixed names no layer with an input quantizer: {', '.join(unknown)}")
+    todo = [(n, act) for n, act in quantizers if n not in fixed]
+    if not todo:
+        raise fail("qmodel", "qmodel has no activation quantizer to calibrate (quantize it with a_bits set)")
+    run_bits = a_bits if a_bits is not None else min(act.bits for _, act in todo)
+    if s is None:
+        if run_bits not in SQUANT_NOISE_S:
+            have = ", ".join(f"{b} bits: {v:g}" for b, v in SQUANT_NOISE_S.items())
+            raise fail("a_bits", f"a_bits={run_bits}: the SQuant authors give s only for 4-, 6- and 8-bit activations ({have}); pass s explicitly")
+        s = SQUANT_NOISE_S[run_bits]
+
+    result: Dict[str, NoiseRange] = {}
+
+    def hook_for(name: str, act: ActQuantizer):
+        def hook(module, args):
+            if name in result:
+                return
+            x = args[0]
+            if not torch.isfinite(x).all():
+                raise DfquantError(f"the noise pass gave NaN or inf at the input of {name}: no range can be set from it", param="qmodel")
+            alpha, signed = squant_alpha(x, act.bits, s)
+            new = ActQuantizer(act.bits, -alpha if signed else 0.0, alpha)
+            act.scale.copy_(new.scale)
+            act.zero_point.copy_(new.zero_point)
+            result[name] = NoiseRange(alpha, signed, act.bits, s, act.range)
+
+        return hook
+
+    device = next((t.device for t in list(qmodel.parameters()) + list(qmodel.buffers())), torch.device("cpu"))
+    noise = torch.rand((batch, *size), generator=torch.Generator().manual_seed(seed)).to(device)
+    modes = [(m, m.training) for m in qmodel.modules()]
+    handles = [act.register_forward_pre_hook(hook_for(n, act)) for n, act in todo]
+    try:
+        qmodel.eval()
+        try:
+            qmodel(noise)
+        except DfquantError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's model: say which parameter to look at
+            raise fail("input_size", f"the model does not run on a noise batch of shape {tuple(noise.shape)} (check input_size): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    return result
