@@ -142,6 +142,19 @@ def test_a_plain_chain_is_paired_from_its_end_and_never_makes_the_stem_low(with_
     assert set(why) == {"c0", "c1"} and "stem" in why["c0"] and "stem c0" in why["c1"]
 
 
+def test_other_activations_on_the_path_are_listed_not_paired(with_bn_stats):
+    m = with_bn_stats(nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.SiLU(),
+        nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+    ))
+    plan = plan_pairs(m)
+    assert _pairs(plan) == [("9", "10", "13")]  # conv 6 -> conv 9 would pair too, but 9 is taken from the end
+    why = dict(plan.unpaired)
+    assert "SiLU" in why["3"] and "only ReLU" in why["3"]
+
+
 def test_shared_layers_are_never_paired_and_say_why(shared_conv_model):
     plan = plan_pairs(shared_conv_model)
     assert plan.pairs == []
@@ -436,3 +449,26 @@ def test_compensation_is_deterministic(with_bn_stats):
         q = _quantized(m, plan, 2, 6)
         cs.append([p.c for p in compensate(m, q, plan, DfmpcConfig(compensation="fitted", bn_recal="synthetic"), folded=False, images=_images()).pairs])
     assert all(torch.equal(a, b) for a, b in zip(*cs))
+
+
+def test_compensated_input_stats_equal_the_statistics_of_the_compensated_bns(with_bn_stats):
+    from dfquant.activation_ranges import propagate_bn_stats
+    from dfquant.dfmpc import compensated_input_stats
+    from dfquant.graph import trace
+
+    m = _plain(with_bn_stats, seed=8)
+    plan = plan_pairs(m)
+    q = _quantized(m, plan, 2, 6)
+    rec = compensate(m, q, plan, DfmpcConfig(bn_recal="moments"), folded=False)
+    ranges = compensated_input_stats(propagate_bn_stats(trace(m)), rec)
+    m2 = copy.deepcopy(m)  # the float model with the compensated BN affine parameters
+    for p in plan.pairs:
+        m2.get_submodule(p.bn).weight.data.copy_(q.get_submodule(p.bn).weight)
+        m2.get_submodule(p.bn).bias.data.copy_(q.get_submodule(p.bn).bias)
+    want = propagate_bn_stats(trace(m2))
+    assert ranges["c3"].stats is not None  # c2 -> b2 -> ReLU -> max-pool -> c3 carries statistics
+    for name, r in want.items():
+        got = ranges[name]
+        assert (got.stats is None) == (r.stats is None), name
+        if r.stats is not None:
+            assert torch.allclose(got.stats.mu, r.stats.mu) and torch.allclose(got.stats.sigma, r.stats.sigma), name

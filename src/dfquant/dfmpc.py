@@ -37,8 +37,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .activation_ranges import ChannelStats, InputRange, propagate_bn_stats
 from .checks import check_bits, check_choice, check_float, fail, option
-from .graph import ModelGraph, analyse, bn_affine, call_counts, first_input, is_supported
+from .graph import ModelGraph, analyse, bn_affine, call_counts, first_input, is_supported, trace
 from .qmodules import QuantConv2d
 from .quantizer import QParams, grid_codes, grid_params
 
@@ -126,7 +127,6 @@ _PASS_FN = {
     F.dropout: None, "contiguous": None,
 }
 _FLATTEN_FN = {torch.flatten, "flatten", "view", "reshape"}
-_RELU6 = (nn.ReLU6, nn.Hardtanh)
 _RELU6_MSG = "ReLU6 is not positively homogeneous; use relu6_to_relu"
 
 
@@ -166,12 +166,12 @@ def _link(node: fx.Node, modules, calls) -> Tuple[Optional[Tuple[str, str, str]]
         nxt = users[0]
         mod = modules.get(nxt.target) if nxt.op == "call_module" else None
         target = type(mod) if mod is not None else (nxt.target if nxt.op in ("call_function", "call_method") else None)
-        if first_input(nxt) is not cur:
-            return None, f"reaches {_describe(nxt, modules)} as a second operand"
         if mod is not None and is_supported(mod):
+            if first_input(nxt) is not cur:
+                return None, f"reaches {nxt.target} as an input other than its first"
             break
-        if isinstance(mod, _RELU6) or target in (F.relu6, F.hardtanh, "relu6"):
-            return None, f"{_RELU6_MSG} (ReLU6 between it and {nxt.target if mod is not None else 'the next layer'})"
+        if isinstance(mod, nn.ReLU6) or target in (F.relu6, "relu6"):
+            return None, f"{_RELU6_MSG} (ReLU6 between it and the next layer)"
         if target in _HOMOGENEOUS or target in _HOMOGENEOUS_FN:
             ops.append(_HOMOGENEOUS.get(target) or _HOMOGENEOUS_FN[target])
         elif target in _PASS or target in _PASS_FN:
@@ -181,7 +181,9 @@ def _link(node: fx.Node, modules, calls) -> Tuple[Optional[Tuple[str, str, str]]
         elif target is nn.Flatten or target in _FLATTEN_FN:
             flattened = True
         else:
-            return None, f"reaches {_describe(nxt, modules)} before the next layer (not a positively homogeneous op)"
+            return None, f"reaches {_describe(nxt, modules)} before the next layer (only ReLU, LeakyReLU, pooling, dropout and flatten may lie between)"
+        if first_input(nxt) is not cur:
+            return None, f"reaches {_describe(nxt, modules)} as an input other than its first"
         cur = nxt
     high = modules[nxt.target]
     if calls[nxt.target] != 1:
@@ -233,7 +235,8 @@ def plan_pairs(model: nn.Module, graph: Optional[ModelGraph] = None) -> DfmpcPla
         for i in range(len(chain) - 1, 0, -2):
             low, high = chain[i - 1], chain[i]
             if low in (first, last):
-                why[high] = f"its low partner would be the {'stem' if low == first else 'classifier'} {low}, which stays at the high bit-width"
+                own = f"; as a low layer: {why[high]}" if high in why else ""
+                why[high] = f"its low partner would be the {'stem' if low == first else 'classifier'} {low}, which stays at the high bit-width{own}"
                 continue
             bn, _, act = links[low]
             pairs.append(DfmpcPair(low, bn, high, act, graph.conv_bn.get(high)))
@@ -518,7 +521,6 @@ def _stats_of(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return t.mean(1), t.var(1, unbiased=False)
 
 
-@torch.no_grad()
 def compensate(
     float_model: nn.Module,
     qmodel: nn.Module,
@@ -540,6 +542,7 @@ def compensate(
     return _compensate(float_model, qmodel, plan, cfg, folded, stats, images, raw_synthetic=False)
 
 
+@torch.no_grad()
 def _compensate(float_model, qmodel, plan, cfg, folded, stats, images, raw_synthetic: bool) -> DfmpcRecord:
     t0 = time.perf_counter()
     cfg = cfg.validate()
@@ -561,9 +564,6 @@ def _compensate(float_model, qmodel, plan, cfg, folded, stats, images, raw_synth
         work.append(_Pair(p, float_model, qmodel, folded))
     if cfg.bn_recal == "moments":
         if stats is None:
-            from .activation_ranges import propagate_bn_stats
-            from .graph import trace
-
             gm = trace(float_model)
             stats = propagate_bn_stats(gm) if gm is not None else {}
         for w in work:
@@ -587,6 +587,21 @@ def _compensate(float_model, qmodel, plan, cfg, folded, stats, images, raw_synth
         )
     rec.time_s = time.perf_counter() - t0
     return rec
+
+
+def compensated_input_stats(ranges: Dict[str, InputRange], record: DfmpcRecord) -> Dict[str, InputRange]:
+    """The BN statistics reaching each layer's input (:func:`propagate_bn_stats`' result) after
+    compensation, for activation ranges: c scales BN l's output, and every op on a pair's path is
+    positively homogeneous, so the statistics at l+1's input become (c mu, c sigma) per channel
+    (a re-calibrated BN's output keeps N(beta, gamma^2) by construction). Other layers: as given."""
+    out = dict(ranges)
+    for p in record.pairs:
+        found = ranges.get(p.high)
+        if found is None or found.stats is None or found.stats.mu.numel() != p.c.numel():
+            continue
+        s, c = found.stats, p.c.to(found.stats.mu.dtype)
+        out[p.high] = InputRange(ChannelStats(s.mu * c, s.sigma * c, s.clip_lo, s.clip_hi, s.floor), found.reason, found.calls)
+    return out
 
 
 def _closed_form_pair(w: _Pair, cfg: DfmpcConfig) -> None:
