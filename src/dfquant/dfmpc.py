@@ -223,9 +223,9 @@ def plan_pairs(model: nn.Module, graph: Optional[ModelGraph] = None) -> DfmpcPla
             links[name] = link
         else:
             why[name] = reason
-    incoming = {high: low for low, (_, high, _) in links.items()}
+    incoming = {high for _, high, _ in links.values()}
     pairs, unpaired = [], []
-    paired: Dict[str, str] = {}
+    paired = set()
     for start in order:
         if start in incoming or start not in links:
             continue
@@ -240,7 +240,7 @@ def plan_pairs(model: nn.Module, graph: Optional[ModelGraph] = None) -> DfmpcPla
                 continue
             bn, _, act = links[low]
             pairs.append(DfmpcPair(low, bn, high, act, graph.conv_bn.get(high)))
-            paired[low] = paired[high] = "paired"
+            paired |= {low, high}
         for name in chain:
             if name not in paired and name not in (first, last) and name not in why:
                 why[name] = f"high bit-width without a partner: its chain {' -> '.join(chain)} is paired from its end"
