@@ -93,3 +93,116 @@ def test_weight_params_rules():
     assert weight_params(w, 4, "lp", per_channel=False).scale.dim() == 0
     with pytest.raises(DfquantError, match="weight range"):
         weight_params(w, 4, "percentile")
+
+
+# ---- DF-MPC's per-tensor grids: TWN (2 bits) and DoReFa (Eq. 6) ----
+
+_HAND = torch.tensor([[0.9, -0.1], [0.5, -0.6]])  # mean |W| 0.525, TWN threshold 0.3675
+
+
+def test_twn_hand_example_threshold_scale_and_codes():
+    from dfquant.quantizer import grid_codes, twn_params
+
+    qp = twn_params(_HAND)
+    codes = grid_codes(_HAND, qp, "twn")
+    assert codes.tolist() == [[1, 0], [1, -1]]  # -0.1 is under 0.3675
+    assert torch.isclose(qp.scale, torch.tensor(2.0 / 3.0))  # (0.9 + 0.5 + 0.6) / 3
+    assert qp.zero_point.item() == 0 and qp.bits == 2 and qp.scale.dim() == 0
+    assert torch.allclose(from_grid(codes, qp), torch.tensor([[2 / 3, 0.0], [2 / 3, -2 / 3]]))
+
+
+def test_twn_codes_are_ternary_and_do_not_depend_on_the_weight_scale():
+    from dfquant.quantizer import grid_codes, twn_params
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    codes = grid_codes(w, twn_params(w), "twn")
+    assert set(codes.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert torch.equal(codes, grid_codes(w * 4.0, twn_params(w * 4.0), "twn"))
+    assert torch.isclose(twn_params(w * 4.0).scale, 4.0 * twn_params(w).scale)
+
+
+def test_twn_of_an_all_zero_weight_is_finite_and_zero():
+    from dfquant.quantizer import grid_codes, twn_params
+
+    w = torch.zeros(3, 2, 3, 3)
+    qp = twn_params(w)
+    codes = grid_codes(w, qp, "twn")
+    assert torch.isfinite(qp.scale) and qp.scale > 0
+    assert torch.equal(from_grid(codes, qp), w)
+
+
+def test_dorefa_hand_example_matches_eq6_with_a_half_integer_zero_point():
+    from dfquant.quantizer import dorefa_params, grid_codes
+
+    qp = dorefa_params(_HAND, 3)
+    codes = grid_codes(_HAND, qp, "dorefa")
+    # Eq. 6: i = round(7 (w / 1.8 + 1/2)) = [[7, 3], [5, 1]]; signed code i - 4; value 0.9 (2 i / 7 - 1)
+    assert codes.tolist() == [[3, -1], [1, -3]]
+    assert qp.zero_point.item() == -0.5 and torch.isclose(qp.scale, torch.tensor(1.8 / 7))
+    want = 0.9 * (2 * torch.tensor([[7.0, 3.0], [5.0, 1.0]]) / 7 - 1)
+    assert torch.allclose(from_grid(codes, qp), want)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_dorefa_equals_eq6_levels_cover_plus_minus_max_and_none_is_zero(bits):
+    from dfquant.quantizer import dorefa_params, grid_codes
+
+    torch.manual_seed(bits)
+    w = torch.randn(6, 5, 3, 3).double().float()
+    qp = dorefa_params(w, bits)
+    codes = grid_codes(w, qp, "dorefa")
+    assert codes.min() >= qp.qmin and codes.max() <= qp.qmax and torch.equal(codes, codes.round())
+    n, m = 2**bits - 1, w.abs().max().double()
+    eq6 = m * (2 / n * torch.round(n * (w.double() / (2 * m) + 0.5)) - 1)
+    assert torch.allclose(from_grid(codes, qp).double(), eq6, atol=1e-6)
+    levels = from_grid(torch.arange(qp.qmin, qp.qmax + 1), qp)
+    assert torch.allclose(levels[[0, -1]], torch.stack([-m, m]).float()) and not torch.any(levels == 0)
+    assert torch.allclose(levels, -levels.flip(0))  # symmetric
+
+
+def test_dorefa_of_an_all_zero_weight_is_finite():
+    from dfquant.quantizer import dorefa_params, grid_codes
+
+    w = torch.zeros(2, 3)
+    qp = dorefa_params(w, 4)
+    assert torch.isfinite(from_grid(grid_codes(w, qp, "dorefa"), qp)).all()
+
+
+def test_squant_on_the_per_tensor_grids_keeps_their_code_sets():
+    from dfquant.quantizer import grid_codes, grid_params
+    from dfquant.squant import squant_round
+
+    torch.manual_seed(1)
+    w = torch.randn(8, 6, 3, 3)
+    twn = grid_codes(w, grid_params(w, 2, "twn"), "twn", squant_round)
+    assert set(twn.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    qp = grid_params(w, 3, "dorefa")
+    sq = grid_codes(w, qp, "dorefa", squant_round)
+    assert sq.min() >= -4 and sq.max() <= 3
+    d = (sq - to_grid(w, qp)).reshape(8, -1).sum(1).abs()
+    assert torch.all(d <= 0.5 + 1e-4)  # SQuant's channel bound, in DoReFa's grid units
+
+
+def test_a_quantized_conv_on_the_dorefa_grid_computes_with_eq6_values():
+    from dfquant.qmodules import QuantConv2d
+    from dfquant.quantizer import dorefa_params, grid_codes
+
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(3, 4, 3, bias=False)
+    qp = dorefa_params(conv.weight, 3)
+    codes = grid_codes(conv.weight, qp, "dorefa")
+    q = QuantConv2d(conv, codes, qp)
+    assert q.weight_int.dtype == torch.int8
+    assert torch.allclose(q.weight, from_grid(codes, qp))
+
+
+def test_grid_params_refuses_twn_above_two_bits_and_unknown_grids():
+    from dfquant.quantizer import grid_params
+
+    w = torch.randn(4, 3)
+    with pytest.raises(DfquantError, match="w_grid") as e:
+        grid_params(w, 4, "twn")
+    assert e.value.param == "w_grid"
+    with pytest.raises(DfquantError, match="unknown w_grid"):
+        grid_params(w, 4, "binary")

@@ -164,3 +164,85 @@ def code_dtype(bits: int, signed: bool) -> torch.dtype:
     """Smallest integer dtype that holds the codes (int8 / uint8 for <= 8 bits)."""
     check_bits(bits)
     return torch.int8 if signed else torch.uint8
+
+
+# --------------------------------------------------------------------------------------------
+# Per-tensor weight grids of DF-MPC (Chen et al., Pattern Recognition 143, 2023, Sec. 3.1, 5.2):
+# ternary (TWN) at 2 bits, DoReFa at 3..8. Both are one scale per layer (QParams of shape ()).
+# A caller picks one with ``w_grid`` for any rounding method:
+#   - "rtn" on a grid is the grid's own rule (:func:`grid_codes` with ``round_fn=None``): TWN's
+#     threshold at 2 bits (Eq. 3-4), round-to-nearest on DoReFa's levels (exactly Eq. 6). These
+#     are the paper's quantizers, the ones ``method="dfmpc"`` uses.
+#   - any other rounding (SQuant's) works on the grid's scale and code range in grid units: on
+#     TWN's grid it starts from round-to-nearest on {-a, 0, a} (threshold a/2, not TWN's 0.7 mean|W|)
+#     and flips within [-1, 1], so the codes stay ternary.
+# --------------------------------------------------------------------------------------------
+
+#: Per-tensor weight grids: "twn" (ternary, 2 bits) and "dorefa" (2^k levels over [-max|W|, max|W|]).
+WEIGHT_GRIDS = ("twn", "dorefa")
+
+#: TWN's threshold as a fraction of mean |W| (Li et al. 2016; DF-MPC Eq. 3).
+TWN_THRESHOLD = 0.7
+
+
+def twn_round(x: torch.Tensor, qmin: int = -1, qmax: int = 1) -> torch.Tensor:
+    """TWN's threshold rule (DF-MPC Eq. 3) on a tensor: ``sign(x)`` where ``|x| > 0.7 mean|x|``, else 0.
+
+    The rule is scale-free (the threshold is a fraction of the tensor's own mean |x|), so it gives the
+    same codes on the weight as on its grid units ``w / alpha``. Clamped to [qmin, qmax]."""
+    a = x.abs()
+    return torch.clamp(torch.sign(x) * (a > TWN_THRESHOLD * a.mean()), qmin, qmax)
+
+
+def twn_params(w: torch.Tensor) -> QParams:
+    """Ternary grid (DF-MPC Eq. 3-4): zero point 0, scale ``alpha = mean |W|`` over ``|W| > 0.7 mean|W|``.
+
+    Codes are {-1, 0, 1} in the 2-bit signed container. A weight with no entry above the threshold
+    (all zero) gets the smallest scale instead of 0/0; its codes are all 0."""
+    a = w.detach().float().abs()
+    above = twn_round(a) > 0
+    alpha = (a * above).sum() / above.sum().clamp_min(1)
+    return QParams(alpha.clamp_min(_EPS), torch.zeros(()), 2, True)
+
+
+def dorefa_params(w: torch.Tensor, bits: int) -> QParams:
+    """DoReFa's grid (DF-MPC Eq. 6), ``2^k`` levels spread evenly over ``[-m, m]``, ``m = max|W|``.
+
+    Eq. 6's integer ``i = round((2^k - 1)(w / 2m + 1/2))`` in [0, 2^k - 1] is stored as the signed
+    code ``i - 2^(k-1)``; value ``(code + 1/2) * 2m / (2^k - 1)``: scale ``2m / (2^k - 1)`` and a
+    half-integer zero point ``-1/2`` (no level is exactly zero). Round-to-nearest of
+    :func:`to_grid` gives Eq. 6's codes exactly (``2^(k-1)`` is even, so ties round alike). An
+    all-zero weight gets the smallest scale (its values are then +-scale/2, not 0)."""
+    check_bits(bits)
+    m = w.detach().float().abs().max()
+    scale = (2 * m / (2**bits - 1)).clamp_min(_EPS)
+    return QParams(scale, torch.full((), -0.5), bits, True)
+
+
+def grid_params(w: torch.Tensor, bits: int, grid: str) -> QParams:
+    """The per-tensor ``grid`` ("twn": 2 bits only; "dorefa": any bit-width) for weight ``w``."""
+    if grid == "twn":
+        if bits != 2:
+            raise DfquantError(f"w_grid='twn' is ternary (2 bits); got {bits} bits (use w_grid='dorefa' above 2 bits)", param="w_grid")
+        return twn_params(w)
+    if grid == "dorefa":
+        return dorefa_params(w, bits)
+    raise DfquantError(f"unknown w_grid {grid!r}; choose {' or '.join(WEIGHT_GRIDS)}", param="w_grid")
+
+
+def grid_code_range(grid: str, bits: int) -> Tuple[int, int]:
+    """Codes a rounding may use on ``grid``: [-1, 1] on TWN's, the full signed range on DoReFa's."""
+    return (-1, 1) if grid == "twn" else qrange(bits, True)
+
+
+def grid_codes(w: torch.Tensor, qp: QParams, grid: str, round_fn=None) -> torch.Tensor:
+    """Integer codes of ``w`` on ``grid`` (``qp`` from :func:`grid_params`).
+
+    ``round_fn=None`` ("rtn"): the grid's own rule, TWN's threshold or DoReFa's nearest level (the
+    paper's quantizers). Otherwise ``round_fn(grid_units, qmin, qmax)`` (e.g. SQuant's) within
+    :func:`grid_code_range`."""
+    lo, hi = grid_code_range(grid, qp.bits)
+    x = to_grid(w.detach().float(), qp)
+    if round_fn is None:
+        round_fn = twn_round if grid == "twn" else rtn_round
+    return round_fn(x, lo, hi)
