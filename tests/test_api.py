@@ -133,16 +133,19 @@ def test_not_a_module():
 # --- the real CIFAR-10 ResNet-20 (skips without ../shared) -------------------------------------
 
 
+@pytest.mark.slow
 def test_cifar_resnet20_fp32_accuracy(resnet20, cifar10):
     assert dfquant.evaluate(resnet20, cifar10)["top1"] == pytest.approx(91.73, abs=0.01)
 
 
+@pytest.mark.slow
 def test_cifar_resnet20_w8a8_within_half_point(resnet20, cifar10):
     fp = dfquant.evaluate(resnet20, cifar10)["top1"]
     q, _ = dfquant.quantize(resnet20, "squant", 8, 8)
     assert dfquant.evaluate(q, cifar10)["top1"] >= fp - 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("w_bits,a_bits", [(4, 4), (3, None)])
 def test_cifar_resnet20_squant_beats_rtn_at_low_bits(resnet20, cifar10, w_bits, a_bits):
     rtn, _ = dfquant.quantize(resnet20, "rtn", w_bits, a_bits)
@@ -152,6 +155,7 @@ def test_cifar_resnet20_squant_beats_rtn_at_low_bits(resnet20, cifar10, w_bits, 
     assert a_sq > a_rtn + 1.0, (a_sq, a_rtn)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("w_bits,a_bits", [(8, None), (4, 4)])
 def test_cifar_resnet20_squant_lowers_output_error(resnet20, cifar10, w_bits, a_bits):
     """Less noisy than accuracy on 846 images: SQuant's logits are closer to FP32's than RTN's."""

@@ -17,6 +17,7 @@ def run(capsys, *argv):
     return code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_demo_json(capsys, digits):
     code, out, _ = run(capsys, "demo", "--json")
     assert code == 0
@@ -29,6 +30,7 @@ def test_demo_json(capsys, digits):
     assert all(r["top1"] >= doc["fp32_top1"] - 1.0 for r in w8)
 
 
+@pytest.mark.slow
 def test_demo_table(capsys, digits):
     code, out, _ = run(capsys, "demo")
     assert code == 0 and "SQuant-K" in out and "W4A4" in out and "FP32" in out
@@ -165,6 +167,7 @@ def test_synthesize_on_a_cpu_takes_the_cpu_budget(capsys, digits, tmp_path, monk
     assert meta["budget"] == "cpu" and int(meta["iters"]) == CPU_BUDGET["distill_iters"] and int(meta["batch_size"]) == 2
 
 
+@pytest.mark.slow
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "dfquant.cli", "list"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "resnet20" in out.stdout and "squant" in out.stdout
@@ -191,6 +194,7 @@ def test_per_tensor_weight_grid_with_cle_from_the_command_line_saves_and_reloads
     assert code == 0 and json.loads(out)["top1"] == pytest.approx(res["quant_top1"])
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_synthesize_in_parts_then_genie_on_all_parts(capsys, digits, tmp_path):
     """`dfquant synthesize` writes images + a PNG grid; `quantize --synthetic A B` uses both parts."""
@@ -235,6 +239,7 @@ def test_synthetic_parts_of_another_shape_or_model(capsys, digits, tmp_path):
     assert code == 0 and "was synthesized from resnet20, not digits_cnn" in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_synthesis_leaves_no_output_file(digits, tmp_path):
     """A real SIGINT while `dfquant synthesize` runs: exit 130, one line, and no file at all."""
     import os

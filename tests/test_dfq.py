@@ -177,6 +177,7 @@ def test_refused_where_they_do_not_apply():
         dfquant.quantize(no_bn, "rtn", 4, None, bias_correction=True)
 
 
+@pytest.mark.slow
 def test_bias_correction_beats_round_to_nearest_on_real_resnet20(resnet20, cifar10):
     data = (cifar10[0][:400], cifar10[1][:400])
     rtn, _ = dfquant.quantize(resnet20, "rtn", 4, 4)

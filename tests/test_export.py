@@ -96,6 +96,7 @@ def folded_resnet20_w4a4():
     return qmodel
 
 
+@pytest.mark.slow
 def test_cifar_resnet_with_option_a_shortcuts_and_folded_bn_exports_with_a_dynamic_batch(folded_resnet20_w4a4, tmp_path):
     summary = export_onnx(folded_resnet20_w4a4, tmp_path / "r20.onnx", metadata={"model_name": "resnet20"})
     assert summary["float_batchnorm"] == 0 and summary["int8_weights"] == 20
@@ -108,6 +109,7 @@ def test_cifar_resnet_with_option_a_shortcuts_and_folded_bn_exports_with_a_dynam
     assert meta["model_name"] == "resnet20" and meta["input_size"] == [3, 32, 32]
 
 
+@pytest.mark.slow
 def test_biases_are_int32_codes_on_the_accumulator_grid_so_runtimes_agree(folded_resnet20_w4a4, tmp_path):
     path = export_onnx(folded_resnet20_w4a4, tmp_path / "r20.onnx")["path"]
     inits = _initializers(path)
@@ -140,6 +142,7 @@ def _dq_sources(graph, node):
     return [producers[i].input[0] for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"]
 
 
+@pytest.mark.slow
 def test_real_resnet20_w4a4_predictions_survive_the_export(resnet20, cifar10, tmp_path):
     x, _ = cifar10
     qmodel, _ = dfquant.quantize(resnet20, "squant", 4, 4)
@@ -149,6 +152,7 @@ def test_real_resnet20_w4a4_predictions_survive_the_export(resnet20, cifar10, tm
     assert c["model"]["argmax_agreement"] >= 0.95, c  # plus the int32 bias rounding at 4 bits
 
 
+@pytest.mark.slow
 def test_int32_bias_makes_the_evaluated_model_the_exported_one(resnet20, cifar10, tmp_path):
     x, _ = cifar10
     qmodel, report = dfquant.quantize(resnet20, "squant", 4, 4, fold_bn=True, int32_bias=True)
@@ -165,6 +169,7 @@ def test_int32_bias_makes_the_evaluated_model_the_exported_one(resnet20, cifar10
     assert c["model"]["argmax_agreement"] >= 0.995, c
 
 
+@pytest.mark.slow
 def test_int4_weights_store_the_exact_codes_of_low_bit_layers_packed(digits, digits_onnx, tmp_path):
     _, (x, _) = digits
     # Mixed precision: conv2 at 8 bits keeps its int8 container, the 4- and 2-bit layers are packed.
@@ -215,6 +220,7 @@ def run(capsys, *argv):
     return code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_cli_quantize_save_then_export_and_check(capsys, digits, tmp_path):
     code, out, _ = run(capsys, "quantize", "--model", "digits_cnn", "--fold-bn", "--out", str(tmp_path / "q"), "--onnx", str(tmp_path / "q.onnx"), "--json")
     assert code == 0
@@ -258,6 +264,7 @@ def test_cli_errors_are_one_line(capsys, digits, tmp_path, argv, message):
     assert "quantized in" not in out  # refused before quantizing
 
 
+@pytest.mark.slow
 def test_an_8_bit_grid_without_zero_is_exported_exactly_as_float_values(digits, tmp_path):
     model = copy.deepcopy(digits[0])
     with torch.no_grad():  # one output channel whose weights all lie far above 0
@@ -270,6 +277,7 @@ def test_an_8_bit_grid_without_zero_is_exported_exactly_as_float_values(digits, 
     assert c["file"]["rel_max_diff"] < 1e-5, c  # the float values are the grid's exact values
 
 
+@pytest.mark.slow
 def test_a_per_tensor_grid_is_written_per_channel_with_its_one_scale(digits, tmp_path):
     model, (x, _) = digits
     qmodel, _ = dfquant.quantize(model, "squant", 4, 8, per_channel=False)
