@@ -75,6 +75,14 @@ class Preprocessing:
         c = x.shape[-3]
         return x * self._view(self.std, c) + self._view(self.mean, c)
 
+    def clamp(self, x: torch.Tensor) -> torch.Tensor:
+        """Model inputs (..., C, H, W) clipped, per channel, to what black and white pixels map to:
+        the nearest valid image (for synthetic images that drift out of the pixel box)."""
+        c = x.shape[-3]
+        lo = self._view(tuple(lo for lo, _ in self.channel_ranges()), c).to(x)
+        hi = self._view(tuple(hi for _, hi in self.channel_ranges()), c).to(x)
+        return torch.maximum(torch.minimum(x, hi), lo)
+
     def channel_ranges(self) -> Tuple[Tuple[float, float], ...]:
         """Per channel, the ``(lo, hi)`` that black (0) and white (1) pixels map to."""
         return tuple(((0.0 - m) / s, (1.0 - m) / s) for m, s in zip(self.mean, self.std))
