@@ -487,3 +487,21 @@ def test_cle_leaves_dead_channels_unscaled_so_activation_ranges_stay_bounded():
     _, equalized = dfquant.quantize(model, "squant", 8, 8, cle=True)
     widest = lambda rep: max(l.a_range[1] for l in rep.layers if l.a_range is not None)  # noqa: E731
     assert widest(equalized) < 10 * widest(plain)
+
+
+def test_arch_options_rebuild_the_architecture_a_file_described(tmp_path: Path):
+    import json
+
+    torch.manual_seed(0)
+    layers = [list(l) for l in DARKNET_LAYERS]
+    layers[4] = [20, 3]
+    for name, built in (("mobilenet_v1", create_model("mobilenet_v1", width=0.5)), ("tiny_darknet", create_model("tiny_darknet", layers=layers))):
+        loaded = create_model(name, weights=str(_save(built.state_dict(), tmp_path / f"{name}.safetensors")))
+        options = json.loads(json.dumps(loaded.arch_options))  # what a saved file's metadata can hold
+        again = create_model(name, **options)
+        assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in built.state_dict().items()}
+    assert create_model("resnet18").arch_options == {}
+    with pytest.raises(DfquantError, match="model 'resnet18' has no option width; its options: none"):
+        create_model("resnet18", width=0.5)
+    with pytest.raises(DfquantError, match="has no option depth; its options: width, channels"):
+        create_model("mobilenet_v1", depth=3)

@@ -89,17 +89,30 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
         state = read_state_dict(weights)
         if spec.arch_from_state is not None and not arch:
             arch = spec.arch_from_state(state) or {}  # None: not this layout; the strict load says why
-    try:
-        model = spec.builder(num_classes=num_classes or spec.num_classes, **arch)
-    except TypeError as exc:
-        raise DfquantError(f"model {name!r} takes no option {', '.join(sorted(arch))} ({exc})") from None
+    import inspect
+
+    params = inspect.signature(spec.builder).parameters
+    unknown = sorted(k for k in arch if k not in params or k == "num_classes")
+    if unknown:
+        options = [p for p in params if p != "num_classes"]
+        raise DfquantError(f"model {name!r} has no option {', '.join(unknown)}; its options: {', '.join(options) or 'none'}")
+    model = spec.builder(num_classes=num_classes or spec.num_classes, **arch)
     model.input_size = spec.input_size  # type: ignore[attr-defined]
     model.preprocessing = spec.preprocessing  # type: ignore[attr-defined]
+    model.arch_options = _jsonable(arch)  # type: ignore[attr-defined]
     if state is not None:
         from .weights import load_state
 
         load_state(model, state, weights)
     return model.eval()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def preprocessing_of(model: Union[str, nn.Module, Preprocessing]) -> Preprocessing:
