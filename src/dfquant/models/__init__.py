@@ -13,6 +13,7 @@ the model the file describes, and loads it with the usual strict key and shape c
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -79,7 +80,9 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
     ``arch``: the builder's own size options (``width=0.5`` for ``mobilenet_v1``). With ``weights``,
     a model whose entry reads its sizes from a checkpoint is built with the file's sizes (given
     ``arch`` options must agree with them: the strict load checks every shape). The model carries
-    ``input_size`` and ``preprocessing`` attributes from its registry entry.
+    ``input_size`` and ``preprocessing`` attributes from its registry entry, and ``arch_options``:
+    the builder options it was built with (JSON-able), so that ``create_model(name,
+    **model.arch_options)`` rebuilds the same architecture (what a saved file needs to be reloaded).
     """
     spec = model_spec(name)
     state = None
@@ -89,8 +92,6 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
         state = read_state_dict(weights)
         if spec.arch_from_state is not None and not arch:
             arch = spec.arch_from_state(state) or {}  # None: not this layout; the strict load says why
-    import inspect
-
     params = inspect.signature(spec.builder).parameters
     unknown = sorted(k for k in arch if k not in params or k == "num_classes")
     if unknown:
