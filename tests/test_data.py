@@ -71,3 +71,97 @@ def test_a_limit_must_be_a_positive_integer_for_every_dataset(tmp_path, limit):
         with pytest.raises(DfquantError, match="limit must be a positive integer"):
             load_eval_data(name, path, limit=limit)
     assert load_eval_data("cifar10", str(p), limit=3)[1].tolist() == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing per model: each registry entry's own input scaling and range
+# --------------------------------------------------------------------------------------------
+
+from dfquant.data import Preprocessing
+from dfquant.models import create_model, input_range_of, list_models, model_spec, preprocessing_of
+
+PIXELS = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(1, 3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "name,rule",
+    [
+        ("mobilenet_v1", lambda p: p / 127.5 - 1),
+        ("tiny_darknet", lambda p: p / 255),
+        ("resnet18", lambda p: (p / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)),
+        ("resnet20", lambda p: (p / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)),
+    ],
+)
+def test_each_model_scales_pixels_by_its_own_rule(name, rule):
+    pre = preprocessing_of(name)
+    x = pre.normalize(PIXELS)
+    assert torch.allclose(x, rule(PIXELS.double()).float(), atol=1e-6)
+    lo, hi = input_range_of(name)
+    assert (float(x.min()), float(x.max())) == pytest.approx((lo, hi), abs=1e-6)  # black and white reach it
+    assert torch.allclose(pre.denormalize(x), PIXELS.float() / 255, atol=1e-6)
+
+
+def test_every_registry_model_has_a_preprocessing_with_its_input_channels():
+    for name in list_models():
+        spec = model_spec(name)
+        assert isinstance(spec.preprocessing, Preprocessing)
+        assert spec.preprocessing.channels in (1, spec.input_size[0])
+        assert create_model(name).preprocessing is spec.preprocessing
+
+
+def test_imagenet_models_of_the_same_dataset_differ_in_input_range():
+    assert input_range_of("mobilenet_v1") == (-1.0, 1.0)
+    assert input_range_of("tiny_darknet") == (0.0, 1.0)
+    assert input_range_of("resnet18") == input_range_of("mobilenet_v2") == input_range("imagenet")
+    assert input_range_of("resnet20") == input_range("cifar10")
+    assert input_range_of("digits_cnn") == input_range("digits") == (-1.0, 1.0)
+    m = create_model("tiny_darknet")
+    assert input_range_of(m) == (0.0, 1.0)
+    with pytest.raises(DfquantError, match="cannot tell the model's input preprocessing"):
+        preprocessing_of(torch.nn.Linear(2, 2))
+
+
+def test_the_dataset_level_functions_keep_their_values():
+    assert input_normalization("imagenet") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert input_normalization("cifar10") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    lo, hi = input_range("imagenet")
+    assert lo == pytest.approx(-0.485 / 0.229) and hi == pytest.approx((1 - 0.406) / 0.225)
+
+
+def test_digits_can_be_loaded_with_another_scaling():
+    from dfquant.data import load_eval_data
+
+    x, _ = load_eval_data("digits", preprocessing=Preprocessing((0.0,), (1.0,)))
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    with pytest.raises(DfquantError, match="grayscale"):
+        load_eval_data("digits", preprocessing="resnet18")
+
+
+@pytest.mark.parametrize(
+    "mean,std,message",
+    [((0.5,), (0.0,), "std positive"), ((0.5, 0.5), (0.5,), "one mean and one std per channel"), ((float("nan"),), (1.0,), "finite")],
+)
+def test_a_bad_preprocessing_is_refused(mean, std, message):
+    with pytest.raises(DfquantError, match=message):
+        Preprocessing(mean, std)
+
+
+def test_normalize_refuses_other_pixel_types_and_channel_counts():
+    pre = preprocessing_of("mobilenet_v1")
+    with pytest.raises(DfquantError, match="uint8 pixels .* or floats in \\[0, 1\\], got int16"):
+        pre.normalize(torch.zeros(1, 3, 2, 2, dtype=torch.int16))
+    with pytest.raises(DfquantError, match="images have 4 channels"):
+        pre.normalize(torch.zeros(1, 4, 2, 2, dtype=torch.uint8))
+    assert torch.equal(pre.normalize(np.full((3, 2, 2), 255, np.uint8)), torch.ones(3, 2, 2))
+
+
+def test_clamp_keeps_valid_inputs_and_moves_others_to_the_nearest_valid_image():
+    pre = preprocessing_of("resnet18")
+    valid = pre.normalize(torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8))
+    assert torch.equal(pre.clamp(valid), valid)
+    wild = torch.randn(2, 3, 4, 4) * 10
+    clipped = pre.clamp(wild)
+    pixels = pre.denormalize(clipped)
+    assert float(pixels.min()) >= -1e-6 and float(pixels.max()) <= 1 + 1e-6
+    inside = (pre.denormalize(wild) >= 0) & (pre.denormalize(wild) <= 1)
+    assert torch.equal(clipped[inside], wild[inside])

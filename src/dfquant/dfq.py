@@ -56,6 +56,13 @@ _RELU = (nn.ReLU,)
 _POOL = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _RELU_FUNCS = {F.relu, torch.relu}
 _POOL_FUNCS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+# A first-layer channel whose (BN-folded) weight range is below this share of the layer's largest
+# -- less than one step of a 16-bit per-tensor grid -- is "dead": weights that decayed to ~0, whose
+# BN then saw a running variance of ~0 too (down to 1e-36 in real ImageNet models). Its output is
+# the constant BN beta; the equalizing scale sqrt(r1 / r2) -> 0 would multiply that constant and
+# the BN's gamma by 1 / s (up to 1e7 there), and so the next activation range, for no precision
+# gained. Dead channels are found once, on the model as given, and never scaled.
+DEAD_CHANNEL_RANGE = 2.0**-16
 
 
 @dataclass
@@ -200,6 +207,10 @@ def equalize_cross_layer(model: nn.Module, max_passes: int = 20, tol: float = 1e
     eq = copy_model(model).eval()
     pairs, skipped = equalization_pairs(eq)
     total = {id(p): torch.ones(eq.get_submodule(p.first).out_channels) for p in pairs}
+    dead = {}
+    for p in pairs:  # on the given weights: scaling in later passes must not move a channel in or out
+        r1 = _channel_ranges(_folded_weight(eq, p.first, p.bn), 0)
+        dead[id(p)] = r1 <= r1.max() * DEAD_CHANNEL_RANGE
     passes = 0
     for passes in range(1, max_passes + 1):
         worst = 0.0
@@ -208,7 +219,7 @@ def equalize_cross_layer(model: nn.Module, max_passes: int = 20, tol: float = 1e
             r1 = _channel_ranges(_folded_weight(eq, p.first, p.bn), 0)
             r2 = _channel_ranges(_folded_weight(eq, p.second, p.second_bn), _input_channel_dim(second))
             s = torch.sqrt(r1 / r2)
-            s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))  # dead channels stay as they are
+            s = torch.where(torch.isfinite(s) & (s > 0) & ~dead[id(p)], s, torch.ones_like(s))  # dead channels stay as they are
             if p.bn is not None:
                 bn = eq.get_submodule(p.bn)
                 bn.weight.div_(s)

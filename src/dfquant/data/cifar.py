@@ -10,23 +10,27 @@ import torch
 
 from ..assets import CIFAR10_TEST_NPZ, asset_path, require_file
 from ..errors import DfquantError
+from .preprocessing import Preprocessing
 
 # The normalisation the shared checkpoints were trained with (ImageNet's mean and std).
 CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)
+CIFAR_PREPROCESSING = Preprocessing(CIFAR_MEAN, CIFAR_STD, "(x/255 - mean) / std, ImageNet's mean and std (the CIFAR ResNets)")
 CIFAR10_CLASSES = 10
 
 
-def normalize_cifar(images_uint8: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
-    return (images_uint8.float() / 255.0 - mean) / std
+def normalize_cifar(images_uint8: torch.Tensor, preprocessing: Optional[Preprocessing] = None) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) to the model input (default: the CIFAR ResNets' normalisation)."""
+    return (preprocessing or CIFAR_PREPROCESSING).normalize(images_uint8)
 
 
-def load_cifar10_npz(path: "str | Path | None" = None, num_classes: int = CIFAR10_CLASSES) -> Tuple[torch.Tensor, torch.Tensor]:
+def load_cifar10_npz(
+    path: "str | Path | None" = None, num_classes: int = CIFAR10_CLASSES, preprocessing: Optional[Preprocessing] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Normalised images (N, 3, 32, 32) float32 and labels (N,) int64.
 
     ``path`` defaults to the shared asset ``data/cifar10-test-first846.npz`` (via DFQUANT_ASSETS).
+    ``preprocessing``: the model's input scaling (default: the CIFAR ResNets' mean and std).
     The labels must be stored as integers in ``0..num_classes-1``: float labels would be truncated
     and out-of-range ones never match a prediction, so either is refused rather than scored.
     """
@@ -59,4 +63,4 @@ def load_cifar10_npz(path: "str | Path | None" = None, num_classes: int = CIFAR1
         raise DfquantError(
             f"{p}: 'labels' must be class indices in 0..{num_classes - 1}, found values {int(labels.min())}..{int(labels.max())}"
         )
-    return normalize_cifar(torch.from_numpy(images)), torch.from_numpy(labels.astype(np.int64))
+    return normalize_cifar(torch.from_numpy(images), preprocessing), torch.from_numpy(labels.astype(np.int64))

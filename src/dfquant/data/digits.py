@@ -13,21 +13,28 @@ import torch
 import torch.nn as nn
 
 from ..assets import cache_dir
+from ..errors import DfquantError
 from ..io.files import atomic_write
+from .preprocessing import Preprocessing
 
 Split = Tuple[torch.Tensor, torch.Tensor]
 # pixels (0..16) / 16, then normalised with this mean and std: the model's input lies in [-1, 1]
 DIGITS_MEAN, DIGITS_STD = (0.5,), (0.5,)
+DIGITS_PREPROCESSING = Preprocessing(DIGITS_MEAN, DIGITS_STD, "pixels (0..16) / 16, then (x - 0.5) / 0.5 (the digits CNN)")
 _CACHE_NAME = "digits_cnn-v1.pt"
 
 
-def load_digits_split() -> Tuple[Split, Split]:
-    """(train, test) splits of sklearn's digits: 80/20, stratified, fixed seed; pixels scaled to [-1, 1]."""
+def load_digits_split(preprocessing: "Preprocessing | None" = None) -> Tuple[Split, Split]:
+    """(train, test) splits of sklearn's digits: 80/20, stratified, fixed seed; pixels (0..16)
+    scaled to [0, 1] by / 16, then by ``preprocessing`` (default: the digits CNN's, to [-1, 1])."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0 - DIGITS_MEAN[0]) / DIGITS_STD[0]
+    pre = preprocessing or DIGITS_PREPROCESSING
+    if pre.channels != 1:
+        raise DfquantError(f"the digits are grayscale (1 channel), the preprocessing {pre} has {pre.channels}")
+    x = (d.images.astype(np.float32) / 16.0 - pre.mean[0]) / pre.std[0]
     y = d.target.astype(np.int64)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731

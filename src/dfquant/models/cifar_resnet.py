@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.cifar import CIFAR_PREPROCESSING
 from . import register_model
 
 
@@ -87,4 +88,4 @@ def _builder(depth: int):
 
 
 for _depth in (20, 32, 44, 56):
-    register_model(f"resnet{_depth}", (3, 32, 32), 10, "cifar10")(_builder(_depth))
+    register_model(f"resnet{_depth}", (3, 32, 32), 10, "cifar10", preprocessing=CIFAR_PREPROCESSING)(_builder(_depth))

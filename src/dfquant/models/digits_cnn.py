@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..data.digits import DIGITS_PREPROCESSING
 from . import register_model
 
 
@@ -32,6 +33,6 @@ class DigitsCNN(nn.Module):
         return self.fc(torch.flatten(self.gap(x), 1))
 
 
-@register_model("digits_cnn", (1, 8, 8), 10, "digits")
+@register_model("digits_cnn", (1, 8, 8), 10, "digits", preprocessing=DIGITS_PREPROCESSING)
 def digits_cnn(num_classes: int = 10) -> DigitsCNN:
     return DigitsCNN(num_classes)

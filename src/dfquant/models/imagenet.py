@@ -14,6 +14,7 @@ from typing import List, Optional, Type, Union
 import torch
 import torch.nn as nn
 
+from ..data.preprocessing import TORCHVISION_IMAGENET
 from . import register_model
 
 # --------------------------------------------------------------------------------------------
@@ -123,13 +124,13 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-@register_model("resnet18", (3, 224, 224), 1000, "imagenet")
+@register_model("resnet18", (3, 224, 224), 1000, "imagenet", preprocessing=TORCHVISION_IMAGENET)
 def resnet18(num_classes: int = 1000) -> ResNet:
     """ResNet-18 (BasicBlock, [2, 2, 2, 2]); torchvision's keys."""
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes)
 
 
-@register_model("resnet50", (3, 224, 224), 1000, "imagenet")
+@register_model("resnet50", (3, 224, 224), 1000, "imagenet", preprocessing=TORCHVISION_IMAGENET)
 def resnet50(num_classes: int = 1000) -> ResNet:
     """ResNet-50 (Bottleneck, [3, 4, 6, 3], v1.5); torchvision's keys."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes)
@@ -221,7 +222,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(x)
 
 
-@register_model("mobilenet_v2", (3, 224, 224), 1000, "imagenet")
+@register_model("mobilenet_v2", (3, 224, 224), 1000, "imagenet", preprocessing=TORCHVISION_IMAGENET)
 def mobilenet_v2(num_classes: int = 1000) -> MobileNetV2:
     """MobileNetV2, width 1.0; torchvision's keys."""
     return MobileNetV2(num_classes)

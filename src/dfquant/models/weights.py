@@ -67,7 +67,13 @@ def describe_state_mismatch(
 
 def load_weights(model: nn.Module, path: "str | Path") -> nn.Module:
     """Load a checkpoint into ``model``; names any missing, unexpected or mis-shaped key."""
-    state = read_state_dict(path)
+    return load_state(model, read_state_dict(path), path)
+
+
+def load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: "str | Path") -> nn.Module:
+    """Load a state dict read from ``path`` into ``model`` strictly: every key of the model present
+    (but BN batch counters), none more, every shape equal, every value finite."""
+    state = dict(state)
     own = model.state_dict()
     # BatchNorm's batch counter is bookkeeping only; old checkpoints lack it.
     problem = describe_state_mismatch(own, state, optional=lambda k: k.endswith("num_batches_tracked"))
