@@ -453,3 +453,21 @@ def test_the_noise_rule_on_resnet20_w4a4_is_closer_to_fp32_than_the_bn_rule(resn
     assert len(got) == sum(1 for m in noise_rule.modules() if getattr(m, "input_quant", None) is not None)
     err = {k: dfquant.evaluate(m, cifar10, reference=resnet20)["logit_mse"] for k, m in (("bn", bn_rule), ("noise", noise_rule))}
     assert err["noise"] < err["bn"]
+
+
+def test_leaky_relu_carries_the_exact_mean_and_variance_of_its_output():
+    """Tiny Darknet's LeakyReLU(0.1): the next layer gets statistics whose moments are the output's."""
+    import dfquant.activation_ranges as ar
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.LeakyReLU(0.1), nn.Conv2d(4, 2, 1)).eval()
+    model[1].weight.data = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    model[1].bias.data = torch.tensor([0.0, -1.0, 0.3, 2.0])
+    found = ar.propagate_bn_stats(torch.fx.symbolic_trace(model), (3, 8, 8))["3"]
+    assert found.stats is not None
+    z = torch.randn(400000, 4) * model[1].weight.data + model[1].bias.data  # the BN output model
+    y = torch.nn.functional.leaky_relu(z, 0.1)
+    assert torch.allclose(found.stats.mu, y.mean(0), atol=0.01)
+    assert torch.allclose(found.stats.sigma, y.std(0), atol=0.01)
+    q, report = dfquant.quantize(model, "squant", 4, 4, input_size=(3, 8, 8))
+    assert [n for n, _ in report.float_inputs] == ["0"]  # the second conv's input gets a range

@@ -67,7 +67,6 @@ def test_quantize_report_table(capsys, digits):
         (["evaluate", "/no/such/model.safetensors"], "not found"),
         (["quantize", "--model", "resnet20", "--random-init", "--eval", "cifar10", "--data", "/no/such.npz"], "not found"),
         (["quantize", "--model", "digits_cnn", "--eval", "cifar10", "--data", "/no/such.npz"], "scores a digits model on cifar10 images"),
-        (["quantize", "--model", "resnet18", "--random-init", "--eval", "imagenet"], "--eval none to skip evaluation"),
         (["quantize", "--model", "mobilenet_v2", "--random-init", "--method", "rtn", "--cle", "--eval", "none"], "no conv -> [BN] -> ReLU -> conv pair"),
         (["quantize", "--model", "digits_cnn", "--method", "squant", "--synthetic", "a.safetensors", "--recon-iters", "5"], "--recon-iters, --synthetic apply only to the learned methods (genie and zeroq), not to 'squant'"),
         (["quantize", "--model", "digits_cnn", "--method", "rtn", "--init", "squant"], "--init squant applies to the learned methods (genie, zeroq) only, not to 'rtn'"),
@@ -308,3 +307,9 @@ def test_the_digits_cache_folder_problems_are_clear(capsys, tmp_path, monkeypatc
     monkeypatch.setattr(digits_module, "atomic_write", refuse)
     model = digits_module.digits_model()
     assert isinstance(model, torch.nn.Module) and "could not be cached" in capsys.readouterr().err
+
+
+def test_imagenet_evaluation_without_data_or_assets_names_the_way_out(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("DFQUANT_ASSETS", str(tmp_path))  # an assets folder without the photos
+    code, _, err = run(capsys, "quantize", "--model", "resnet18", "--random-init", "--eval", "imagenet")
+    assert code == 2 and "--eval none to skip evaluation" in err and len(err.strip().splitlines()) == 1

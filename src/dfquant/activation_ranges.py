@@ -5,7 +5,8 @@ and 5): its running statistics normalise the input, so beta and |gamma| are the 
 standard deviation. These per-channel statistics are carried through the fx graph to every
 quantized layer's input:
 
-- ReLU / ReLU6 clip the Gaussian (tracked as "the Gaussian, then clipped"),
+- ReLU / ReLU6 clip the Gaussian (tracked as "the Gaussian, then clipped"); LeakyReLU gives the
+  Gaussian of its output's exact mean and variance (moment matching),
 - a residual addition adds the branches' means and variances (independence assumed), using the
   exact moments of a clipped Gaussian for each branch (closed form),
 - pooling (also a spatial ``mean``), flatten of a 1x1 map, dropout, identity, spatial slicing pass
@@ -136,6 +137,26 @@ def _relu_like(mod_or_fn, node: fx.Node) -> Optional[Tuple[Optional[float], Opti
         return 0.0, 6.0
     if isinstance(mod_or_fn, nn.Hardtanh):
         return float(mod_or_fn.min_val), float(mod_or_fn.max_val)
+    return None
+
+
+def _leaky(src: ChannelStats, slope: float) -> ChannelStats:
+    """LeakyReLU of the statistics, as the Gaussian of its exact mean and variance (moment matching):
+    ``leaky(x) = a x + (1 - a) relu(x)`` and ``leaky(x)^2 = a^2 x^2 + (1 - a^2) relu(x)^2``."""
+    m, v = src.moments()
+    mr, vr = src.clipped(0.0, None).moments()
+    m, v, mr, vr = m.double(), v.double(), mr.double(), vr.double()
+    mean = slope * m + (1 - slope) * mr
+    second = slope**2 * (v + m**2) + (1 - slope**2) * (vr + mr**2)
+    return ChannelStats(mean.float(), (second - mean**2).clamp_min(0).sqrt().float())
+
+
+def _leaky_slope(mod_or_fn, node: fx.Node) -> Optional[float]:
+    if isinstance(mod_or_fn, nn.LeakyReLU):
+        return float(mod_or_fn.negative_slope)
+    if mod_or_fn is F.leaky_relu:
+        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+        return float(slope) if isinstance(slope, (int, float)) else None
     return None
 
 
@@ -381,6 +402,8 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
                 out, lay = ChannelStats(beta.clone(), gamma.abs().clone()), (None, None)
             elif _relu_like(mod, node) is not None:
                 out = src.clipped(*_relu_like(mod, node)) if isinstance(src, ChannelStats) else src
+            elif _leaky_slope(mod, node) is not None:
+                out = _leaky(src, _leaky_slope(mod, node)) if isinstance(src, ChannelStats) else src
             elif isinstance(mod, nn.Flatten):
                 out, lay = reshaped(src, _flatten_layout(lay, mod.start_dim, mod.end_dim))
             elif isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
@@ -401,6 +424,8 @@ def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]]
                     out = "addition with an operand without BN statistics"
             elif _relu_like(t, node) is not None:
                 out = src.clipped(*_relu_like(t, node)) if isinstance(src, ChannelStats) else src
+            elif _leaky_slope(t, node) is not None:
+                out = _leaky(src, _leaky_slope(t, node)) if isinstance(src, ChannelStats) else src
             elif t in (torch.mean, "mean"):  # global average pooling written as x.mean((2, 3))
                 out, lay = reshaped(src, _mean_layout(lay, arg(node, 1, "dim", None), arg(node, 2, "keepdim", False)))
             elif t in (torch.flatten, "flatten"):

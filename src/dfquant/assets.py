@@ -65,3 +65,11 @@ CIFAR_RESNET_WEIGHTS = {
     "resnet56": "models/cifar10/resnet56-4bfd9763.th",
 }
 CIFAR10_TEST_NPZ = "data/cifar10-test-first846.npz"
+#: Registry models whose pretrained weights the assets folder holds (used when no --weights is given).
+MODEL_WEIGHTS = dict(
+    CIFAR_RESNET_WEIGHTS,
+    mobilenet_v1="models/imagenet/mobilenet_v1_075_224.safetensors",
+    tiny_darknet="models/imagenet/tiny_darknet_224.safetensors",
+)
+#: 1000 labelled photos in ImageNet-1k's classes (no model here trained on them).
+IMAGENET_NPZ = "data/imagenet-nips17dev-1000-224.npz"

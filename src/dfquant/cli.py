@@ -229,7 +229,7 @@ def _check_output(path: Optional[str], flag: str) -> None:
 def _load_model(args) -> Any:
     import torch
 
-    from .assets import CIFAR_RESNET_WEIGHTS, asset_path
+    from .assets import MODEL_WEIGHTS, asset_path
     from .data import digits_model
     from .models import create_model, model_spec
 
@@ -243,15 +243,15 @@ def _load_model(args) -> Any:
             torch.manual_seed(args.seed)
             return create_model(args.model)
     weights = args.weights
-    if weights is None and args.model in CIFAR_RESNET_WEIGHTS:
-        found = asset_path(CIFAR_RESNET_WEIGHTS[args.model])
+    if weights is None and args.model in MODEL_WEIGHTS:
+        found = asset_path(MODEL_WEIGHTS[args.model])
         weights = str(found) if found else None
     if weights is None:
         raise DfquantError(f"--weights PATH is required for {spec.name} (dfquant ships no pretrained weights; --random-init for timing)")
     return create_model(args.model, weights=weights)
 
 
-def _eval_data(args, dataset: str, num_classes: "int | None" = None):
+def _eval_data(args, dataset: str, num_classes: "int | None" = None, model_name: "str | None" = None):
     from .data import load_eval_data
 
     name = args.eval or dataset
@@ -264,7 +264,7 @@ def _eval_data(args, dataset: str, num_classes: "int | None" = None):
         raise DfquantError("the digits data is embedded (scikit-learn's load_digits); --data is for cifar10 (an .npz) or imagenet (a folder)")
     if name != dataset:
         raise DfquantError(f"--eval {name} scores a {dataset} model on {name} images: its labels would not mean the model's classes (--eval {dataset} or --eval none)")
-    data = load_eval_data(name, args.data, limit=args.limit)
+    data = load_eval_data(name, args.data, limit=args.limit, preprocessing=model_name)  # the model's input scaling
     classes = getattr(getattr(data, "dataset", None), "classes", None)
     if classes is not None and num_classes is not None and len(classes) != num_classes:
         print(
@@ -278,14 +278,14 @@ def _eval_data(args, dataset: str, num_classes: "int | None" = None):
 def _quantize_options(args, spec) -> Dict[str, Any]:
     """The flags given, as ``dfquant.quantize`` keyword options (config fields and data)."""
     from .config import LEARNED_METHODS, QUANT_FIELDS
-    from .data import input_range
     from .genie.config import GENIE_FIELDS
+    from .models import input_range_of
 
     options = {k: getattr(args, k) for k in QUANT_FIELDS + GENIE_FIELDS if hasattr(args, k) and k != "seed"}
     if options.get("skip") is not None:
         options["skip"] = tuple(options["skip"])
     if options.get("quantize_first_input"):
-        options["input_range"] = input_range(spec.dataset)
+        options["input_range"] = input_range_of(spec.name)  # the model's own scaling of valid pixels
     if options.get("method", "squant") in LEARNED_METHODS:
         options["seed"] = args.seed
     if args.synthetic:
@@ -339,7 +339,7 @@ def cmd_quantize(args) -> int:
     spec = model_spec(args.model)
     options = _quantize_options(args, spec)
     model = _load_model(args)
-    data = _eval_data(args, spec.dataset, spec.num_classes)
+    data = _eval_data(args, spec.dataset, spec.num_classes, spec.name)
     method = options.pop("method", "squant")
     result: Dict[str, Any] = {"model": args.model, "method": method, "w_bits": options.get("w_bits", 4), "a_bits": options.get("a_bits", 4)}
     if data is not None:
@@ -438,7 +438,7 @@ def cmd_evaluate(args) -> int:
         what = f"{args.model} (float)"
     else:
         raise DfquantError("give a quantized model file or --model NAME")
-    data = _eval_data(args, dataset, model_spec(name).num_classes if name else None)
+    data = _eval_data(args, dataset, model_spec(name).num_classes if name else None, name)
     if data is None:
         raise DfquantError("nothing to evaluate on: choose --eval")
     res = dfquant.evaluate(qmodel, data, progress=args.progress_on)
@@ -450,11 +450,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_synthesize(args) -> int:
-    from .data import input_normalization
     from .devices import resolve_device
     from .genie import GenieConfig, synthesize
     from .io.images import grid_path, images_path, save_image_grid, save_images
-    from .models import model_spec
+    from .models import preprocessing_of
 
     _check_output(args.out, "--out")
     out, png = images_path(args.out), grid_path(args.out)  # names with dots (seed0.5) keep their tail
@@ -468,8 +467,8 @@ def cmd_synthesize(args) -> int:
     # no wall time in the file: the same seed gives the same bytes
     meta = {"model": args.model, "method": args.method, "seed": args.seed, "budget": resolved.budget, "iters": resolved.distill_iters, "batch_size": resolved.distill_batch}
     save_images(images, out, metadata=meta)
-    mean, std = input_normalization(model_spec(args.model).dataset)  # so the grid shows the images' colours
-    save_image_grid(images, png, mean=mean, std=std)
+    pre = preprocessing_of(args.model)  # so the grid shows the images' colours
+    save_image_grid(images, png, mean=pre.mean, std=pre.std)
     print(f"wrote {len(images)} images to {out} and a grid of the first {min(64, len(images))} to {png} ({dt:.1f} s; {resolved.budget} budget, {resolved.distill_iters} iterations per batch)")
     return 0
 

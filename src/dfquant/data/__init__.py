@@ -85,6 +85,10 @@ def load_eval_data(name: str, path: "str | None" = None, limit: "int | None" = N
         from .imagenet import imagenet_folder_loader, load_imagenet_npz
 
         if path is None:
+            from ..assets import IMAGENET_NPZ, asset_path
+
+            path = asset_path(IMAGENET_NPZ)
+        if path is None:
             raise DfquantError(
                 "--data PATH is required for imagenet evaluation (a folder of class sub-folders, or an .npz of images and labels; "
                 "--eval none to skip evaluation)"
