@@ -31,12 +31,11 @@ from pathlib import Path
 import torch
 
 import dfquant
+from act_nsigma import logit_mse  # sibling benchmark scripts (benchmarks/ is on sys.path when run)
 from dfquant.assets import CIFAR_RESNET_WEIGHTS, asset_path
 from dfquant.data import load_cifar10_npz
 from dfquant.genie import CPU_BUDGET
 from dfquant.io.images import load_images
-
-from act_nsigma import logit_mse  # sibling benchmark scripts (benchmarks/ is on sys.path when run)
 from genie_cifar import parse_setting
 
 RESULTS = Path(__file__).parent / "results" / "genie_lr_round"

@@ -31,9 +31,9 @@ import torch
 import dfquant
 from dfquant.assets import CIFAR_RESNET_WEIGHTS, asset_path
 from dfquant.data import load_cifar10_npz
-from dfquant.qmodules import QuantConv2d, QuantLinear
 from dfquant.genie import bn_statistics_loss, synthesize
 from dfquant.io.images import load_images
+from dfquant.qmodules import QuantConv2d, QuantLinear
 
 RESULTS = Path(__file__).parent / "results" / "gpu_equivalence"
 

@@ -46,9 +46,9 @@ def read_result(path: str) -> dict:
     try:
         res = json.loads(Path(path).read_text())
     except OSError as e:
-        raise SystemExit(f"cannot read {path}: {e.strerror}")
+        raise SystemExit(f"cannot read {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
-        raise SystemExit(f"{path} is not JSON ({e.msg}, line {e.lineno})")
+        raise SystemExit(f"{path} is not JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(res, dict) or not {"command", "budget", "models"} <= set(res):
         raise SystemExit(f"{path} is not a genie_cifar.py result (needs 'command', 'budget' and 'models')")
     return res
@@ -72,7 +72,7 @@ def main() -> None:
     if args.label is not None:
         res["label"] = args.label
     order = [label for label, _, _ in METHODS.values()]
-    for name, m in res["models"].items():  # settings in the order first seen, methods in the usual column order
+    for m in res["models"].values():  # settings in the order first seen, methods in the usual column order
         m["rows"].sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
         settings = list(dict.fromkeys(r["setting"] for r in m["rows"]))
         m["rows"].sort(key=lambda r: settings.index(r["setting"]))

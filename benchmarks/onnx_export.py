@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 
 import dfquant
-from dfquant.assets import CIFAR_RESNET_WEIGHTS, CIFAR10_TEST_NPZ, asset_path
+from dfquant.assets import CIFAR10_TEST_NPZ, CIFAR_RESNET_WEIGHTS, asset_path
 from dfquant.data import load_cifar10_npz
 from dfquant.io.export import export_onnx, qdq_model
 from genie_cifar import cpu_name

@@ -35,7 +35,6 @@ import dfquant
 from dfquant.assets import CIFAR_RESNET_WEIGHTS, asset_path
 from dfquant.data import load_cifar10_npz
 from dfquant.genie import CPU_BUDGET
-
 from genie_cifar import parse_setting
 from squant_cifar import SETTINGS
 
@@ -158,7 +157,7 @@ def to_markdown(res: dict) -> str:
         ]
         for p in closer:
             c = p["closer"]
-            mse = lambda key: f"{p[key]:.3f}" if key in p else "-"  # noqa: E731
+            mse = lambda key, p=p: f"{p[key]:.3f}" if key in p else "-"  # noqa: E731
             lines.append(f"| {p['model']} | {p['setting']} | {p['a']} | {p['b']} | {mse('logit_mse_a')} | {mse('logit_mse_b')} | {c['a_closer']} | {c['b_closer']} | {c['p_value']:.2g} |")
         lines.append("")
     return "\n".join(lines)

@@ -94,7 +94,7 @@ def to_markdown(doc: dict, title: str, command: str) -> str:
             else "the same synthetic images (synthesis seed 0, cached) for every reconstruction seed. "
         )
         + 
-        f"Top-1 on the 846 CIFAR-10 test images in ../shared.",
+        "Top-1 on the 846 CIFAR-10 test images in ../shared.",
         "",
         f"Summary: `{command}`",
         "",

@@ -78,7 +78,7 @@ def main() -> None:
                 q, report = dfquant.quantize(model, method, w, a)
                 ev = dfquant.evaluate(q, data, reference=model)
                 acc, agree, lmse = ev["top1"], ev["agree_top1"], ev["logit_mse"]
-                total = best_time(lambda: dfquant.quantize(model, method, w, a), args.repeat)
+                total = best_time(lambda m=model, k=method, wb=w, ab=a: dfquant.quantize(m, k, wb, ab), args.repeat)
                 weight = min(dfquant.quantize(model, method, w, a)[1].weight_time_s for _ in range(args.repeat))
                 rows.append({"setting": f"W{w}A{a}", "method": label, "top1": acc, "drop": acc - fp, "agree_top1": agree, "logit_mse": lmse, "quantize_s": total, "rounding_s": weight})
                 print(f"{name} W{w}A{a} {label:<9} {acc:6.2f} ({acc - fp:+.2f}) agree {agree:6.2f} logit-mse {lmse:.4f}  quantize {total:.3f}s rounding {weight * 1000:.1f}ms", flush=True)
@@ -119,7 +119,7 @@ def to_markdown(res: dict) -> str:
             cells = [r for r in m["rows"] if r["setting"] == setting]
             lines.append(f"| {setting} | " + " | ".join(f"{r['logit_mse']:.4f}" for r in cells) + " |")
         sq = [r for r in m["rows"] if r["method"] == "SQuant"]
-        lines += ["", f"SQuant quantize time per setting: " + ", ".join(f"{r['setting']} {r['quantize_s']:.2f} s (rounding {r['rounding_s'] * 1000:.0f} ms)" for r in sq), ""]
+        lines += ["", "SQuant quantize time per setting: " + ", ".join(f"{r['setting']} {r['quantize_s']:.2f} s (rounding {r['rounding_s'] * 1000:.0f} ms)" for r in sq), ""]
     r50 = res["resnet50_squant"]
     lines += ["## SQuant speed on ResNet-50 weights", "", f"SQuant (E+K+C, 4 bit) over all {r50['layers']} conv/linear layers ({r50['weights'] / 1e6:.1f} M weights, random init): **{r50['squant_s']:.2f} s** (best of 3).", ""]
     return "\n".join(lines)

@@ -8,11 +8,10 @@ import dfquant
 from dfquant.data import digits_model, load_digits_split
 from dfquant.errors import DfquantError
 from dfquant.evaluate import evaluate
-from dfquant.genie import find_units, initial_rounding, lr_round_for
+from dfquant.genie import find_units, initial_rounding, lr_round_for, synthesize
 from dfquant.qmodules import QUANT_LAYERS
 from dfquant.quantizer import minmax_params, qrange, to_grid
 from dfquant.squant import squant_round
-from dfquant.genie import synthesize
 
 TINY = dict(samples=64, batch_size=16, device="cpu", seed=0)  # with given images
 

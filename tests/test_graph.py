@@ -164,7 +164,7 @@ class KeywordCalls(nn.Module):
     def forward(self, x):
         a = torch.relu(self.bn_a(input=self.a(x)))
         b = torch.relu(self.bn_b(self.b(input=x)))
-        y = self.c(input=torch.cat(tensors=[a, b], dim=1))
+        self.c(input=torch.cat(tensors=[a, b], dim=1))  # run by keyword, result unused
         return self.fc(torch.cat([a, b], dim=-3).mean((2, 3)).repeat(1, 2))
 
 

@@ -158,7 +158,6 @@ def test_create_model_with_weights(models, tmp_path: Path):
 
 import math
 
-import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file

@@ -4,16 +4,24 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
-import pytest
 
 from dfquant.data import digits_model
 from dfquant.errors import DfquantError
-from dfquant.models import create_model
 from dfquant.genie import GenieGenerator, SwingConv2d, bn_statistics_loss, reflect_shift, synthesize
 from dfquant.genie.distill import _apply_swing
-from dfquant.io.images import grid_path, images_metadata, images_path, load_image_files, load_images, save_image_grid, save_images
+from dfquant.io.images import (
+    grid_path,
+    images_metadata,
+    images_path,
+    load_image_files,
+    load_images,
+    save_image_grid,
+    save_images,
+)
+from dfquant.models import create_model
 
 TINY = dict(iters=60, batch_size=32, progress=False)
 

@@ -212,7 +212,7 @@ def equalize_cross_layer(model: nn.Module, max_passes: int = 20, tol: float = 1e
         r1 = _channel_ranges(_folded_weight(eq, p.first, p.bn), 0)
         dead[id(p)] = r1 <= r1.max() * DEAD_CHANNEL_RANGE
     passes = 0
-    for passes in range(1, max_passes + 1):
+    for passes in range(1, max_passes + 1):  # noqa: B007 - read after the loop
         worst = 0.0
         for p in pairs:
             first, second = eq.get_submodule(p.first), eq.get_submodule(p.second)

@@ -11,7 +11,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import DfquantError
 from .modelcheck import check_plain_module, copy_model
 
 SUPPORTED = (nn.Conv2d, nn.Linear)

@@ -148,6 +148,10 @@ def input_size_of(model: nn.Module) -> Tuple[int, int, int]:
 
 
 # Import the definitions so they register themselves.
-from . import cifar_resnet, digits_cnn  # noqa: E402,F401
-from . import imagenet  # noqa: E402,F401
-from . import darknet, mobilenet_v1  # noqa: E402,F401
+from . import (  # noqa: E402,F401  # noqa: E402,F401
+    cifar_resnet,
+    darknet,
+    digits_cnn,
+    imagenet,  # noqa: E402,F401
+    mobilenet_v1,
+)

@@ -26,7 +26,7 @@ def read_state_dict(path: "str | Path") -> Dict[str, torch.Tensor]:
             obj = load_file(str(p))
         else:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+    except Exception:  # torch raises many types for a corrupt or foreign file
         kind = "a safetensors file" if p.suffix == ".safetensors" else "a PyTorch checkpoint (torch.save) that safe loading accepts"
         raise DfquantError(f"cannot read weights file {p}: not {kind}") from None
     if isinstance(obj, dict):
