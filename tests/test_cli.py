@@ -313,3 +313,23 @@ def test_imagenet_evaluation_without_data_or_assets_names_the_way_out(capsys, mo
     monkeypatch.setenv("DFQUANT_ASSETS", str(tmp_path))  # an assets folder without the photos
     code, _, err = run(capsys, "quantize", "--model", "resnet18", "--random-init", "--eval", "imagenet")
     assert code == 2 and "--eval none to skip evaluation" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_while_torch_is_still_importing_is_one_line(tmp_path):
+    """The CLI imports torch only inside main(): a Ctrl-C there (simulated by an import hook that
+    raises KeyboardInterrupt when torch is first imported) ends with the one line and exit 130."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import builtins\n"
+        "_real = builtins.__import__\n"
+        "def _imp(name, *a, **k):\n"
+        "    if name == 'torch' or name.startswith('torch.'):\n"
+        "        raise KeyboardInterrupt\n"
+        "    return _real(name, *a, **k)\n"
+        "builtins.__import__ = _imp\n"
+    )
+    import os
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
+    out = subprocess.run([sys.executable, "-m", "dfquant.cli", "list"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 130, out.stderr
+    assert out.stderr.strip() == "dfquant: interrupted"
