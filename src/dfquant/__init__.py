@@ -33,6 +33,7 @@ _EXPORTS = {
     "create_model": ("models", "create_model"),
     "list_models": ("models", "list_models"),
     "squant_round": ("squant", "squant_round"),
+    "inspect": ("preflight", "inspect"),
 }
 __all__ = list(_EXPORTS)
 

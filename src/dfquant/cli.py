@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_int4_option(x)
     x.add_argument("--json", action="store_true", help="print one JSON object with the export summary")
 
+    i = sub.add_parser("inspect", help="what quantize will do with a model, before doing it: every layer, its BN, input range, CLE/DF-MPC partner, Genie unit")
+    _add_model_options(i)
+    from .config import QuantConfig
+
+    _add_config_flags(i, QuantConfig, exclude=("method", "init"))
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+
     sub.add_parser("list", help="list models and methods")
     return parser
 
@@ -526,6 +533,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    import dfquant
+
+    from .config import QUANT_FIELDS
+    from .models import input_range_of
+
+    options = {k: getattr(args, k) for k in QUANT_FIELDS if hasattr(args, k)}
+    if options.get("quantize_first_input"):
+        options["input_range"] = input_range_of(args.model)
+    result = dfquant.inspect(_load_model(args), **options)
+    print(json.dumps(result.to_dict(), default=str) if args.json else result.format_table())
+    return 0
+
+
 def cmd_list(args) -> int:
     from .config import METHODS
     from .models import list_models, model_spec
@@ -557,7 +578,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        handlers = {"quantize": cmd_quantize, "evaluate": cmd_evaluate, "synthesize": cmd_synthesize, "list": cmd_list, "demo": cmd_demo, "export": cmd_export}
+        handlers = {"quantize": cmd_quantize, "evaluate": cmd_evaluate, "synthesize": cmd_synthesize, "list": cmd_list, "demo": cmd_demo, "export": cmd_export, "inspect": cmd_inspect}
         return handlers[args.command](args)
     except DfquantError as exc:
         print(f"dfquant: error: {cli_message(str(exc), exc.param)}", file=sys.stderr)
