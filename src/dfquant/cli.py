@@ -113,6 +113,7 @@ def _quantize_parser(sub) -> None:
     _add_int4_option(q)
     q.add_argument("--json", action="store_true", help="print one JSON object with the results")
     q.add_argument("--report", action="store_true", help="print the per-layer report table")
+    q.add_argument("--plot", default=None, metavar="FILE.png", help="draw the per-layer weight error and error sums against RTN, bits per layer, float inputs (needs matplotlib)")
 
 
 def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -327,6 +328,11 @@ def _check_quantize_outputs(args) -> None:
         raise DfquantError("--int4-weights sets how the ONNX export stores weights: give --onnx FILE too")
     _check_output(args.out, "--out")
     _check_output(args.save_synthetic, "--save-synthetic")
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
+        _check_output(args.plot, "--plot")
     if args.out and args.out.lower().endswith(".onnx"):
         raise DfquantError(f"--out {args.out} writes a .safetensors model and its .json; for an ONNX file give --onnx {args.out}")
     if args.out and args.save_synthetic:
@@ -361,6 +367,8 @@ def cmd_quantize(args) -> int:
     result.update(float_inputs=[n for n, _ in report.float_inputs], unsupported_layers=report.unsupported, notes=report.notes)
     if "genie" in report.config:
         result["genie"] = {k: v for k, v in report.config["genie"].items() if k != "units"}
+    if args.plot:
+        result["plot"] = str(_plot_layers(model, report, args.plot))
     if args.out:
         paths = dfquant.save_quantized(qmodel, args.out, model_name=args.model, config=report.config, report=report.to_dict())
         result["out"] = str(paths[0])
@@ -375,6 +383,18 @@ def cmd_quantize(args) -> int:
         return 0
     _print_quantize(args, result, report)
     return 0
+
+
+def _plot_layers(model, report, path: str):
+    """The --plot picture: this run's per-layer errors beside round-to-nearest's at the same bits."""
+    import dfquant
+
+    from .plots import plot_layers
+
+    cfg = report.config
+    keep = ("layer_w_bits", "skip", "per_channel", "fold_bn", "first_last_w_bits", "last_input_bits")
+    baseline = report if cfg["method"] == "rtn" else dfquant.quantize(model, "rtn", cfg["w_bits"], cfg["a_bits"], **{k: cfg[k] for k in keep})[1]
+    return plot_layers(report, baseline, path)
 
 
 def _print_quantize(args, result: Dict[str, Any], report) -> None:
@@ -397,6 +417,8 @@ def _print_quantize(args, result: Dict[str, Any], report) -> None:
             print(f"  ({len(detail)} more lines of notes: see --report)")
     if args.out:
         print(f"  saved {result['out']} and its .json")
+    if args.plot:
+        print(f"  drew {result['plot']}")
     if args.onnx:
         _print_export(result["onnx"], indent="  ")
         if "onnx_top1" in result:
