@@ -165,3 +165,26 @@ def test_clamp_keeps_valid_inputs_and_moves_others_to_the_nearest_valid_image():
     assert float(pixels.min()) >= -1e-6 and float(pixels.max()) <= 1 + 1e-6
     inside = (pre.denormalize(wild) >= 0) & (pre.denormalize(wild) <= 1)
     assert torch.equal(clipped[inside], wild[inside])
+
+
+def test_a_channel_last_cifar_npz_is_read_with_a_note(tmp_path, capsys):
+    """(N, 32, 32, 3) uint8 images are unambiguous: read as such, with a note (issue 25)."""
+    import numpy as np
+    import pytest
+
+    from dfquant.cli import main
+    from dfquant.data import load_cifar10_npz
+    from dfquant.errors import DfquantNote
+
+    rng = np.random.default_rng(0)
+    chw = rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    labels = np.arange(6, dtype=np.int64)
+    np.savez(tmp_path / "chw.npz", images=chw, labels=labels)
+    np.savez(tmp_path / "hwc.npz", images=chw.transpose(0, 2, 3, 1), labels=labels)
+    with pytest.warns(DfquantNote, match="channel-last"):
+        x_hwc, _ = load_cifar10_npz(tmp_path / "hwc.npz")
+    x_chw, _ = load_cifar10_npz(tmp_path / "chw.npz")
+    assert torch.equal(x_hwc, x_chw)
+    code = main(["--no-progress", "evaluate", "--model", "resnet20", "--random-init", "--eval", "cifar10", "--data", str(tmp_path / "hwc.npz")])
+    err = capsys.readouterr().err
+    assert code == 0 and "dfquant: note:" in err and "channel-last" in err and "Warning" not in err

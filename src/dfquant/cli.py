@@ -588,7 +588,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _show_notes() -> None:
+    """Library notes (:class:`dfquant.errors.DfquantNote`) as one ``dfquant: note:`` line each."""
+    import warnings
+
+    from .errors import DfquantNote
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DfquantNote):
+            print(f"dfquant: note: {message}", file=sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", DfquantNote)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _show_notes()
     try:
         parser = build_parser()
         try:

@@ -15,6 +15,17 @@ class DfquantError(ValueError):
         self.param = param
 
 
+class DfquantNote(UserWarning):
+    """Something a user should know that is not an error (the CLI prints it as one ``note:`` line)."""
+
+
+def note(message: str) -> None:
+    """Emit a :class:`DfquantNote` (a warning the caller may silence or turn into an error)."""
+    import warnings
+
+    warnings.warn(message, DfquantNote, stacklevel=3)
+
+
 def check_bits(bits: int, what: str = "bit-width") -> int:
     """Validate a bit-width: an int in 2..8 (what dfquant supports). See :mod:`dfquant.checks`."""
     if isinstance(bits, bool) or not isinstance(bits, int):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..assets import CIFAR10_TEST_NPZ, asset_path, require_file
-from ..errors import DfquantError
+from ..errors import DfquantError, note
 from .preprocessing import Preprocessing
 
 # The normalisation the shared checkpoints were trained with (ImageNet's mean and std).
@@ -51,8 +51,11 @@ def load_cifar10_npz(
         raise
     except Exception as exc:
         raise DfquantError(f"cannot read {p} as an .npz file ({type(exc).__name__})") from None
+    if images.ndim == 4 and images.shape[1:] == (32, 32, 3):  # channel-last: unambiguous at 32 x 32
+        note(f"{p}: 'images' are stored channel-last (N, 32, 32, 3); read as such")
+        images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     if images.ndim != 4 or images.shape[1:] != (3, 32, 32):
-        raise DfquantError(f"{p}: 'images' must have shape (N, 3, 32, 32), got {images.shape}")
+        raise DfquantError(f"{p}: 'images' must have shape (N, 3, 32, 32) (or (N, 32, 32, 3)), got {images.shape}")
     if images.dtype != np.uint8:
         raise DfquantError(f"{p}: 'images' must be uint8 pixels, got {images.dtype}")
     if labels.shape != (images.shape[0],):

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from ..assets import require_file
-from ..errors import DfquantError
+from ..errors import DfquantError, note
 from .preprocessing import TORCHVISION_IMAGENET, Preprocessing
 
 IMAGENET_MEAN = TORCHVISION_IMAGENET.mean
@@ -206,6 +206,7 @@ def load_imagenet_npz(
         images, labels = images[:limit], labels[:limit]
         files = None if files is None else files[:limit]
     if layout == "HWC":
+        note(f"{p}: 'images' are stored channel-last (N, H, W, {channels}); read as such")
         images = images.transpose(0, 3, 1, 2)  # a view; each batch is made contiguous when it is read
     dataset = ImageArrayDataset(images, labels, pre, files)
     sampler = BatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=False)
