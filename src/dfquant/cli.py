@@ -73,9 +73,10 @@ def flag_of(field: dataclasses.Field) -> str:
 def _add_config_flags(group, config_cls, exclude=()) -> None:
     """One flag per field of ``config_cls`` offered on the command line (``option(cli=True)``)."""
     for f in dataclasses.fields(config_cls):
-        meta = f.metadata
+        meta = dict(f.metadata)
         if not meta.get("cli", True) or f.name in exclude:
             continue
+        meta["help"] = cli_message(meta["help"])  # the flags' names, not the API's
         kw: Dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS)
         shown = "none" if f.default is None else f.default
         if f.name == "layer_w_bits":
@@ -85,7 +86,8 @@ def _add_config_flags(group, config_cls, exclude=()) -> None:
         elif isinstance(f.default, bool):
             kw.update(action="store_false" if f.default else "store_true", help=meta["help"])
         else:
-            kw.update(type=_bits_or_none if f.name in _BITS_OR_NONE else _field_type(f), help=f"{meta['help']} (default {shown})")
+            default = "" if "default" in meta["help"] else f" (default {shown})"
+            kw.update(type=_bits_or_none if f.name in _BITS_OR_NONE else _field_type(f), help=meta["help"] + default)
             if meta.get("choices"):
                 kw["choices"] = meta["choices"]
         group.add_argument(flag_of(f), **kw)
