@@ -204,9 +204,9 @@ def equalize_cross_layer(model: nn.Module, max_passes: int = 20, tol: float = 1e
     Passes repeat until no scale moves by more than ``tol`` (relative) or ``max_passes``. The
     original model is not modified.
     """
-    eq = copy_model(model).eval()
+    eq = copy_model(model).eval().double()  # scales in float64, cast back at the end: CPU-independent
     pairs, skipped = equalization_pairs(eq)
-    total = {id(p): torch.ones(eq.get_submodule(p.first).out_channels) for p in pairs}
+    total = {id(p): torch.ones(eq.get_submodule(p.first).out_channels, dtype=torch.float64) for p in pairs}
     dead = {}
     for p in pairs:  # on the given weights: scaling in later passes must not move a channel in or out
         r1 = _channel_ranges(_folded_weight(eq, p.first, p.bn), 0)
@@ -234,20 +234,22 @@ def equalize_cross_layer(model: nn.Module, max_passes: int = 20, tol: float = 1e
         if worst < tol:
             break
     for p in pairs:
-        p.scales = total[id(p)]
-    return eq, EqualizationRecord(pairs, skipped, passes if pairs else 0)
+        p.scales = total[id(p)].float()
+    return eq.float(), EqualizationRecord(pairs, skipped, passes if pairs else 0)
 
 
 def bias_correction(weight_error: torch.Tensor, input_mean: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """The bias change ``-eps E[x]`` that cancels the expected output shift of a quantized layer.
+    """The bias change ``-eps E[x]`` that cancels the expected output shift of a quantized layer
+    (summed in float64, so it does not depend on the CPU's float32 reductions).
 
     ``weight_error``: ``W_q - W``, shape (out, in/groups, kh, kw) or (out, in); ``input_mean``:
     ``E[x]`` per input channel (in,). For a convolution the kernel's spatial taps all see the same
     channel mean, so they sum (App. B).
     """
-    eps = weight_error.reshape(weight_error.shape[0], weight_error.shape[1], -1).sum(dim=2)  # (out, in/groups)
+    dtype = weight_error.dtype
+    eps = weight_error.double().reshape(weight_error.shape[0], weight_error.shape[1], -1).sum(dim=2)  # (out, in/groups), float64
     out, per_group = eps.shape
     if input_mean.numel() != per_group * groups:
         raise DfquantError(f"input mean has {input_mean.numel()} channels, the layer expects {per_group * groups}")
     mean_per_out = input_mean.reshape(groups, per_group).repeat_interleave(out // groups, dim=0)  # (out, in/groups)
-    return -(eps * mean_per_out.to(eps.dtype)).sum(dim=1)
+    return (-(eps * mean_per_out.double()).sum(dim=1)).to(dtype)

@@ -143,8 +143,9 @@ def bn_fold_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
 def fold_bn(model: nn.Module, graph: Optional[ModelGraph] = None) -> nn.Module:
     """Return a copy with every BN that directly follows a conv folded into it (BN -> Identity).
 
-    ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta + (b - mean) * gamma / sqrt(var + eps)``.
-    The given model is not modified.
+    ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta + (b - mean) * gamma / sqrt(var + eps)``,
+    computed in float64 and cast back, so the folded weights (and the codes chosen from them) do
+    not depend on the CPU's float32 kernels. The given model is not modified.
     """
     graph = graph or analyse(model)
     folded = copy_model(model)
@@ -152,11 +153,12 @@ def fold_bn(model: nn.Module, graph: Optional[ModelGraph] = None) -> nn.Module:
         conv = folded.get_submodule(conv_name)
         bn = folded.get_submodule(bn_name)
         with torch.no_grad():
-            inv = bn_fold_scale(bn)
-            conv.weight.mul_(inv.reshape(-1, 1, 1, 1))
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            new_bias = bn_affine(bn)[1] + (bias - bn.running_mean) * inv
-            conv.bias = nn.Parameter(new_bias.detach().clone())
+            gamma, beta = (t.double() for t in bn_affine(bn))
+            inv = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
+            conv.weight.copy_(conv.weight.double() * inv.reshape(-1, 1, 1, 1))
+            bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(inv)
+            new_bias = beta + (bias - bn.running_mean.double()) * inv
+            conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
         ident = nn.Identity()
         ident._dfquant_folded = True  # type: ignore[attr-defined]  # remembered when saving
         replace_module(folded, bn_name, ident)
