@@ -243,9 +243,11 @@ def _peel(p, count, exact):
 def _top_rows(value, count, exact):
     """(row, column) of the ``count[r]`` largest positive entries of each row of ``value`` (long rows).
 
-    One sort of each row gives the count-th largest value ``t``; the entries >= t are then found
-    through strided blocks (block j: columns j, j + b, j + 2b, ...): only the blocks whose maximum
-    is >= t are searched. Rows where the count-th and next largest are equal go to ``exact``.
+    Each row is cut into ``s`` strided blocks (block j: columns j, j + b, j + 2b, ...) with their
+    maxima. A sort gives the count-th largest entry ``t``: of the whole row, or for long rows only of
+    the blocks whose maximum reaches the count-th largest block maximum (which cannot exceed t). The
+    entries >= t are then looked for in the blocks whose maximum is >= t. Rows where the count-th
+    and the next largest entries are equal go to ``exact``.
     """
     nrows, n = value.shape
     k = count.clamp(0, n)
@@ -253,16 +255,25 @@ def _top_rows(value, count, exact):
     dev = value.device
     if kmax == 0:
         return torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
-    srt = _sort_rows(value)
-    t = srt.gather(1, (n - k).clamp(max=n - 1).unsqueeze(1))  # the count-th largest
-    tie = (srt.gather(1, (n - 1 - k).clamp(min=0).unsqueeze(1)) == t) & (t > 0) & (k < n).unsqueeze(1)
-    t.masked_fill_(tie | (k == 0).unsqueeze(1), torch.inf)
-    s = 16
-    while n % s:
+    s = 8
+    while s > 1 and (n % s or n // s <= kmax):
         s //= 2
     b = n // s
     blocks = value.view(nrows, s, b)
     top = blocks.amax(dim=1)
+    if n >= 1024 and s >= 4:
+        low = _sort_rows(top).gather(1, (b - k).clamp(max=b - 1).unsqueeze(1))
+        pr, blk = ((top >= low) & (k > 0).unsqueeze(1)).nonzero(as_tuple=True)
+        per_row = torch.bincount(pr, minlength=nrows)
+        pos = torch.arange(len(pr), device=dev) - (per_row.cumsum(0) - per_row)[pr]
+        cand = torch.full((nrows, int(per_row.max()), s), -torch.inf, device=dev).index_put_((pr, pos), blocks[pr, :, blk])
+        srt = _sort_rows(cand.view(nrows, -1))
+    else:
+        srt = _sort_rows(value)
+    w = srt.shape[1]
+    t = srt.gather(1, (w - k).clamp(max=w - 1).unsqueeze(1))  # the count-th largest
+    tie = (srt.gather(1, (w - 1 - k).clamp(min=0).unsqueeze(1)) == t) & (t > 0) & ((k > 0) & (k < n)).unsqueeze(1)
+    t.masked_fill_(tie | (k == 0).unsqueeze(1), torch.inf)
     pr, blk = ((top >= t) & (top > 0)).nonzero(as_tuple=True)
     vals = blocks[pr, :, blk]
     i, j = ((vals >= t[pr]) & (vals > 0)).nonzero(as_tuple=True)
@@ -299,7 +310,7 @@ def _double_row_sums(r):
     """``r.double().sum(dim=1)``, the former channel sums, converted a block of rows at a time (a
     large float64 copy costs more than the sum; each row's sum is unchanged: torch reduces the rows
     of a block of two or more rows one by one, as it does the rows of the whole)."""
-    step = max(2, (1 << 17) // max(1, r.shape[1]))
+    step = max(2, (1 << 19) // max(1, r.shape[1]))
     starts = list(range(0, len(r), step))
     if len(starts) > 1 and len(r) - starts[-1] < 2:
         starts.pop()  # no block of a single row
