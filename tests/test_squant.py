@@ -197,3 +197,30 @@ def test_same_codes_as_reference_on_resnet20(resnet20, rule):
             for kernel, channel in FLAGS:
                 got = squant_round(x, qp.qmin, qp.qmax, kernel=kernel, channel=channel)
                 assert torch.equal(got, reference(x, qp.qmin, qp.qmax, kernel=kernel, channel=channel)), (tuple(w.shape), bits, kernel, channel)
+
+
+def test_same_codes_as_reference_with_huge_values():
+    """Weights far off the grid (kernel sums beyond 2**63, where the former int64 counts wrap)."""
+    from squant_reference import squant_round as reference
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 4, 3, 3, generator=g) * 15 - 7.5
+    x[0, 0, 0, 0], x[1, 2, 1, 1], x[2, 3] = 3e19, -2e20, 1e30
+    for kernel, channel in FLAGS:
+        assert torch.equal(squant_round(x, -8, 7, kernel=kernel, channel=channel), reference(x, -8, 7, kernel=kernel, channel=channel))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blockwise_double_sums_are_the_whole_sums(threads):
+    """The channel sums taken a block of rows at a time are bit for bit those of the whole tensor."""
+    from dfquant.squant import _double_row_sums
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        for rows, n in [(3, 5), (1025, 1024), (2049, 512), (7, 100_000), (2, 300_000)]:
+            r = torch.randn(rows, n, generator=g) * torch.rand(rows, n, generator=g).pow(8) * 1e3  # many magnitudes
+            assert torch.equal(_double_row_sums(r), r.double().sum(dim=1)), (rows, n)
+    finally:
+        torch.set_num_threads(before)

@@ -19,14 +19,20 @@ weights. Fully-connected and 1x1 layers have one element per kernel, so the K le
 the C level works on single elements (the paper treats FC as a 1x1 conv).
 
 Each level takes, in every row (a kernel's elements for K, a channel's offers for C), the ``count``
-entries of largest positive priority. A top-k over every row would cost many times the rounding, so
-the rows are searched with reductions instead: a kernel needs at most one flip in most cases, so the
-K level takes each row's maximum (and, for the few rows that need more, the next maximum, ...); a
-channel needs about sqrt(row length) flips, so the C level ranks the maxima of strided blocks of the
-row (one top-k over a sixteenth of it) and looks inside the few winning blocks only. Where entries of
-equal priority straddle a row's count, the choice among them is left to the top-k over the whole
-row that this module used before (``_topk_mask``), so the codes are the same as with that in every
-case.
+entries of largest positive priority. A top-k over every row would cost many times the rounding
+itself, so instead: the K level takes each kernel's maximum with one reduction (most kernels need
+at most one flip) and sorts the few kernels that need more. The C level's inputs follow from the K
+level's choices without more passes over the weights: a kernel's residual is ``e`` minus its flips,
+its offer the row maximum (no flip) or one minus its last flip's priority (over-compensated; an
+under-compensated kernel's maximum stands in for its next element, and the rare channels that take
+such a value are redone exactly). Per channel, one sort of its offers (numpy's vectorized sort; for
+long rows only of the strided blocks that can hold the largest) gives the count-th largest, and the
+offers at or above it are found through the blocks' maxima.
+
+The codes are those of the former implementation, which took a top-k over each whole row: where a
+sum computed another way could round to a different decision (a kernel residual within a rounding
+bound of 0, a channel sum within one of a half-integer) the former sum is computed, and where
+entries of equal priority straddle a row's count the former top-k (``_topk_mask``) decides.
 """
 from __future__ import annotations
 
@@ -66,92 +72,98 @@ def squant_round(
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise DfquantError("squant_round got non-finite values (NaN or inf) in the weight")
     q = torch.round(xf).clamp_(qmin, qmax)
-    use_k = kernel and ksize > 1
-    if use_k:
+    grid = (qmin, qmax, lo <= qmin or hi >= qmax)  # the last: some x at or beyond an end of the grid
+    if kernel and ksize > 1:
         kx, kq = xf.view(-1, ksize), q.view(-1, ksize)
-        kernels = _kernel_level(kx, kq, qmin, qmax, lo, hi, channel)
+        kernels = _kernel_level(kx, kq, grid, lo, hi, channel)
         if channel:
-            _channel_level(kx, kq, qmin, qmax, out, *kernels)
+            _channel_level(kx, kq, grid, out, *kernels)
     elif channel:
-        _channel_level_elements(xf, q, qmin, qmax, lo, hi)
+        _channel_level_elements(xf, q, grid)
     return q.reshape(shape).to(x.dtype)
 
 
-def _kernel_level(x, q, qmin, qmax, lo, hi, offers):
+def _free_errors(q, x, d, grid):
+    """``d`` := q - clamp(x): the error of the elements that can flip, 0 where x lies off the grid
+    (its floor and ceiling clamp to one value), so those never get a positive priority."""
+    qmin, qmax, clamps = grid
+    if clamps:
+        torch.sub(q, torch.clamp(x, qmin, qmax, out=d), out=d)
+    return d
+
+
+def _signs(v):
+    """+1 where v >= 0, -1 where v < 0 (the former code's direction: down unless v < 0)."""
+    return v.sign().add_(0.5).sign_()
+
+
+def _kernel_level(x, q, grid, lo, hi, offers):
     """SQuant-K in place on ``q`` (rows: kernels). With ``offers``, also what the C level needs of
     each kernel, found from this level's choices rather than from more passes over the weights:
-    its residual ``r = sum(q - x)``, its direction and the priority of its offer."""
+    its residual ``r = sum(q - x)``, its direction (sign of r) and the priority of its offer."""
+    qmin, qmax, _ = grid
     n = x.shape[1]
     d = q - x  # the rounding errors; this buffer then holds the flip priorities
     e = d.sum(dim=1)
-    sign = e.sign().add_(0.5).sign_()  # +1 (e >= 0): flips go down, -1: they go up
+    sign = _signs(e).unsqueeze(1)  # +1: flips go down, -1: they go up
     count = _counts(e, n, lo, hi, qmin, qmax)
-    if lo <= qmin or hi >= qmax:  # an element off the grid cannot flip: its error counts as 0
-        torch.sub(q, torch.clamp(x, qmin, qmax, out=d), out=d)
-    p = d.mul_(sign.unsqueeze(1))  # |error| where it points the flip's way, <= 0 otherwise
+    p = _free_errors(q, x, d, grid).mul_(sign)  # |error| where it points the flip's way, <= 0 otherwise
 
     def exact(rows, kmax):
-        prio = _priority(q[rows] - x[rows], (sign[rows] < 0).unsqueeze(1), _clamped(x[rows], qmin, qmax))
+        prio = _priority(q.index_select(0, rows) - x.index_select(0, rows), sign[rows] < 0, _clamped(x.index_select(0, rows), qmin, qmax))
         return _topk_mask(prio, torch.round(e[rows].abs()).long(), kmax)
 
     taken, t, top, last = _peel(p, count, exact)
     result = None
     if offers:
-        # The residual is e - sign * t up to float rounding (bounded by `bound`); kernels whose
-        # residual is that close to 0 get the exact sum. The offer of a kernel without flips is its
-        # row maximum; of one over-compensated (its residual changed sign), undoing its cheapest
-        # flip: priority 1 - last. An under-compensated kernel offers its next element, a priority
-        # <= its maximum <= 0.5, which stands in for it (see _channel_level).
-        r = torch.addcmul(e, sign, t, value=-1.0)
+        # The residual is e - sign * t up to float rounding (at most `bound`); kernels whose residual
+        # is that close to 0 get the exact sum. The offer of a kernel without flips is its row
+        # maximum; of one over-compensated (its residual changed sign), undoing its cheapest flip:
+        # priority 1 - last. An under-compensated kernel offers its next element, a priority <= its
+        # maximum <= 0.5, which stands in for it here (see _channel_level).
+        r = torch.addcmul(e, sign.squeeze(1), t, value=-1.0)
         bound = _sum_bound(n, lo, hi, qmin, qmax)
         near = (r.abs() <= bound) & (t > 0)
         if bool(near.any()):
             near = near.nonzero().squeeze(1)
-            r[near] = (q[near] - sign[near].unsqueeze(1) * taken[near] - x[near]).sum(dim=1)
-        kernel_up = r < 0
-        over = (t > 0) & (kernel_up != (sign < 0))
-        result = r, kernel_up, torch.where(over, 1.0 - last, top), bound
-    q.addcmul_(d.copy_(taken.view(torch.uint8)), sign.unsqueeze(1), value=-1.0)
+            r[near] = (q.index_select(0, near) - sign[near] * taken.index_select(0, near) - x.index_select(0, near)).sum(dim=1)
+        rsign = _signs(r)
+        over = (rsign != sign.squeeze(1)) & (t > 0)
+        result = r, rsign, torch.where(over, 1.0 - last, top), bound
+    q.addcmul_(d.copy_(taken.view(torch.uint8)), sign, value=-1.0)
     return result
 
 
-def _counts(e, n, lo, hi, qmin, qmax):
-    """``round(|e|)`` clamped to [0, n] as floats: the former ``torch.round(e.abs()).long().clamp(0, n)``
-    (whose int64 conversion wraps sums beyond 2**63 to a negative number, so no flips there)."""
-    count = e.abs().round_()
-    if n * (max(abs(lo), abs(hi)) + abs(qmin) + abs(qmax)) >= 2.0**62:
-        count.masked_fill_(count >= 2.0**63, 0.0)
-    return count.clamp_(max=n)
-
-
-def _channel_level(x, q, qmin, qmax, out, r, kernel_up, offer, bound):
+def _channel_level(x, q, grid, out, r, rsign, offer, bound):
     """SQuant-C over kernels in place on ``q``, from the K level's residuals and offers."""
+    qmin, qmax, _ = grid
     width = r.numel() // out
     s = _double_row_sums(r.view(out, -1))
     # The former code summed the exact residuals; where a rounding in ours could change round(|s|)
-    # or the sign of s, the channel's residuals are summed exactly.
+    # or the sign of s (s within `slack` of 0 or of a half-integer), those are summed.
     slack = width * bound + 3.0 * width * width * _EPS64 * float(r.abs().max())
     a = s.abs()
-    near = (a <= slack) | ((a - a.floor() - 0.5).abs() <= slack)
-    if bool(near.any()):
-        near = near.nonzero().squeeze(1)
+    margin = torch.minimum(a, a.frac().sub_(0.5).abs_())
+    if float(margin.min()) <= slack:
+        near = (margin <= slack).nonzero().squeeze(1)
         kern = (near.unsqueeze(1) * width + torch.arange(width, device=near.device)).view(-1)
-        r[kern] = (q[kern] - x[kern]).sum(dim=1)
-        kernel_up[kern] = r[kern] < 0
+        r[kern] = (q.index_select(0, kern) - x.index_select(0, kern)).sum(dim=1)
+        rsign[kern] = _signs(r[kern])
         s[near] = _double_row_sums(r.view(out, -1)[near])
+    kernel_up = rsign < 0
     need_up = s < 0
     count = torch.round(s.abs()).long()
-    # an offer counts where its kernel's direction is the channel's (negative elsewhere)
-    value = offer.view(out, -1).mul_((1.0 - 2.0 * kernel_up.view(out, -1)).mul_(s.sign().float().unsqueeze(1)))
+    # an offer (>= 0) counts where its kernel's direction is the channel's (negative elsewhere)
+    value = offer.mul_(rsign).view(out, -1).mul_(s.sign().float().unsqueeze(1))
 
     def former(kern):  # the former priorities of these kernels' elements
-        up = kernel_up[kern].unsqueeze(1)
-        return _priority(q[kern] - x[kern], up, _clamped(x[kern], qmin, qmax)), up
+        qk, xk = q.index_select(0, kern), x.index_select(0, kern)
+        return _priority(qk - xk, kernel_up[kern].unsqueeze(1), _clamped(xk, qmin, qmax))
 
     def exact(rows, kmax):  # the former offers (values and order) of these channels
-        prio, up = former((rows.unsqueeze(1) * width + torch.arange(width, device=rows.device)).view(-1))
-        prio = prio.amax(dim=1).view(len(rows), -1).masked_fill_(up.view(len(rows), -1) != need_up[rows].unsqueeze(1), -1.0)
-        return _topk_mask(prio, count[rows], kmax)
+        kern = (rows.unsqueeze(1) * width + torch.arange(width, device=rows.device)).view(-1)
+        prio = former(kern).amax(dim=1).view(len(rows), -1)
+        return _topk_mask(prio.masked_fill_(kernel_up[kern].view(len(rows), -1) != need_up[rows].unsqueeze(1), -1.0), count[rows], kmax)
 
     rows, cols = _top_rows(value, count, exact)
     # An under-compensated kernel's value was its maximum, not its offer. Both are <= 0.5 and the
@@ -164,28 +176,36 @@ def _channel_level(x, q, qmin, qmax, out, r, kernel_up, offer, bound):
         a, c = exact(redo, int(count.clamp(0, width).max())).nonzero(as_tuple=True)
         rows, cols = torch.cat([rows[keep], redo[a]]), torch.cat([cols[keep], c])
     kern = rows * width + cols
-    col = former(kern)[0].argmax(dim=1)  # the offer's element: the first cheapest (max's convention)
-    q[kern, col] += 1.0 - 2.0 * ~kernel_up[kern]
+    col = former(kern).argmax(dim=1)  # the offer's element: the first cheapest (max's convention)
+    q.view(-1).index_add_(0, kern * x.shape[1] + col, rsign[kern].neg_())
 
 
-def _channel_level_elements(x, q, qmin, qmax, lo, hi):
+def _channel_level_elements(x, q, grid):
     """SQuant-C over single elements (no K level, or one element per kernel) in place on ``q``."""
+    qmin, qmax, _ = grid
     d = q - x
     s = _double_row_sums(d)
     need_up = s < 0
     count = torch.round(s.abs()).long()
-    if lo <= qmin or hi >= qmax:  # an element off the grid cannot flip: its error counts as 0
-        torch.sub(q, torch.clamp(x, qmin, qmax, out=d), out=d)
-    # an element's offer is |error| if that points the channel's way (negative elsewhere)
-    value = d.mul_(s.sign().float().unsqueeze(1))
+    csign = s.sign().float().unsqueeze(1)
+    value = _free_errors(q, x, d, grid).mul_(csign)  # |error| where it points the channel's way, else <= 0
 
     def exact(rows, kmax):  # the former offers of these channels
-        err = q[rows] - x[rows]
-        prio = _priority(err, err < 0, _clamped(x[rows], qmin, qmax))
+        err = q.index_select(0, rows) - x.index_select(0, rows)
+        prio = _priority(err, err < 0, _clamped(x.index_select(0, rows), qmin, qmax))
         return _topk_mask(prio.masked_fill_((err < 0) != need_up[rows].unsqueeze(1), -1.0), count[rows], kmax)
 
     rows, cols = _top_rows(value, count, exact)
-    q[rows, cols] += 1.0 - 2.0 * ~need_up[rows]
+    q.view(-1).index_add_(0, rows * x.shape[1] + cols, csign.squeeze(1)[rows].neg_())
+
+
+def _counts(e, n, lo, hi, qmin, qmax):
+    """``round(|e|)`` clamped to [0, n] as floats: the former ``torch.round(e.abs()).long().clamp(0, n)``
+    (whose int64 conversion wraps sums beyond 2**63 to a negative number, so no flips there)."""
+    count = e.abs().round_()
+    if n * (max(abs(lo), abs(hi)) + abs(qmin) + abs(qmax)) >= 2.0**62:
+        count.masked_fill_(count >= 2.0**63, 0.0)
+    return count.clamp_(max=n)
 
 
 def _sum_bound(n, lo, hi, qmin, qmax):
@@ -200,43 +220,35 @@ def _peel(p, count, exact):
     """Mask of the ``count[r]`` largest positive entries of each row of ``p`` (short rows), with the
     number taken, the row maximum and the smallest value taken, per row (floats).
 
-    Takes each row's maximum, with every entry equal to it, until the row has its count: one pass
-    over all rows (most kernels need at most one flip), then over the few rows that need more. Rows
-    where equal entries straddle the count are decided by ``exact(rows, kmax)``.
+    Takes each row's maximum (with every entry equal to it) in one pass over all rows: most kernels
+    need at most one flip. The few rows that need more, or hold their maximum twice, are sorted.
+    Rows where equal entries straddle the count are decided by ``exact(rows, kmax)``.
     """
+    n = p.shape[1]
     kmax = int(count.max()) if count.numel() else 0
     top = p.amax(dim=1)
     t = torch.minimum(count, top.sign().clamp_(min=0))  # 1 where a positive maximum is due, else 0
     taken = p == (top / t).unsqueeze(1)  # nothing is taken where t = 0 (the target is inf or nan)
-    tied = []
-    if int(taken.count_nonzero()) != int(t.sum(dtype=torch.float64)):  # some row holds its maximum twice
-        t = taken.view(torch.uint8).sum(dim=1, dtype=torch.int32).float()
-        tied.append((t > count).nonzero().squeeze(1))
+    more = (count > t) & (t > 0)
+    if int(taken.count_nonzero()) != int(t.count_nonzero()):  # some row holds its maximum twice
+        more |= taken.view(torch.uint8).sum(dim=1, dtype=torch.int32) > 1
+    rows = more.nonzero().squeeze(1)
     last = top
-    rows = ((count > t) & (t > 0)).nonzero().squeeze(1)
-    if rows.numel():  # the few rows that need more than one entry
-        seen = taken.index_select(0, rows)
-        sub = p.index_select(0, rows).sub_(seen.view(torch.uint8), alpha=2)  # taken entries sink below -1
-        need, t_sub, last_sub = count.index_select(0, rows) - t.index_select(0, rows), t.index_select(0, rows), top.index_select(0, rows)
-        for _ in range(kmax):
-            m = sub.amax(dim=1)
-            go = torch.minimum(need, m.sign().clamp_(min=0))
-            if not bool(go.any()):
-                break
-            hit = sub == (m / go).unsqueeze(1)
-            took = hit.view(torch.uint8).sum(dim=1, dtype=torch.int32).float()
-            need, t_sub, last_sub = need - took, t_sub + took, torch.where(go > 0, m, last_sub)
-            seen |= hit
-            sub.sub_(hit.view(torch.uint8), alpha=2)
-        taken.index_put_((rows,), seen)
-        t, last = t.index_copy(0, rows, t_sub), top.index_copy(0, rows, last_sub)
-        tied.append(rows[need < 0])
-    tied = torch.cat(tied) if tied else rows[:0]
-    if tied.numel():
-        taken.index_put_((tied,), exact(tied, kmax))
-        mask = taken.index_select(0, tied)
-        t = t.index_copy(0, tied, mask.view(torch.uint8).sum(dim=1, dtype=torch.int32).float())
-        last = last.index_copy(0, tied, p.index_select(0, tied).masked_fill_(~mask, torch.inf).amin(dim=1))
+    if rows.numel():
+        sub = p.index_select(0, rows)
+        c = count.index_select(0, rows).long().unsqueeze(1)
+        g = _sort_rows(sub).gather(1, torch.cat([n - c, n - 1 - c], dim=1).clamp_(0, n - 1))
+        th, below = g[:, :1], g[:, 1:]
+        hit = (sub >= th) & (sub > 0)
+        taken.index_put_((rows,), hit)
+        t = t.index_copy(0, rows, hit.view(torch.uint8).sum(dim=1, dtype=torch.int32).float())
+        last = top.index_copy(0, rows, torch.where(hit, sub, torch.inf).amin(dim=1))
+        tied = rows[((below == th) & (th > 0) & (c < n)).squeeze(1)]
+        if tied.numel():
+            taken.index_put_((tied,), exact(tied, kmax))
+            mask = taken.index_select(0, tied)
+            t = t.index_copy(0, tied, mask.view(torch.uint8).sum(dim=1, dtype=torch.int32).float())
+            last = last.index_copy(0, tied, torch.where(mask, p.index_select(0, tied), torch.inf).amin(dim=1))
     return taken, t, top, last
 
 
@@ -271,8 +283,9 @@ def _top_rows(value, count, exact):
     else:
         srt = _sort_rows(value)
     w = srt.shape[1]
-    t = srt.gather(1, (w - k).clamp(max=w - 1).unsqueeze(1))  # the count-th largest
-    tie = (srt.gather(1, (w - 1 - k).clamp(min=0).unsqueeze(1)) == t) & (t > 0) & ((k > 0) & (k < n)).unsqueeze(1)
+    g = srt.gather(1, torch.stack([w - k, w - 1 - k], dim=1).clamp_(0, w - 1))
+    t, below = g[:, :1], g[:, 1:]  # the count-th and the next largest
+    tie = (below == t) & (t > 0) & ((k > 0) & (k < n)).unsqueeze(1)
     t.masked_fill_(tie | (k == 0).unsqueeze(1), torch.inf)
     pr, blk = ((top >= t) & (top > 0)).nonzero(as_tuple=True)
     vals = blocks[pr, :, blk]
@@ -283,6 +296,18 @@ def _top_rows(value, count, exact):
         a, c = exact(tied, kmax).nonzero(as_tuple=True)
         rows, cols = torch.cat([rows, tied[a]]), torch.cat([cols, c])
     return rows, cols
+
+
+def _double_row_sums(r):
+    """``r.double().sum(dim=1)``, the former channel sums, converted a block of rows at a time (a
+    large float64 copy costs more than the sum; each row's sum is unchanged: torch reduces the rows
+    of a block of two or more rows one by one, as it does the rows of the whole)."""
+    step = max(2, (1 << 19) // max(1, r.shape[1]))
+    starts = list(range(0, len(r), step))
+    if len(starts) > 1 and len(r) - starts[-1] < 2:
+        starts.pop()  # no block of a single row
+    ends = starts[1:] + [len(r)]
+    return torch.cat([r[a:b].double().sum(dim=1) for a, b in zip(starts, ends)])
 
 
 def _sort_rows(v):
@@ -304,18 +329,6 @@ def _topk_mask(priority, count, kmax):
     vals, idx = torch.topk(priority, kmax, dim=1, sorted=True)
     take = (torch.arange(kmax, device=priority.device) < k.unsqueeze(1)) & (vals > 0)
     return mask.scatter_(1, idx, take)
-
-
-def _double_row_sums(r):
-    """``r.double().sum(dim=1)``, the former channel sums, converted a block of rows at a time (a
-    large float64 copy costs more than the sum; each row's sum is unchanged: torch reduces the rows
-    of a block of two or more rows one by one, as it does the rows of the whole)."""
-    step = max(2, (1 << 19) // max(1, r.shape[1]))
-    starts = list(range(0, len(r), step))
-    if len(starts) > 1 and len(r) - starts[-1] < 2:
-        starts.pop()  # no block of a single row
-    ends = starts[1:] + [len(r)]
-    return torch.cat([r[a:b].double().sum(dim=1) for a, b in zip(starts, ends)])
 
 
 def _clamped(x, qmin, qmax):
