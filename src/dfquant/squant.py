@@ -139,16 +139,17 @@ def _channel_level(x, q, grid, out, r, rsign, offer, bound):
     qmin, qmax, _ = grid
     width = r.numel() // out
     s = _double_row_sums(r.view(out, -1))
-    # The former code summed the exact residuals; where a rounding in ours could change round(|s|)
-    # or the sign of s (s within `slack` of 0 or of a half-integer), those are summed.
-    slack = width * bound + 3.0 * width * width * _EPS64 * float(r.abs().max())
+    # The former code summed the exact residuals: where ours could round s to a different decision
+    # (s within `slack` of 0 or of a half-integer: each residual is off by at most `bound`, and each
+    # float64 sum by its own rounding), the channel's exact residuals are summed. (A kernel's
+    # direction is right already: its residual is off by less than its distance from 0.)
+    slack = width * bound + 3.0 * width * width * _EPS64 * (float(r.abs().max()) + bound)
     a = s.abs()
     margin = torch.minimum(a, a.frac().sub_(0.5).abs_())
     if float(margin.min()) <= slack:
         near = (margin <= slack).nonzero().squeeze(1)
         kern = (near.unsqueeze(1) * width + torch.arange(width, device=near.device)).view(-1)
         r[kern] = (q.index_select(0, kern) - x.index_select(0, kern)).sum(dim=1)
-        rsign[kern] = _signs(r[kern])
         s[near] = _double_row_sums(r.view(out, -1)[near])
     kernel_up = rsign < 0
     need_up = s < 0
