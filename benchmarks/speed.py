@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -139,7 +140,8 @@ def render_squant(res: dict) -> list[str]:
         "Weights of ImageNet models from `dfquant.create_model` (random init, seed 0), 4-bit per-channel min/max grids (`weight_params` + `to_grid`).",
         "RTN: one `torch.clamp(torch.round(x), qmin, qmax)` per layer over the same grid tensors. `new`: `dfquant.squant.squant_round`; `former`: the",
         "implementation it replaced (`tests/squant_reference.py`), which gives the same codes. E: `kernel=False, channel=False`; K: kernel only; C: channel only; K+C: both (the default).",
-        f"Medians of {res['repeat']} interleaved repeats; ratios from wall-clock time (process CPU time in brackets).",
+        f"Medians of {res['repeat']} interleaved repeats; ratios from wall-clock time (process CPU time in brackets). On a shared machine the",
+        "RTN pass (two fresh tensors per layer) varies more between runs than the rounding does, and the ratios to it with it; former / new is steadier.",
     ]
     if res["note"]:
         lines.append(res["note"])
@@ -165,7 +167,9 @@ def to_markdown(results: dict) -> str:
     lines = ["# Speed", "", "Written by `benchmarks/speed.py`; each section gives the command that produced it.", ""]
     for name, entry in results.items():
         title, _, render = SECTIONS.get(name, (name, None, None))
-        lines += [f"## {name}: {title}", "", f"Command: `{entry['command']}`", "", f"Machine: {entry['machine']}; torch {entry['torch']}, {entry['threads']} thread(s).", ""]
+        load = f", load average {entry['load']} when it ended (shared machine)" if entry.get("load") else ""
+        lines += [f"## {name}: {title}", "", f"Command: `{entry['command']}`", "",
+                  f"Machine: {entry['machine']}, {entry.get('cores', '?')} cores{load}; torch {entry['torch']}, {entry['threads']} thread(s).", ""]
         lines += (render(entry["result"]) if render else ["(no renderer for this section)"]) + [""]
     return "\n".join(lines)
 
@@ -187,7 +191,8 @@ def main() -> None:
     for name in args.only or list(SECTIONS):
         print(f"== {name}", flush=True)
         result = SECTIONS[name][1](args)
-        results[name] = {"command": command, "machine": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(), "result": result}
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+        results[name] = {"command": command, "machine": cpu_model(), "cores": os.cpu_count(), "load": load, "torch": torch.__version__, "threads": torch.get_num_threads(), "result": result}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(to_markdown(results))

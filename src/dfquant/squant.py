@@ -113,7 +113,11 @@ def _kernel_level(x, q, grid, lo, hi, offers):
         prio = _priority(q.index_select(0, rows) - x.index_select(0, rows), sign[rows] < 0, _clamped(x.index_select(0, rows), qmin, qmax))
         return _topk_mask(prio, torch.round(e[rows].abs()).long(), kmax)
 
-    taken, t, top, last = _peel(p, count, exact)
+    def priority(rows):
+        qr, xr = q.index_select(0, rows), x.index_select(0, rows)
+        return (qr - xr.clamp(qmin, qmax)).mul_(sign[rows])
+
+    t, top, last = _peel(p, count, priority, exact)  # p: 1 where an element flips
     result = None
     if offers:
         # The residual is e - sign * t up to float rounding (at most `bound`); kernels whose residual
@@ -126,11 +130,11 @@ def _kernel_level(x, q, grid, lo, hi, offers):
         near = (r.abs() <= bound) & (t > 0)
         if bool(near.any()):
             near = near.nonzero().squeeze(1)
-            r[near] = (q.index_select(0, near) - sign[near] * taken.index_select(0, near) - x.index_select(0, near)).sum(dim=1)
+            r[near] = (q.index_select(0, near) - sign[near] * d.index_select(0, near) - x.index_select(0, near)).sum(dim=1)
         rsign = _signs(r)
         over = (rsign != sign.squeeze(1)) & (t > 0)
         result = r, rsign, torch.where(over, 1.0 - last, top), bound
-    q.addcmul_(d.copy_(taken.view(torch.uint8)), sign, value=-1.0)
+    q.addcmul_(d, sign, value=-1.0)
     return result
 
 
@@ -217,9 +221,10 @@ def _sum_bound(n, lo, hi, qmin, qmax):
     return 2.0 * _EPS32 * n * (n * (2.0 * big) + big + 3.0)
 
 
-def _peel(p, count, exact):
-    """Mask of the ``count[r]`` largest positive entries of each row of ``p`` (short rows), with the
-    number taken, the row maximum and the smallest value taken, per row (floats).
+def _peel(p, count, priority, exact):
+    """The ``count[r]`` largest positive entries of each row of ``p`` (short rows): ``p`` is
+    overwritten with them as a 0/1 mask; returns the number taken, the row maximum and the
+    smallest value taken, per row (floats). ``priority(rows)`` gives the rows of ``p`` again.
 
     Takes each row's maximum (with every entry equal to it) in one pass over all rows: most kernels
     need at most one flip. The few rows that need more, or hold their maximum twice, are sorted.
@@ -230,27 +235,32 @@ def _peel(p, count, exact):
     top = p.amax(dim=1)
     t = torch.minimum(count, top.sign().clamp_(min=0))  # 1 where a positive maximum is due, else 0
     taken = p == (top / t).unsqueeze(1)  # nothing is taken where t = 0 (the target is inf or nan)
-    more = (count > t) & (t > 0)
-    if int(taken.count_nonzero()) != int(t.count_nonzero()):  # some row holds its maximum twice
-        more |= taken.view(torch.uint8).sum(dim=1, dtype=torch.int32) > 1
-    rows = more.nonzero().squeeze(1)
+    rows = ((count > t) & (t > 0)).nonzero().squeeze(1)
+    sub = p.index_select(0, rows)
+    mask = p.copy_(taken.view(torch.uint8))
+    # some row holds its maximum twice (float sums of 0/1 are exact below 2**24)
+    if (int(mask.sum()) if mask.numel() < 2**24 else int(taken.count_nonzero())) != int(t.sum()):
+        rows = torch.cat([rows, (mask.sum(dim=1) > 1).nonzero().squeeze(1)]).unique()
+        sub = priority(rows)
     last = top
     if rows.numel():
-        sub = p.index_select(0, rows)
         c = count.index_select(0, rows).long().unsqueeze(1)
         g = _sort_rows(sub).gather(1, torch.cat([n - c, n - 1 - c], dim=1).clamp_(0, n - 1))
         th, below = g[:, :1], g[:, 1:]
         hit = (sub >= th) & (sub > 0)
-        taken.index_put_((rows,), hit)
-        t = t.index_copy(0, rows, hit.view(torch.uint8).sum(dim=1, dtype=torch.int32).float())
-        last = top.index_copy(0, rows, torch.where(hit, sub, torch.inf).amin(dim=1))
-        tied = rows[((below == th) & (th > 0) & (c < n)).squeeze(1)]
-        if tied.numel():
-            taken.index_put_((tied,), exact(tied, kmax))
-            mask = taken.index_select(0, tied)
-            t = t.index_copy(0, tied, mask.view(torch.uint8).sum(dim=1, dtype=torch.int32).float())
-            last = last.index_copy(0, tied, torch.where(mask, p.index_select(0, tied), torch.inf).amin(dim=1))
-    return taken, t, top, last
+        tied = ((below == th) & (th > 0) & (c < n)).squeeze(1)
+        if bool(tied.any()):
+            hit[tied] = exact(rows[tied], kmax)
+        taken = hit.float()
+        mask.index_copy_(0, rows, taken)
+        t = t.index_copy(0, rows, taken.sum(dim=1))
+        # the smallest value taken: the count-th largest, unless fewer entries were positive
+        small = th.squeeze(1).clone()
+        odd = (th.squeeze(1) <= 0) | tied
+        if bool(odd.any()):
+            small[odd] = sub[odd].masked_fill(~hit[odd], torch.inf).amin(dim=1)
+        last = top.index_copy(0, rows, small)
+    return t, top, last
 
 
 def _top_rows(value, count, exact):
