@@ -105,10 +105,10 @@ def section_squant(args) -> dict:
             for x, lo, hi in grids
             for k, c in LEVELS.values()
         )
-        variants = {"RTN": lambda: run_all(lambda x, lo, hi: torch.clamp(torch.round(x), lo, hi), grids)}
+        variants = {"RTN": lambda grids=grids: run_all(lambda w, a, b: torch.clamp(torch.round(w), a, b), grids)}
         for impl, fn in (("new", squant_round), ("former", former)):
             for level, (k, c) in LEVELS.items():
-                variants[f"{impl} {level}"] = lambda fn=fn, k=k, c=c: run_all(fn, grids, kernel=k, channel=c)
+                variants[f"{impl} {level}"] = lambda fn=fn, k=k, c=c, grids=grids: run_all(fn, grids, kernel=k, channel=c)
         times = interleaved(variants, args.repeat)
         models[name] = {"layers": len(grids), "weights": sum(x.numel() for x, _, _ in grids), "same_codes": same, "times": times}
         rtn = times["RTN"]

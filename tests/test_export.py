@@ -14,8 +14,9 @@ from dfquant.qmodules import QUANT_LAYERS
 
 onnx = pytest.importorskip("onnx", reason="ONNX export is the optional extra dfquant[onnx] (installed by dfquant[test])")
 ort = pytest.importorskip("onnxruntime", reason="checking an exported file needs onnxruntime (dfquant[onnx])")
-from dfquant.io.export import check_onnx, export_onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
+
+from dfquant.io.export import check_onnx, export_onnx  # noqa: E402
 
 
 @pytest.fixture(scope="module")

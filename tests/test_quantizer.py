@@ -2,7 +2,16 @@ import pytest
 import torch
 
 from dfquant.errors import DfquantError
-from dfquant.quantizer import fake_quant, from_grid, minmax_params, params_from_range, qrange, quantize_tensor, rtn_round, to_grid
+from dfquant.quantizer import (
+    fake_quant,
+    from_grid,
+    minmax_params,
+    params_from_range,
+    qrange,
+    quantize_tensor,
+    rtn_round,
+    to_grid,
+)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

@@ -184,9 +184,8 @@ def test_same_codes_as_reference_unsigned_and_float64():
 @pytest.mark.parametrize("rule", ["minmax", "lp"])
 def test_same_codes_as_reference_on_resnet20(resnet20, rule):
     """Every conv/linear weight of the trained CIFAR ResNet-20 on its per-channel grid, 2..8 bits."""
-    from squant_reference import squant_round as reference
-
     from dfquant.quantizer import weight_params
+    from squant_reference import squant_round as reference
 
     weights = [m.weight.detach() for m in resnet20.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     bit_range = range(2, 9) if rule == "minmax" else (3,)  # the Lp search is slow; it clips, so many off-grid values
