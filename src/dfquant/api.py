@@ -20,7 +20,16 @@ import torch.nn as nn
 
 from .activation_ranges import propagate_bn_stats, stats_range
 from .config import DFMPC_METHOD, LEARNED_METHODS, METHODS, QUANT_FIELDS, ROUNDING_METHODS, QuantConfig, default_a_bits
-from .dfmpc import DFMPC_FIELDS, DfmpcConfig, DfmpcPlan, DfmpcRecord, check_low_bits, compensate, compensated_input_stats, plan_pairs
+from .dfmpc import (
+    DFMPC_FIELDS,
+    DfmpcConfig,
+    DfmpcPlan,
+    DfmpcRecord,
+    check_low_bits,
+    compensate,
+    compensated_input_stats,
+    plan_pairs,
+)
 from .errors import DfquantError
 from .genie.config import GENIE_FIELDS, SYNTHESIS_FIELDS, GenieConfig
 from .graph import analyse, fold_bn, replace_module

@@ -7,7 +7,6 @@ weight in *grid units* (``x / scale + zero_point``) is turned into an integer co
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable, Tuple
 
