@@ -99,8 +99,8 @@ def _dfmpc_config(cfg: QuantConfig, given: Optional[DfmpcConfig], opts: Dict[str
     asked = sorted(opts) + (["dfmpc"] if given is not None else [])
     if cfg.method in LEARNED_METHODS and asked:
         raise DfquantError(
-            f"{', '.join(asked)} {'set' if len(asked) > 1 else 'sets'} DF-MPC's compensation step, which runs with method dfmpc "
-            f"and the rounding methods ({', '.join(ROUNDING_METHODS)}), not with {cfg.method!r}",
+            f"{', '.join(asked)} {'belong' if len(asked) > 1 else 'belongs'} to DF-MPC, which runs as method dfmpc or as a step "
+            f"after a rounding method ({', '.join(ROUNDING_METHODS)}), not with {cfg.method!r}",
             param=tuple(asked),
         )
     if cfg.method != DFMPC_METHOD and not asked:
@@ -309,7 +309,7 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
     _check_layer_names(cfg, [l.name for l in graph.layers])
     plan = None
     if step is not None:  # pairs on the float model, after relu6_to_relu and CLE, before folding
-        plan = _dfmpc_plan(model, graph, cfg)
+        plan = _dfmpc_plan(model, graph, cfg, step.config)
         cfg = _with_low_bits(cfg, plan, step.config)
     report = QuantReport(cfg.method, cfg.w_bits, cfg.a_bits, config=cfg.to_dict(), unsupported=list(graph.unsupported))
     if graph.note:
@@ -341,10 +341,10 @@ def _working_copy(model: nn.Module, graph, cfg: QuantConfig, report: QuantReport
     return qmodel
 
 
-def _dfmpc_plan(model: nn.Module, graph, cfg: QuantConfig) -> DfmpcPlan:
+def _dfmpc_plan(model: nn.Module, graph, cfg: QuantConfig, dcfg: DfmpcConfig) -> DfmpcPlan:
     """DF-MPC's pairs (:func:`dfquant.dfmpc.plan_pairs`), or one error when none can be compensated."""
     param = "method" if cfg.method == DFMPC_METHOD else "compensation"
-    who = "method dfmpc" if cfg.method == DFMPC_METHOD else "DF-MPC's compensation step"
+    who = "method dfmpc" if cfg.method == DFMPC_METHOD else f"the DF-MPC step (compensation={dcfg.compensation!r})"
     if graph.traced is None:
         raise DfquantError(f"{who} pairs layers from the model's graph, but torch.fx cannot trace this model's forward", param=param)
     plan = plan_pairs(model, graph)

@@ -115,7 +115,7 @@ class QuantConfig:
         if self.w_range is not None:
             raise fail("w_range", f"w_range chooses the per-channel min/max or lp grid, which w_grid={w_grid!r} replaces: give one")
         if not self.per_channel:
-            raise fail("per_channel", f"per_channel=False asks for one scale per layer, which w_grid={w_grid!r}'s grids have already: drop it")
+            raise fail("per_channel", f"per_channel: the grids of w_grid={w_grid!r} have one scale per layer already; drop the per-tensor request")
         if w_grid == "twn":
             bits = {self.w_bits, *(b for b in (self.first_last_w_bits,) if b is not None), *self.layer_w_bits.values()}
             if bits != {2}:
