@@ -100,6 +100,12 @@ def test_dfmpc_is_the_papers_protocol_weight_only_on_twn_and_dorefa_grids(digits
     assert sum(n.startswith("  uncompensated: ") for n in report.notes) == 2
 
 
+def test_validated_configs_validate_to_themselves(digits):
+    for cfg in (QuantConfig(method="dfmpc", a_bits=None), QuantConfig(method="rtn", w_bits=2, w_grid="twn"), QuantConfig(method="squant")):
+        once = cfg.validate()
+        assert once.validate() == once and QuantConfig(**{k: v for k, v in once.to_dict().items() if k != "config_version"}).validate() == once
+
+
 def test_a_quantconfig_with_a_dfmpcconfig_equals_the_keyword_options(digits):
     model = digits[0]
     a, _ = dfquant.quantize(model, "dfmpc", 6, low_bits=3, bn_recal="moments", lambda1=0.25)
@@ -226,6 +232,8 @@ def test_synthetic_recalibration_synthesizes_genie_d_images_from_the_seed(digits
         (dict(method="zeroq", w_bits=4, w_grid="dorefa"), "w_grid", "learns its step sizes"),
         (dict(method="dfmpc", w_bits=6, low_bits=2, skip=("conv3",)), "method", "the low layers of all its pairs are skipped"),
         (dict(method="dfmpc", w_bits=6, dfmpc="low_bits=2"), "dfmpc", "dfmpc must be a DfmpcConfig"),
+        (dict(method="dfmpc", w_bits=6, bn_recal="synthetic", genie=dfquant.GenieConfig(recon_iters=5)), "recon_iters", "recon_iters sets Genie-M's"),
+        (dict(method="squant", w_bits=6, genie=dfquant.GenieConfig()), ("genie",), "genie applies only to the learned methods"),
     ],
 )
 def test_bad_dfmpc_settings_are_one_error_naming_the_parameter(digits, kwargs, param, match):
