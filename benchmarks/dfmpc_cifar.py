@@ -12,7 +12,8 @@ fitted on synthetic images (with and without synthetic re-calibration), and re-c
 c. Rows on the project's per-channel min/max grid at the same bits per layer: RTN, RTN + DFQ bias
 correction, SQuant, SQuant + Eq. 27, SQuant + re-calibration (moments / synthetic). Each row: top-1, logit MSE
 against FP32, and paired tests against "no compensation" on the paper grids (and against its own
-uncompensated rounding for the RTN/SQuant variants): the exact McNemar test of accuracy
+uncompensated rounding for the RTN/SQuant variants, and head to head: c on top of re-calibration
+against the re-calibration alone, fitted against Eq. 27's c, synthetic against moments): the exact McNemar test of accuracy
 (``dfquant.paired_comparison``) and the exact sign test of which model is closer to FP32 image by
 image (``dfquant.paired_error_comparison``). The time of the DF-MPC step is the ``compensate`` call
 (images given; synthesis timed apart), and the literal step is timed ``--repeats`` times.
@@ -41,22 +42,22 @@ from genie_cifar import cpu_name, load_model, synthetic_images
 
 RESULTS = Path(__file__).parent / "results" / "dfmpc_cifar"
 SETTINGS = {"MP2/6": (6, 2), "MP3/6": (6, 3), "MP6/6": (6, None)}
-# key -> (label, method, options, the uncompensated row it is also compared with)
+# key -> (label, method, options, the rows it is compared with head to head besides "no compensation")
 ROWS = {
-    "none": ("no compensation", "dfmpc", dict(compensation="none"), None),
-    "literal": ("DF-MPC, Eq. 27 (literal)", "dfmpc", dict(compensation="dfmpc"), None),
-    "eq27_moments": ("Eq. 27 + recal moments", "dfmpc", dict(compensation="dfmpc", bn_recal="moments"), None),
-    "eq27_synthetic": ("Eq. 27 + recal synthetic", "dfmpc", dict(compensation="dfmpc", bn_recal="synthetic"), None),
-    "fitted": ("fitted c", "dfmpc", dict(compensation="fitted"), None),
-    "fitted_synthetic": ("fitted c + recal synthetic", "dfmpc", dict(compensation="fitted", bn_recal="synthetic"), None),
-    "moments": ("recal moments, no c", "dfmpc", dict(compensation="none", bn_recal="moments"), None),
-    "synthetic": ("recal synthetic, no c", "dfmpc", dict(compensation="none", bn_recal="synthetic"), None),
-    "rtn": ("RTN (min/max)", "rtn", dict(compensation="none"), None),
-    "rtn_bc": ("RTN + DFQ bias corr.", "rtn", dict(compensation="none", bias_correction=True), "rtn"),
-    "squant": ("SQuant (min/max)", "squant", dict(compensation="none"), None),
-    "squant_eq27": ("SQuant + Eq. 27", "squant", dict(compensation="dfmpc"), "squant"),
-    "squant_moments": ("SQuant + recal moments", "squant", dict(compensation="none", bn_recal="moments"), "squant"),
-    "squant_synthetic": ("SQuant + recal synthetic", "squant", dict(compensation="none", bn_recal="synthetic"), "squant"),
+    "none": ("no compensation", "dfmpc", dict(compensation="none"), ()),
+    "literal": ("DF-MPC, Eq. 27 (literal)", "dfmpc", dict(compensation="dfmpc"), ()),
+    "eq27_moments": ("Eq. 27 + recal moments", "dfmpc", dict(compensation="dfmpc", bn_recal="moments"), ("moments",)),
+    "eq27_synthetic": ("Eq. 27 + recal synthetic", "dfmpc", dict(compensation="dfmpc", bn_recal="synthetic"), ("synthetic",)),
+    "fitted": ("fitted c", "dfmpc", dict(compensation="fitted"), ("literal",)),
+    "fitted_synthetic": ("fitted c + recal synthetic", "dfmpc", dict(compensation="fitted", bn_recal="synthetic"), ("synthetic",)),
+    "moments": ("recal moments, no c", "dfmpc", dict(compensation="none", bn_recal="moments"), ()),
+    "synthetic": ("recal synthetic, no c", "dfmpc", dict(compensation="none", bn_recal="synthetic"), ("moments",)),
+    "rtn": ("RTN (min/max)", "rtn", dict(compensation="none"), ()),
+    "rtn_bc": ("RTN + DFQ bias corr.", "rtn", dict(compensation="none", bias_correction=True), ("rtn",)),
+    "squant": ("SQuant (min/max)", "squant", dict(compensation="none"), ()),
+    "squant_eq27": ("SQuant + Eq. 27", "squant", dict(compensation="dfmpc"), ("squant",)),
+    "squant_moments": ("SQuant + recal moments", "squant", dict(compensation="none", bn_recal="moments"), ("squant",)),
+    "squant_synthetic": ("SQuant + recal synthetic", "squant", dict(compensation="none", bn_recal="synthetic"), ("squant",)),
 }
 
 
@@ -117,7 +118,7 @@ def run_setting(model, name: str, setting: str, a_bits, keys, images, data) -> l
     w_bits, low_bits = SETTINGS[setting]
     rows, evals = [], {}
     for key in keys:
-        label, method, opts, own_base = ROWS[key]
+        label, method, opts, _ = ROWS[key]
         opts = dict(opts, low_bits=low_bits)
         if opts.get("compensation") == "fitted" or opts.get("bn_recal") == "synthetic":
             opts["synthetic"] = images
@@ -128,15 +129,14 @@ def run_setting(model, name: str, setting: str, a_bits, keys, images, data) -> l
                    step_ms=1000 * report.config["dfmpc"]["time_s"], quantize_s=report.total_time_s, correct="".join("1" if c else "0" for c in ev["correct"]))
         pairs = report.config["dfmpc"]["pairs"]
         row["c_range"] = [min(p["c_min"] for p in pairs), max(p["c_max"] for p in pairs)]
-        for base in dict.fromkeys(b for b in ("none", own_base) if b and b != key and b in evals):
-            row.setdefault("versus", {})[base] = dict(
-                mcnemar=dfquant.paired_comparison(ev["correct"], evals[base]["correct"]),
-                sign_test=dfquant.paired_error_comparison(ev["logit_sq_err"], evals[base]["logit_sq_err"]),
-            )
         rows.append(row)
-        vs = row.get("versus", {}).get("none", {}).get("sign_test")
-        extra = f"  closer than none on {vs['a_closer']} vs {vs['b_closer']} (p {vs['p_value']:.2g})" if vs else ""
-        print(f"{name} {setting} A{a_bits or 'fp'} {label:<28} {ev['top1']:6.2f} mse {ev['logit_mse']:8.3f} step {row['step_ms']:8.1f} ms{extra}", flush=True)
+        print(f"{name} {setting} A{a_bits or 'fp'} {label:<28} {ev['top1']:6.2f} mse {ev['logit_mse']:8.3f} step {row['step_ms']:8.1f} ms", flush=True)
+    for row in rows:  # paired tests, once every row of the setting is in
+        for base in dict.fromkeys(b for b in ("none",) + ROWS[row["key"]][3] if b != row["key"] and b in evals):
+            a, b = evals[row["key"]], evals[base]
+            row.setdefault("versus", {})[base] = dict(
+                mcnemar=dfquant.paired_comparison(a["correct"], b["correct"]), sign_test=dfquant.paired_error_comparison(a["logit_sq_err"], b["logit_sq_err"])
+            )
     return rows
 
 
@@ -207,12 +207,13 @@ def to_markdown(doc: dict) -> str:
         for k in keys:
             if k != "none":
                 lines.append(f"| {ROWS[k][0]} | " + " | ".join(_test(by[(s, a, k)], "none") if (s, a, k) in by else "-" for s, a in cols) + " |")
-        own = [k for k in keys if ROWS[k][3]]
+        own = [(k, b) for k in keys for b in ROWS[k][3] if b in keys]
         if own:
-            lines += ["", "The min/max-grid variants against their own uncompensated rounding (same format):", ""]
+            lines += ["", "Head to head (same format, row : versus): c on top of re-calibration, fitted against Eq. 27's c, synthetic "
+                      "against moments, and the min/max-grid variants against their own uncompensated rounding:", ""]
             lines += ["| row | versus | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(cols)]
-            for k in own:
-                lines.append(f"| {ROWS[k][0]} | {ROWS[ROWS[k][3]][0]} | " + " | ".join(_test(by[(s, a, k)], ROWS[k][3]) if (s, a, k) in by else "-" for s, a in cols) + " |")
+            for k, b in own:
+                lines.append(f"| {ROWS[k][0]} | {ROWS[b][0]} | " + " | ".join(_test(by[(s, a, k)], b) if (s, a, k) in by else "-" for s, a in cols) + " |")
         t = m["timing"]
         lines += ["", f"Time of the DF-MPC step (the `compensate` call; images given, BN-statistics propagation and synthesis not included), "
                   f"ms, {t['threads']} thread(s):", ""]

@@ -97,6 +97,7 @@ def test_dfmpc_is_the_papers_protocol_weight_only_on_twn_and_dorefa_grids(digits
     assert [(p["low"], p["high"], p["low_bits"], p["high_bits"]) for p in info["pairs"]] == [("conv3", "fc", 2, 6)]
     assert [n for n, _ in info["uncompensated"]] == ["conv1", "conv2"]
     assert any(n.startswith("  conv3 (W2) -> bn3") for n in report.notes)
+    assert report.format_table().startswith("dfquant: method=dfmpc W6Afp (DF-MPC MP2/6")
     assert sum(n.startswith("  uncompensated: ") for n in report.notes) == 2
 
 
