@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from dfquant.evaluate import sign_test_p
+from dfquant.evaluation import sign_test_p
 
 MUST_AGREE = ("budget", "lr_round", "n_images", "seed")
 DETERMINISTIC = ("RTN", "SQuant")

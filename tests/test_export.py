@@ -335,3 +335,53 @@ def test_damaged_metadata_in_an_onnx_file_is_one_clear_error(capsys, digits_onnx
         dfquant.OnnxRuntimeModel(tmp_path / "t.ONNX")
     code, _, err = run(capsys, "evaluate", str(tmp_path / "t.ONNX"))
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+# --- DF-MPC's DoReFa grid: a half-integer zero point ONNX cannot hold ----------------------------
+
+
+def _weight_initializers(path, qmodel):
+    """Per quantized layer: (codes, scale, zero point) of its weight DequantizeLinear in the file."""
+    inits, out = _initializers(path), {}
+    for node in onnx.load(str(path)).graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0].endswith(".weight_int"):
+            out[node.input[0][: -len(".weight_int")]] = tuple(inits[i] for i in node.input[:3])
+    return out
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_dorefa_weights_are_exported_as_doubled_codes_at_half_the_scale_exactly(digits, tmp_path, fold_bn):
+    model, (x, _) = digits
+    qmodel, _ = dfquant.quantize(model, "dfmpc", 4, 8, low_bits=2, fold_bn=fold_bn, int32_bias=True)
+    assert float(qmodel.conv2.weight_zero_point[0]) == -0.5  # rounding it to 0 would move every weight by half a step
+    info = export_onnx(qmodel, tmp_path / "dorefa.onnx")
+    assert info["float_weights"] == [] and info["int8_weights"] == 4
+    stored = _weight_initializers(info["path"], qmodel)
+    for name in ("conv1", "conv2", "fc"):  # DoReFa-4
+        layer, (codes, scale, zp) = qmodel.get_submodule(name), stored[name]
+        out = layer.weight_int.shape[0]
+        np.testing.assert_array_equal(codes, 2 * layer.weight_int.numpy().astype(np.int64) + 1)
+        np.testing.assert_array_equal(scale, (layer.weight_scale / 2).expand(out).numpy())
+        np.testing.assert_array_equal(zp, np.zeros(out))
+    np.testing.assert_array_equal(stored["conv3"][0], qmodel.conv3.weight_int.numpy())  # TWN: the codes as they are
+    c = check_onnx(qmodel, info["path"], x)
+    assert c["model"]["rel_max_diff"] < 1e-5 and c["model"]["argmax_agreement"] == 1.0, c
+
+
+def test_a_weight_only_dorefa_model_runs_in_onnxruntime_as_in_torch(digits, tmp_path):
+    model, (x, _) = digits
+    qmodel, _ = dfquant.quantize(model, "rtn", 6, None, w_grid="dorefa")
+    info = export_onnx(qmodel, tmp_path / "w6.onnx")
+    with torch.no_grad():
+        want = qmodel(x)
+    got = dfquant.OnnxRuntimeModel(info["path"])(x)
+    assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
+
+
+def test_dorefa_8_needs_nine_bits_and_is_stored_as_exact_float_values(digits, tmp_path):
+    model, (x, _) = digits
+    qmodel, _ = dfquant.quantize(model, "dfmpc", 8, None, low_bits=2)
+    info = export_onnx(qmodel, tmp_path / "w8.onnx")
+    assert info["float_weights"] == ["conv1", "conv2", "fc"] and info["int8_weights"] == 1  # conv3 is ternary
+    c = check_onnx(qmodel, info["path"], x[:64])
+    assert c["model"]["rel_max_diff"] < 1e-5, c

@@ -7,7 +7,7 @@ import torch
 import dfquant
 from dfquant.data import digits_model, load_digits_split
 from dfquant.errors import DfquantError
-from dfquant.evaluate import evaluate
+from dfquant.evaluation import evaluate
 from dfquant.genie import find_units, initial_rounding, lr_round_for, synthesize
 from dfquant.qmodules import QUANT_LAYERS
 from dfquant.quantizer import minmax_params, qrange, to_grid

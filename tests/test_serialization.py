@@ -266,3 +266,61 @@ def test_a_file_saved_before_configs_carried_a_version_still_loads(digits, tmp_p
     assert "config_version" not in info["config"]
     x = digits[1][0][:16]
     assert torch.equal(loaded(x), q(x))
+
+
+# --- DF-MPC results: per-tensor grids, DoReFa's half-integer zero point, low-bit layers --------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(method="dfmpc", w_bits=6, low_bits=2),  # c folded into the low layer's BN
+        dict(method="dfmpc", w_bits=6, low_bits=2, fold_bn=True),  # ... into the folded conv's per-channel scale
+        dict(method="dfmpc", w_bits=4, a_bits=8, low_bits=3, bn_recal="moments", fold_bn=True, int32_bias=True),
+        dict(method="rtn", w_bits=4, a_bits=4, w_grid="dorefa"),
+        dict(method="squant", w_bits=6, a_bits=None, low_bits=2, compensation="none", bn_recal="moments"),
+    ],
+)
+def test_dfmpc_results_save_and_load_to_the_same_logits(digits, tmp_path, kwargs):
+    model, (x, _) = digits
+    q, report = dfquant.quantize(model, **kwargs)
+    if kwargs.get("fold_bn"):  # the folded compensation turned conv3's one scale into one per channel
+        assert q.conv3.weight_scale.numel() == q.conv3.out_channels and q.conv2.weight_scale.numel() == 1
+    path, _ = save_quantized(q, tmp_path / "m", model_name="digits_cnn", config=report.config, report=report.to_dict())
+    q2, info = load_quantized(path)
+    s1, s2 = q.state_dict(), q2.state_dict()
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
+    assert info["layers"]["conv3"]["w_bits"] == kwargs.get("low_bits", kwargs["w_bits"])
+
+
+@pytest.fixture(scope="module")
+def saved_dfmpc(digits, tmp_path_factory):
+    """A dfmpc MP2/6 digits model saved once (conv3 ternary, the rest DoReFa-6)."""
+    q, report = dfquant.quantize(digits[0], "dfmpc", 6, low_bits=2)
+    path, _ = save_quantized(q, tmp_path_factory.mktemp("saved_dfmpc") / "m", model_name="digits_cnn", config=report.config)
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["dfquant"])
+    return path, meta, load_file(str(path))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # the half-integer zero point is DoReFa's: without the config's DoReFa grid it is refused
+        (lambda m, t: (m["config"].update(w_grid=None), t)[1], r"layer 'conv1': weight zero points must be finite whole numbers, found -0.5"),
+        (lambda m, t: _set(t, "conv2.weight_zero_point", torch.full((1,), -1.5)), r"layer 'conv2': the config's DoReFa grid \(w_grid\) has zero point -0.5, found -1.5"),
+        (lambda m, t: _set(t, "conv3.weight_int", t["conv3.weight_int"].clamp(-2, 1).index_fill(0, torch.tensor([0]), -2)), r"layer 'conv3': the config's ternary grid"),
+        (lambda m, t: (m["config"].update(w_grid="ternary"), t)[1], r"config 'w_grid' must be null or one of twn, dorefa, paper"),
+        # the low layer's bits are in the config's layer_w_bits: dropping them gives it away
+        (lambda m, t: (m["config"].update(layer_w_bits={}), t)[1], r"layers\['conv3'\] 'w_bits' 2 is not what the config gives it \(\[6\]\)"),
+    ],
+)
+def test_a_dfmpc_file_is_checked_against_its_grid(saved_dfmpc, tmp_path, change, message):
+    path, meta, tensors = saved_dfmpc
+    assert load_quantized(path)[0].conv2.weight_zero_point.item() == -0.5
+    m = json.loads(json.dumps(meta))
+    bad = _write(tmp_path, "bad.safetensors", m, change(m, dict(tensors)))
+    with pytest.raises(DfquantError, match=message):
+        load_quantized(bad)

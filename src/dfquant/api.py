@@ -2,31 +2,44 @@
 
 The pipeline: check and copy the caller's model (it is never changed), build the configs (validated
 once), run the DFQ steps on the float model if asked, carry BN statistics to every layer input,
-quantize each supported layer with the rounding method (codes on a min/max or Lp grid), and, for the
-learned methods, refine the result with Genie-M on synthetic images. Reading and writing files
-(synthetic images given as files, ``save_synthetic``) happens here, never inside a method.
+quantize each supported layer's weights with the rounding method (codes on a min/max or Lp grid,
+or on one of DF-MPC's per-tensor grids), run DF-MPC's compensation step where asked, then give
+every layer its input quantizer (from the compensated statistics), and, for the learned methods,
+refine the result with Genie-M on synthetic images. Reading and writing files (synthetic images
+given as files, ``save_synthetic``) happens here, never inside a method.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .activation_ranges import propagate_bn_stats, stats_range
-from .config import LEARNED_METHODS, METHODS, QUANT_FIELDS, ROUNDING_METHODS, QuantConfig
+from .config import DFMPC_METHOD, LEARNED_METHODS, METHODS, QUANT_FIELDS, ROUNDING_METHODS, QuantConfig, default_a_bits
+from .dfmpc import (
+    DFMPC_FIELDS,
+    DfmpcConfig,
+    DfmpcPlan,
+    DfmpcRecord,
+    check_low_bits,
+    compensate,
+    compensated_input_stats,
+    plan_pairs,
+)
 from .errors import DfquantError
-from .genie.config import GENIE_FIELDS, GenieConfig
+from .genie.config import GENIE_FIELDS, SYNTHESIS_FIELDS, GenieConfig
 from .graph import analyse, fold_bn, replace_module
 from .modelcheck import check_input_size, check_runs, copy_model, float32_eval_cpu
 from .qmodules import ActQuantizer, QuantConv2d, QuantLinear
-from .quantizer import from_grid, rtn_round, to_grid, weight_params
+from .quantizer import from_grid, grid_codes, grid_params, rtn_round, to_grid, weight_params
 from .report import LayerReport, QuantReport
 from .squant import rounding_error_sums, squant_round
 
-__all__ = ["quantize", "QuantConfig", "METHODS", "ROUNDING", "round_biases_to_accumulator_grid"]
+__all__ = ["quantize", "QuantConfig", "DfmpcConfig", "METHODS", "ROUNDING", "round_biases_to_accumulator_grid"]
 
 RoundFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 
@@ -48,30 +61,75 @@ assert tuple(ROUNDING) == ROUNDING_METHODS
 _UNSET: Any = object()
 #: Options of the learned methods that are data, not settings: the images to use or where to save them.
 DATA_OPTIONS = ("synthetic", "save_synthetic")
+#: The GenieConfig settings DF-MPC's images take (Genie-D's); the rest are Genie-M's.
+SYNTHESIS_OPTIONS = ("samples",) + SYNTHESIS_FIELDS
 
 
-def _configs(method: Any, w_bits: Any, a_bits: Any, genie: Optional[GenieConfig], options: Dict[str, Any], data: Dict[str, Any]) -> Tuple[QuantConfig, Optional[GenieConfig]]:
-    """The validated configs of one call: keyword options build them, given configs are used as given."""
+def _configs(method: Any, bits: Dict[str, Any], given: Dict[str, Any], options: Dict[str, Any], data: Dict[str, Any]):
+    """The validated configs of one call, ``(QuantConfig, GenieConfig or None, DfmpcConfig or None)``:
+    keyword options build them, configs given (``given["genie"]``, ``given["dfmpc"]``) are used as given."""
     genie_opts = {k: options.pop(k) for k in list(options) if k in GENIE_FIELDS}
-    unknown = sorted(k for k in options if k not in QUANT_FIELDS)
+    dfmpc_opts = {k: options.pop(k) for k in list(options) if k in DFMPC_FIELDS}
+    cfg = _quant_config(method, bits, options)
+    dcfg = _dfmpc_config(cfg, given.get("dfmpc"), dfmpc_opts)
+    gcfg = _genie_config(cfg, dcfg, given.get("genie"), genie_opts, data)
+    return cfg, gcfg, dcfg
+
+
+def _quant_config(method: Any, bits: Dict[str, Any], options: Dict[str, Any]) -> QuantConfig:
+    """The QuantConfig given, or built from the method, bits (a_bits: :func:`default_a_bits`) and options."""
     if isinstance(method, QuantConfig):
-        given = [n for n, v in (("w_bits", w_bits), ("a_bits", a_bits)) if v is not _UNSET] + sorted(options)
+        given = [n for n, v in bits.items() if v is not _UNSET] + sorted(options)
         if given:
             raise DfquantError(f"quantize got a QuantConfig and also {', '.join(given)}: set them in the config", param=given[0])
-        cfg = method.validate()
-    else:
-        if unknown:
-            raise DfquantError(f"unknown option(s) for method {method!r}: {', '.join(unknown)}", param=unknown[0])
-        bits = {k: v for k, v in (("w_bits", w_bits), ("a_bits", a_bits)) if v is not _UNSET}
-        cfg = QuantConfig(method=method, **bits, **options).validate()
-    if cfg.method not in LEARNED_METHODS:
-        extra = sorted(genie_opts) + [k for k in DATA_OPTIONS if data.get(k) is not None] + (["genie"] if genie is not None else [])
+        return method.validate()
+    unknown = sorted(k for k in options if k not in QUANT_FIELDS)
+    if unknown:
+        raise DfquantError(f"unknown option(s) for method {method!r}: {', '.join(unknown)}", param=unknown[0])
+    chosen = {k: v for k, v in bits.items() if v is not _UNSET}
+    if "a_bits" not in chosen and isinstance(method, str):
+        chosen["a_bits"] = default_a_bits(method)
+    return QuantConfig(method=method, **chosen, **options).validate()
+
+
+def _dfmpc_config(cfg: QuantConfig, given: Optional[DfmpcConfig], opts: Dict[str, Any]) -> Optional[DfmpcConfig]:
+    """DF-MPC's step: always for method dfmpc, for a rounding method when its config or an option is given."""
+    if given is not None and not isinstance(given, DfmpcConfig):
+        raise DfquantError(f"dfmpc must be a DfmpcConfig, got {type(given).__name__}", param="dfmpc")
+    asked = sorted(opts) + (["dfmpc"] if given is not None else [])
+    if cfg.method in LEARNED_METHODS and asked:
+        raise DfquantError(
+            f"{', '.join(asked)} {'belong' if len(asked) > 1 else 'belongs'} to DF-MPC, which runs as method dfmpc or as a step "
+            f"after a rounding method ({', '.join(ROUNDING_METHODS)}), not with {cfg.method!r}",
+            param=tuple(asked),
+        )
+    if cfg.method != DFMPC_METHOD and not asked:
+        return None
+    dcfg = dataclasses.replace(given if given is not None else DfmpcConfig(), **opts).validate()
+    check_low_bits(dcfg.low_bits, cfg.w_bits)
+    return dcfg
+
+
+def _genie_config(cfg: QuantConfig, dcfg: Optional[DfmpcConfig], given: Optional[GenieConfig], opts: Dict[str, Any], data: Dict[str, Any]) -> Optional[GenieConfig]:
+    """Genie's settings: for the learned methods, and Genie-D's alone for a DF-MPC step that needs images."""
+    learned = cfg.method in LEARNED_METHODS
+    if not learned and not (dcfg is not None and dcfg.needs_images):
+        extra = sorted(opts) + [k for k in DATA_OPTIONS if data.get(k) is not None] + (["genie"] if given is not None else [])
         if extra:
-            raise DfquantError(f"{', '.join(extra)} {'apply' if len(extra) > 1 else 'applies'} only to the learned methods ({' and '.join(LEARNED_METHODS)}), not to {cfg.method!r} (it uses no data and no training)", param=tuple(extra))
-        return cfg, None
-    if genie is not None and not isinstance(genie, GenieConfig):
-        raise DfquantError(f"genie must be a GenieConfig, got {type(genie).__name__}", param="genie")
-    gcfg = dataclasses.replace(genie if genie is not None else GenieConfig(), **genie_opts).validate()
+            images = set(extra) <= set(SYNTHESIS_OPTIONS + DATA_OPTIONS)
+            hint = "; DF-MPC's compensation='fitted' and bn_recal='synthetic' take the synthesis options" if images else ""
+            raise DfquantError(
+                f"{', '.join(extra)} {'apply' if len(extra) > 1 else 'applies'} only to the learned methods ({' and '.join(LEARNED_METHODS)}), "
+                f"not to {cfg.method!r} (it uses no data and no training{hint})",
+                param=tuple(extra),
+            )
+        return None
+    if given is not None and not isinstance(given, GenieConfig):
+        raise DfquantError(f"genie must be a GenieConfig, got {type(given).__name__}", param="genie")
+    gcfg = dataclasses.replace(given if given is not None else GenieConfig(), **opts).validate()
+    if not learned:
+        _check_synthesis_only(given, opts)
+        return gcfg
     if cfg.a_bits is None and gcfg.act_calib is not None:
         raise DfquantError("act_calib sets where the activation steps start, but a_bits=None quantizes no activation", param="act_calib")
     if (gcfg.act_calib or "data") == "data" and (cfg.n_sigma is not None or cfg.act_range != "dfq"):
@@ -80,7 +138,21 @@ def _configs(method: Any, w_bits: Any, a_bits: Any, genie: Optional[GenieConfig]
             "replaces by a search on the synthetic images: use them with act_calib='bn'",
             param="n_sigma" if cfg.n_sigma is not None else "act_range",
         )
-    return cfg, gcfg
+    return gcfg
+
+
+def _check_synthesis_only(given: Optional[GenieConfig], opts: Dict[str, Any]) -> None:
+    """A DF-MPC step synthesizes images but reconstructs nothing: Genie-M's settings would be ignored."""
+    unused = sorted(k for k in opts if k not in SYNTHESIS_OPTIONS)
+    if given is not None:
+        default = GenieConfig()
+        unused += [f for f in GENIE_FIELDS if f not in SYNTHESIS_OPTIONS and f not in unused and getattr(given, f) != getattr(default, f)]
+    if unused:
+        raise DfquantError(
+            f"{', '.join(unused)} {'set' if len(unused) > 1 else 'sets'} Genie-M's reconstruction, which only the learned methods "
+            f"({' and '.join(LEARNED_METHODS)}) run; DF-MPC's images take Genie-D's settings only (samples, distill_iters, seed, device, budget)",
+            param=unused[0],
+        )
 
 
 def _check_given_options(cfg: QuantConfig, given: Dict[str, Any]) -> None:
@@ -89,23 +161,36 @@ def _check_given_options(cfg: QuantConfig, given: Dict[str, Any]) -> None:
         raise DfquantError("last_input_bits sets the classifier input's bits, but a_bits=None quantizes no input", param="last_input_bits")
 
 
-def quantize(model: nn.Module, method: Any = "squant", w_bits: Any = _UNSET, a_bits: Any = _UNSET, *, input_size: Optional[Tuple[int, ...]] = None, progress: bool = False, genie: Optional[GenieConfig] = None, synthetic: Any = None, save_synthetic: Any = None, **options: Any):
+@dataclass
+class _DfmpcStep:
+    """DF-MPC's compensation step of one run: its config and how to get its images (called only when needed)."""
+
+    config: DfmpcConfig
+    images: Callable[[], Tuple[torch.Tensor, Dict[str, Any]]]
+
+
+def quantize(model: nn.Module, method: Any = "squant", w_bits: Any = _UNSET, a_bits: Any = _UNSET, *, input_size: Optional[Tuple[int, ...]] = None, progress: bool = False, genie: Optional[GenieConfig] = None, dfmpc: Optional[DfmpcConfig] = None, synthetic: Any = None, save_synthetic: Any = None, **options: Any):
     """Quantize ``model`` without data. Returns ``(quantized_model, report)``; ``model`` is untouched.
 
-    ``method`` is a method name (with ``w_bits``, default 4, ``a_bits``, default 4, ``None`` for
-    weight-only, and any :class:`QuantConfig` or, for genie/zeroq, :class:`GenieConfig` field as a
-    keyword option) or a whole :class:`QuantConfig` (then ``genie=GenieConfig(...)`` for the learned
-    methods). Weights: per-output-channel (``per_channel=False``: per-tensor) asymmetric grid from
-    min/max (rounding methods) or the Lp clipping search (genie/zeroq), integer codes chosen by the
-    method. Activations (``a_bits``): per-tensor ranges from BatchNorm statistics, set before any
-    input is seen; inputs no BN statistic reaches stay float and are listed in the report. Learned
-    methods synthesize their images, or take ``synthetic`` (a (N, C, H, W) tensor or image files)
-    and save them to ``save_synthetic``. ``input_size`` (C, H, W) is needed where the registry does
-    not know the model.
+    ``method`` is a method name (with ``w_bits``, default 4, ``a_bits``, default 4 and ``None``
+    (weight-only) for dfmpc, and any :class:`QuantConfig`, :class:`dfquant.dfmpc.DfmpcConfig` or, for
+    genie/zeroq, :class:`GenieConfig` field as a keyword option) or a whole :class:`QuantConfig` (then
+    ``genie=GenieConfig(...)`` for the learned methods, ``dfmpc=DfmpcConfig(...)`` for DF-MPC).
+    Weights: per-output-channel (``per_channel=False``: per-tensor) asymmetric grid from min/max
+    (rounding methods) or the Lp clipping search (genie/zeroq), or a per-tensor ``w_grid`` (TWN,
+    DoReFa; dfmpc's default), integer codes chosen by the method. DF-MPC (``method="dfmpc"``, or a
+    rounding method with ``compensation=`` / ``bn_recal=`` / ``low_bits=``): layer pairs, the low
+    layers at ``low_bits``, each low layer's error compensated through its BN (see
+    :mod:`dfquant.dfmpc`). Activations (``a_bits``): per-tensor ranges from BatchNorm statistics
+    (compensated ones after DF-MPC), set before any input is seen; inputs no BN statistic reaches
+    stay float and are listed in the report. Learned methods and DF-MPC with ``compensation="fitted"``
+    or ``bn_recal="synthetic"`` synthesize their images (Genie-D), or take ``synthetic`` (a
+    (N, C, H, W) tensor or image files), and save them to ``save_synthetic``. ``input_size``
+    (C, H, W) is needed where the registry does not know the model.
     """
     given = dict(options)
     data = dict(synthetic=synthetic, save_synthetic=save_synthetic)
-    cfg, gcfg = _configs(method, w_bits, a_bits, genie, options, data)
+    cfg, gcfg, dcfg = _configs(method, dict(w_bits=w_bits, a_bits=a_bits), dict(genie=genie, dfmpc=dfmpc), options, data)
     _check_given_options(cfg, given)
     if gcfg is not None:
         from .learned import check_data_options
@@ -115,19 +200,31 @@ def quantize(model: nn.Module, method: Any = "squant", w_bits: Any = _UNSET, a_b
     input_size = check_input_size(input_size)
     model, notes = float32_eval_cpu(model)
     base, step_notes = _dfq_float_steps(model, cfg)
-    qmodel, report = _quantize_rounding(base, cfg, input_size)
+    step = None
+    if dcfg is not None:  # images from the caller's float model, as the learned methods take them
+        step = _DfmpcStep(dcfg, lambda: _dfmpc_images(model, gcfg, data, input_size, progress))
+    qmodel, report = _quantize_rounding(base, cfg, input_size, step)
     report.notes.extend(notes + step_notes)
     if input_size is not None and getattr(qmodel, "input_size", None) is None:
         qmodel.input_size = input_size  # what export_onnx and the learned methods read
-    if gcfg is not None:
+    if gcfg is not None and cfg.method in LEARNED_METHODS:
         from .learned import learn
 
         learn(model, qmodel, cfg, gcfg, report, input_size=input_size, data=data, progress=progress)
-    if cfg.int32_bias:  # last: the learned methods change the scales the grid is made of
+    if cfg.int32_bias:  # last: the learned methods and DF-MPC change the scales the grid is made of
         n = round_biases_to_accumulator_grid(qmodel)
         report.notes.append(f"int32_bias: the biases of {n} layers with a quantized input rounded to their accumulator grid (as integer kernels add them)")
     report.total_time_s = time.perf_counter() - t0
     return qmodel, report
+
+
+def _dfmpc_images(model: nn.Module, gcfg: GenieConfig, data: Dict[str, Any], input_size, progress: bool):
+    """DF-MPC's synthetic images (Genie-D, or the given ones) and what the report says of them."""
+    from .learned import images_for
+
+    images, info, elapsed, resolved, dev = images_for(model, "genie", gcfg, data, input_size, progress)
+    info.update(seed=resolved.seed, budget=resolved.budget, device=str(dev), synthesis_time_s=elapsed)
+    return images, info
 
 
 def _dfq_float_steps(model: nn.Module, cfg: QuantConfig) -> Tuple[nn.Module, list]:
@@ -200,8 +297,9 @@ def _bn_ranges(model: nn.Module, graph, cfg: QuantConfig, input_size) -> Dict[st
     return propagate_bn_stats(graph.traced, input_size)
 
 
-def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[Tuple[int, ...]]):
-    """Replace every supported layer of a copy of ``model`` by its quantized version."""
+def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[Tuple[int, ...]], step: Optional[_DfmpcStep] = None):
+    """Replace every supported layer of a copy of ``model`` by its quantized version (weights, then
+    DF-MPC's ``step`` if any, then the input quantizers)."""
     input_size = input_size or check_input_size(getattr(model, "input_size", None))
     if input_size is not None:
         check_runs(model, input_size)
@@ -209,10 +307,30 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
     if not graph.layers:
         raise DfquantError("the model has no Conv2d or Linear layer to quantize")
     _check_layer_names(cfg, [l.name for l in graph.layers])
+    plan = None
+    if step is not None:  # pairs on the float model, after relu6_to_relu and CLE, before folding
+        plan = _dfmpc_plan(model, graph, cfg, step.config)
+        cfg = _with_low_bits(cfg, plan, step.config)
     report = QuantReport(cfg.method, cfg.w_bits, cfg.a_bits, config=cfg.to_dict(), unsupported=list(graph.unsupported))
     if graph.note:
         report.notes.append(graph.note)
     ranges = _bn_ranges(model, graph, cfg, input_size)
+    qmodel = _working_copy(model, graph, cfg, report)
+    ends = (graph.layers[0].name, graph.layers[-1].name)
+    for info in graph.layers:
+        if info.name not in cfg.skip:
+            _quantize_layer(qmodel, info.name, cfg, ends, ranges, report)
+    if step is not None:
+        moments = step.config.bn_recal == "moments"
+        stats = ranges or (propagate_bn_stats(graph.traced, input_size) if moments else None)
+        record = _compensate_step(model, qmodel, plan, cfg, step, stats, report)
+        ranges = compensated_input_stats(ranges, record) if ranges else ranges
+    _quantize_inputs(qmodel, graph, cfg, ranges, report)
+    return qmodel, report
+
+
+def _working_copy(model: nn.Module, graph, cfg: QuantConfig, report: QuantReport) -> nn.Module:
+    """The eval-mode copy of ``model`` that gets the quantized layers (BN folded into it with ``fold_bn``)."""
     qmodel = copy_model(model).eval()
     if cfg.fold_bn:
         qmodel = fold_bn(qmodel, graph)
@@ -220,36 +338,105 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
         if not report.folded_bn:
             why = "the model is not fx-traceable, so no pair can be found" if graph.traced is None else "no Conv2d -> BatchNorm2d pair found"
             report.notes.append(f"fold_bn: {why}; nothing was folded")
-    first, last = graph.layers[0].name, graph.layers[-1].name
-    for info in graph.layers:
-        if info.name in cfg.skip:
-            report.float_inputs.append((info.name, "skipped on request (weights and input in float)"))
-            continue
-        _quantize_layer(qmodel, info.name, cfg, (first, last), ranges, report)
-    return qmodel, report
+    return qmodel
+
+
+def _dfmpc_plan(model: nn.Module, graph, cfg: QuantConfig, dcfg: DfmpcConfig) -> DfmpcPlan:
+    """DF-MPC's pairs (:func:`dfquant.dfmpc.plan_pairs`), or one error when none can be compensated."""
+    param = "method" if cfg.method == DFMPC_METHOD else "compensation"
+    who = "method dfmpc" if cfg.method == DFMPC_METHOD else f"the DF-MPC step (compensation={dcfg.compensation!r})"
+    if graph.traced is None:
+        raise DfquantError(f"{who} pairs layers from the model's graph, but torch.fx cannot trace this model's forward", param=param)
+    plan = plan_pairs(model, graph)
+    if any(p.low not in cfg.skip for p in plan.pairs):
+        return plan
+    if plan.pairs:
+        why = f"the low layers of all its pairs are skipped ({', '.join(p.low for p in plan.pairs)})"
+    else:
+        why = "; ".join(sorted({w for _, w in plan.unpaired}))[:400]
+    hint = " (relu6_to_relu=True replaces ReLU6 by ReLU first, as DFQ does)" if "ReLU6" in why and not cfg.relu6_to_relu else ""
+    raise DfquantError(f"{who}: the model has no compensable pair conv -> BN -> [ReLU] -> conv or linear: {why}{hint}", param=param)
+
+
+def _with_low_bits(cfg: QuantConfig, plan: DfmpcPlan, dcfg: DfmpcConfig) -> QuantConfig:
+    """The config with the pairs' low layers at ``low_bits`` in ``layer_w_bits`` (so the saved config
+    gives every layer's bits); ``layer_w_bits`` may not give a low layer other bits."""
+    if dcfg.low_bits is None:
+        return cfg
+    lows = [p.low for p in plan.pairs if p.low not in cfg.skip]
+    clash = [n for n in lows if cfg.layer_w_bits.get(n, dcfg.low_bits) != dcfg.low_bits]
+    if clash:
+        raise DfquantError(
+            f"layer_w_bits gives {clash[0]} {cfg.layer_w_bits[clash[0]]} bits, but it is the low layer of a DF-MPC pair, "
+            f"which low_bits={dcfg.low_bits} sets",
+            param="layer_w_bits",
+        )
+    return dataclasses.replace(cfg, layer_w_bits={**cfg.layer_w_bits, **{n: dcfg.low_bits for n in lows}})
+
+
+def _compensate_step(model: nn.Module, qmodel: nn.Module, plan: DfmpcPlan, cfg: QuantConfig, step: _DfmpcStep, stats, report: QuantReport) -> DfmpcRecord:
+    """DF-MPC's compensation of ``qmodel`` (weights quantized, inputs still float), recorded in ``report``."""
+    images, data_info = step.images() if step.config.needs_images else (None, None)
+    record = compensate(model, qmodel, plan, step.config, folded=cfg.fold_bn, stats=stats, images=images)
+    report.notes.extend(record.lines())
+    info = dict(step.config.to_dict(), **record.to_dict())
+    if data_info is not None:
+        info["data"] = data_info
+    report.config["dfmpc"] = info
+    rows = {r.name: r for r in report.layers}
+    for p in record.pairs:
+        for name, text in ((p.low, f"DF-MPC low layer, pair with {p.high}: c {p.c_min:.3g}..{p.c_max:.3g}"), (p.high, f"DF-MPC high layer after {p.low}")):
+            if name in rows:
+                rows[name].note = (rows[name].note + "; " if rows[name].note else "") + text
+    return record
+
+
+def _weight_codes(w: torch.Tensor, w_bits: int, cfg: QuantConfig):
+    """(integer codes, QParams, grid units) of one weight: the rounding method on the config's grid."""
+    grid_name = cfg.layer_grid(w_bits)
+    if grid_name is None:
+        qp = weight_params(w, w_bits, cfg.w_range, per_channel=cfg.per_channel)
+        grid = to_grid(w, qp)
+        return ROUNDING[cfg.rounding](grid, qp.qmin, qp.qmax), qp, grid
+    qp = grid_params(w, w_bits, grid_name)  # rtn: the grid's own rule (TWN's threshold, DoReFa's nearest level)
+    codes = grid_codes(w, qp, grid_name, None if cfg.rounding == "rtn" else ROUNDING[cfg.rounding])
+    return codes, qp, to_grid(w, qp)
 
 
 def _quantize_layer(qmodel: nn.Module, name: str, cfg: QuantConfig, ends: Tuple[str, str], ranges: Dict[str, Any], report: QuantReport) -> None:
-    """Quantize one layer of ``qmodel`` in place and add its line to the report."""
+    """Quantize one layer's weights in ``qmodel`` in place and add its line to the report (its input
+    quantizer comes later, :func:`_quantize_inputs`)."""
     layer = qmodel.get_submodule(name)
     w_bits = cfg.first_last_w_bits if (cfg.first_last_w_bits and name in ends) else cfg.w_bits
     w_bits = cfg.layer_w_bits.get(name, w_bits)
-    act, a_range, a_bits_used = _input_quantizer(name, ends, cfg, ranges, report)
     t = time.perf_counter()
     w = layer.weight.detach()
-    qp = weight_params(w, w_bits, cfg.w_range, per_channel=cfg.per_channel)
-    grid = to_grid(w, qp)
-    codes = ROUNDING[cfg.rounding](grid, qp.qmin, qp.qmax)
+    codes, qp, grid = _weight_codes(w, w_bits, cfg)
     bias, note = None, ""
     if cfg.bias_correction:
         bias, note = _corrected_bias(layer, from_grid(codes, qp) - w, ranges.get(name))
     dt = time.perf_counter() - t
     report.weight_time_s += dt
     kind = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-    replace_module(qmodel, name, kind(layer, codes, qp, act, bias=bias))
+    replace_module(qmodel, name, kind(layer, codes, qp, None, bias=bias))
     k_err, c_err = rounding_error_sums(codes, grid if grid.dim() > 1 else grid.unsqueeze(1))
     rel = float((from_grid(codes, qp) - w).norm() / w.norm().clamp_min(1e-12))
-    report.layers.append(LayerReport(name, "conv" if kind is QuantConv2d else "linear", tuple(w.shape), w_bits, a_bits_used, a_range, rel, k_err, c_err, dt, note))
+    report.layers.append(LayerReport(name, "conv" if kind is QuantConv2d else "linear", tuple(w.shape), w_bits, None, None, rel, k_err, c_err, dt, note))
+
+
+def _quantize_inputs(qmodel: nn.Module, graph, cfg: QuantConfig, ranges: Dict[str, Any], report: QuantReport) -> None:
+    """Give every quantized layer its input quantizer, in layer order, and fill in the report's rows."""
+    names = [l.name for l in graph.layers]
+    ends = (names[0], names[-1])
+    rows = {r.name: r for r in report.layers}
+    for name in names:
+        if name in cfg.skip:
+            report.float_inputs.append((name, "skipped on request (weights and input in float)"))
+            continue
+        act, a_range, a_bits = _input_quantizer(name, ends, cfg, ranges, report)
+        if act is not None:
+            qmodel.get_submodule(name).input_quant = act
+        rows[name].a_bits, rows[name].a_range = a_bits, a_range
 
 
 def _corrected_bias(layer: nn.Module, weight_error: torch.Tensor, found: Any):

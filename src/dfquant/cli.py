@@ -1,7 +1,7 @@
 """Command-line interface: maps flags to the configs' fields, calls the library, prints.
 
-The quantization flags are built from :class:`dfquant.config.QuantConfig` and
-:class:`dfquant.genie.GenieConfig` (their help, choices and defaults); only the flags a user gives
+The quantization flags are built from :class:`dfquant.config.QuantConfig`,
+:class:`dfquant.dfmpc.DfmpcConfig` and :class:`dfquant.genie.GenieConfig` (their help, choices and defaults); only the flags a user gives
 reach the library, which checks them and names the API parameter in its errors. :func:`main`
 translates those names into flags (``w_bits`` -> ``--w-bits``), so every error is one line.
 """
@@ -63,7 +63,9 @@ class _LayerBits(argparse.Action):
 
 
 #: Config fields whose flag takes a special parser.
-_BITS_OR_NONE = ("a_bits", "last_input_bits")
+_BITS_OR_NONE = ("a_bits", "last_input_bits", "low_bits")
+#: Defaults the help states in words (they depend on the method).
+_SHOWN_DEFAULTS = {"a_bits": "4; none for --method dfmpc", "w_grid": "none: the --w-range grid; paper for --method dfmpc"}
 
 
 def flag_of(field: dataclasses.Field) -> str:
@@ -78,7 +80,7 @@ def _add_config_flags(group, config_cls, exclude=()) -> None:
             continue
         meta["help"] = cli_message(meta["help"])  # the flags' names, not the API's
         kw: Dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS)
-        shown = "none" if f.default is None else f.default
+        shown = _SHOWN_DEFAULTS.get(f.name, "none" if f.default is None else f.default)
         if f.name == "layer_w_bits":
             kw.update(action=_LayerBits, metavar="NAME=BITS", help=f"{meta['help']} (repeatable; names as in --report)")
         elif f.name == "skip":
@@ -100,12 +102,15 @@ def _field_type(f: dataclasses.Field):
 
 def _quantize_parser(sub) -> None:
     from .config import QuantConfig
+    from .dfmpc import DfmpcConfig
     from .genie import GenieConfig
 
     q = sub.add_parser("quantize", help="quantize a model, evaluate it, optionally save or export it")
     _add_model_options(q)
     _add_config_flags(q, QuantConfig)
-    g = q.add_argument_group("learned methods (genie, zeroq)")
+    d = q.add_argument_group("DF-MPC (--method dfmpc; with rtn/squant any of these flags adds its compensation step)")
+    _add_config_flags(d, DfmpcConfig)
+    g = q.add_argument_group("learned methods (genie, zeroq); the synthesis flags also for DF-MPC's --compensate fitted / --bn-recal synthetic")
     _add_config_flags(g, GenieConfig, exclude=("seed",))
     g.add_argument("--save-synthetic", default=None, help="write the synthetic images to this file")
     g.add_argument("--synthetic", nargs="+", default=None, metavar="FILE", help="use the images in these files (concatenated, e.g. parts from parallel `dfquant synthesize --seed i` runs) instead of synthesizing")
@@ -194,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _param_flags() -> Dict[str, str]:
     from .config import QuantConfig
+    from .dfmpc import DfmpcConfig
     from .genie import GenieConfig
 
-    flags = {f.name: flag_of(f) for cls in (QuantConfig, GenieConfig) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    flags = {f.name: flag_of(f) for cls in (QuantConfig, DfmpcConfig, GenieConfig) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
     flags.update(synthetic="--synthetic", save_synthetic="--save-synthetic", seed="--seed", iters="--iters", n="-n")
     return flags
 
@@ -288,15 +294,17 @@ def _eval_data(args, dataset: str, num_classes: "int | None" = None, model_name:
 def _quantize_options(args, spec) -> Dict[str, Any]:
     """The flags given, as ``dfquant.quantize`` keyword options (config fields and data)."""
     from .config import LEARNED_METHODS, QUANT_FIELDS
+    from .dfmpc import DFMPC_FIELDS
     from .genie.config import GENIE_FIELDS
     from .models import input_range_of
 
-    options = {k: getattr(args, k) for k in QUANT_FIELDS + GENIE_FIELDS if hasattr(args, k) and k != "seed"}
+    options = {k: getattr(args, k) for k in QUANT_FIELDS + DFMPC_FIELDS + GENIE_FIELDS if hasattr(args, k) and k != "seed"}
     if options.get("skip") is not None:
         options["skip"] = tuple(options["skip"])
     if options.get("quantize_first_input"):
         options["input_range"] = input_range_of(spec.name)  # the model's own scaling of valid pixels
-    if options.get("method", "squant") in LEARNED_METHODS:
+    synthesizes = options.get("compensation") == "fitted" or options.get("bn_recal") == "synthetic"  # DF-MPC's images
+    if options.get("method", "squant") in LEARNED_METHODS or synthesizes:
         options["seed"] = args.seed
     if args.synthetic:
         options["synthetic"] = list(args.synthetic)
@@ -371,6 +379,8 @@ def cmd_quantize(args) -> int:
         result["genie"] = {k: v for k, v in report.config["genie"].items() if k != "units"}
     if args.plot:
         result["plot"] = str(_plot_layers(model, report, args.plot))
+    if "dfmpc" in report.config:
+        result["dfmpc"] = report.config["dfmpc"]
     if args.out:
         paths = dfquant.save_quantized(qmodel, args.out, model_name=args.model, config=report.config, report=report.to_dict())
         result["out"] = str(paths[0])

@@ -1,9 +1,13 @@
 """The settings of one quantization run, :class:`QuantConfig`, validated once and saved with the model.
 
-Every method's own settings live beside it (Genie's in :class:`dfquant.genie.GenieConfig`); this
-config holds what all methods share: bits, grids, which inputs are quantized and how their ranges
-are set (the paper protocols' choices are the defaults), the DFQ steps. ``validate()`` returns the
-config with its defaults resolved; errors name the parameter (the CLI names its flag instead).
+Every method's own settings live beside it (Genie's in :class:`dfquant.genie.GenieConfig`, DF-MPC's
+compensation step's in :class:`dfquant.dfmpc.DfmpcConfig`); this config holds what all methods
+share: bits, grids, which inputs are quantized and how their ranges are set (the paper protocols'
+choices are the defaults), the DFQ steps. ``validate()`` returns the config with its defaults
+resolved; errors name the parameter (the CLI names its flag instead).
+
+``a_bits`` is 4 in a ``QuantConfig`` built by hand; :func:`dfquant.quantize`'s keyword default
+resolves per method (:func:`default_a_bits`): weight-only for ``dfmpc`` (the paper's protocol).
 :data:`CONFIG_VERSION` is saved with every model; files without it (version 1) load unchanged.
 """
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from .checks import check_bits, check_bool, check_choice, check_float, check_range, fail, option
+from .quantizer import W_GRID_CHOICES, grid_for_bits
 
 #: Version of the saved config's layout (1: before it carried a version).
 CONFIG_VERSION = 2
@@ -21,11 +26,19 @@ CONFIG_VERSION = 2
 ROUNDING_METHODS = ("rtn", "squant-e", "squant-k", "squant-c", "squant")
 #: Methods that start from a rounding and then learn on synthetic images (dfquant.genie).
 LEARNED_METHODS = ("genie", "zeroq")
-METHODS = ROUNDING_METHODS + LEARNED_METHODS
+#: DF-MPC (Chen et al. 2023): the paper's per-tensor grids, mixed-precision pairs and compensation.
+DFMPC_METHOD = "dfmpc"
+METHODS = ROUNDING_METHODS + (DFMPC_METHOD,) + LEARNED_METHODS
 
 WEIGHT_RANGES = ("minmax", "lp")
 ACT_RANGES = ("dfq", "mse")
 INITS = ("rtn", "squant")
+
+
+def default_a_bits(method: str) -> "Optional[int]":
+    """``quantize``'s activation bits when the caller gives none: weight-only (None) for dfmpc, whose
+    paper quantizes weights only (Sec. 5.1: "FP32 activations"); 4 for every other method."""
+    return None if method == DFMPC_METHOD else 4
 
 
 @dataclass(frozen=True)
@@ -34,7 +47,7 @@ class QuantConfig:
 
     method: str = option("squant", "quantization method", choices=METHODS)
     w_bits: int = option(4, "weight bit-width, 2..8")
-    a_bits: Optional[int] = option(4, "activation bit-width 2..8, or none for weight-only")
+    a_bits: Optional[int] = option(4, "activation bit-width 2..8, or none for weight-only (quantize's default: none for dfmpc)")
     squant_kernel: bool = option(True, "SQuant's kernel (K) level, on unless --no-kernel", flag="--no-kernel")
     squant_channel: bool = option(True, "SQuant's output-channel (C) level, on unless --no-channel", flag="--no-channel")
     fold_bn: bool = option(False, "fold BatchNorm into the preceding conv before quantizing (SQuant's protocol keeps it)")
@@ -46,8 +59,14 @@ class QuantConfig:
     last_input_bits: Optional[int] = option(8, "bits of the classifier's input (none: the same as a_bits)")
     first_last_w_bits: Optional[int] = option(None, "weight bits of the first and last layers (none: w_bits)", cli=False)
     layer_w_bits: Dict[str, int] = option({}, "weight bit-width of single layers by name, overriding w_bits", flag="--layer-bits")
-    per_channel: bool = option(True, "one weight scale per output channel, unless --per-tensor: one per layer (DFQ's protocol)", flag="--per-tensor")
+    per_channel: bool = option(True, "one weight scale per output channel, unless --per-tensor: one per layer (DFQ's protocol); min/max and lp grids", flag="--per-tensor")
     w_range: Optional[str] = option(None, "weight grid: minmax (SQuant's) or lp (Genie's clipping search); default lp for genie/zeroq", choices=WEIGHT_RANGES)
+    w_grid: Optional[str] = option(
+        None,
+        "per-tensor weight grid of DF-MPC's paper instead of w_range's (rounding methods): twn (ternary, 2 bits), dorefa, "
+        "or paper (twn at 2 bits, dorefa above; dfmpc's default)",
+        choices=W_GRID_CHOICES,
+    )
     skip: Tuple[str, ...] = option((), "layers to leave in float")
     init: str = option("rtn", "learned methods: the rounding they start from", choices=INITS)
     cle: bool = option(False, "DFQ cross-layer range equalization of the float model first (rounding methods)")
@@ -76,11 +95,35 @@ class QuantConfig:
         for layer, bits in self.layer_w_bits.items():
             check_bits(bits, f"the weight bit-width of layer {layer!r}")
         check_choice(self.act_range, "act_range", ACT_RANGES)
-        w_range = self.w_range if self.w_range is not None else ("lp" if self.method in LEARNED_METHODS else "minmax")
-        check_choice(w_range, "w_range", WEIGHT_RANGES)
+        w_grid = self.w_grid if self.w_grid is not None else ("paper" if self.method == DFMPC_METHOD else None)
+        if w_grid is not None:
+            check_choice(w_grid, "w_grid", W_GRID_CHOICES)
+        w_range = self.w_range if self.w_range is not None else ("lp" if self.method in LEARNED_METHODS else None if w_grid else "minmax")
+        if w_range is not None:
+            check_choice(w_range, "w_range", WEIGHT_RANGES)
         check_choice(self.init, "init", INITS)
         self._check_combinations()
-        return dataclasses.replace(self, w_range=w_range, skip=tuple(self.skip), layer_w_bits=dict(self.layer_w_bits), input_range=rng)
+        self._check_grid(w_grid)
+        return dataclasses.replace(self, w_range=w_range, w_grid=w_grid, skip=tuple(self.skip), layer_w_bits=dict(self.layer_w_bits), input_range=rng)
+
+    def _check_grid(self, w_grid: Optional[str]) -> None:
+        """``w_grid`` replaces the min/max and lp grids, so their settings are refused beside it."""
+        if w_grid is None:
+            return
+        if self.method in LEARNED_METHODS:
+            raise fail("w_grid", f"w_grid sets the grid of the rounding methods and dfmpc; {self.method!r} learns its step sizes from an lp grid")
+        if self.w_range is not None:
+            raise fail("w_range", f"w_range chooses the per-channel min/max or lp grid, which w_grid={w_grid!r} replaces: give one")
+        if not self.per_channel:
+            raise fail("per_channel", f"per_channel: the grids of w_grid={w_grid!r} have one scale per layer already; drop the per-tensor request")
+        if w_grid == "twn":
+            bits = {self.w_bits, *(b for b in (self.first_last_w_bits,) if b is not None), *self.layer_w_bits.values()}
+            if bits != {2}:
+                raise fail("w_grid", f"w_grid='twn' is ternary (2 bits), but the config gives {sorted(bits)} bits; w_grid='paper' uses dorefa above 2 bits")
+
+    def layer_grid(self, bits: int) -> Optional[str]:
+        """The per-tensor grid (twn / dorefa) of a layer of ``bits`` bits, or None: ``w_range``'s grid."""
+        return grid_for_bits(self.w_grid, bits)
 
     def _check_combinations(self) -> None:
         """Settings a method would silently ignore are refused: the model would not be the one asked for."""
@@ -106,7 +149,10 @@ class QuantConfig:
 
     @property
     def rounding(self) -> str:
-        """The rounding method that sets the codes (for a learned method: its start)."""
+        """The rounding method that sets the codes (for a learned method: its start; for dfmpc: rtn,
+        which on the paper's grids is their own rule, TWN's threshold and DoReFa's nearest level)."""
+        if self.method == DFMPC_METHOD:
+            return "rtn"
         if self.method in ROUNDING_METHODS:
             if self.method == "squant" and not (self.squant_kernel and self.squant_channel):
                 return {(True, False): "squant-k", (False, True): "squant-c", (False, False): "squant-e"}[(self.squant_kernel, self.squant_channel)]

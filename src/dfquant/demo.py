@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 
 from .api import quantize
 from .data import digits_model, load_digits_split
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .progress import progress_bar
 
 DEMO_SETTINGS = [(8, 8), (6, 6), (4, 4)]

@@ -21,7 +21,9 @@ the ratio scales running_var, eps is added after, as BN does) or "synthetic" (th
 corrected by the quantized-minus-float difference measured on synthetic images, which cancels the
 images' own mismatch with the BN statistics). Not in the paper: ``compensation="fitted"``, c by
 non-negative least squares of l+1's output against the float model's on synthetic images, pairs
-in execution order, l's input from the partly compensated quantized model.
+in execution order, l's input from the partly compensated quantized model; and
+``compensation="none"`` (c = 1): the pairs' mixed precision alone (the paper's "without
+compensation" column) or, with ``bn_recal``, the re-calibration without any c.
 """
 from __future__ import annotations
 
@@ -41,9 +43,10 @@ from .activation_ranges import ChannelStats, InputRange, propagate_bn_stats
 from .checks import check_bits, check_choice, check_float, fail, option
 from .graph import ModelGraph, analyse, bn_affine, call_counts, first_input, is_supported, trace
 from .qmodules import QuantConv2d
-from .quantizer import QParams, grid_codes, grid_params
+from .quantizer import QParams, grid_codes, grid_for_bits, grid_params
 
-COMPENSATIONS = ("dfmpc", "fitted")
+#: dfmpc: Eq. 27's closed form; fitted: NNLS on synthetic images (ours); none: c = 1 (re-calibration only, or nothing).
+COMPENSATIONS = ("dfmpc", "fitted", "none")
 BN_RECALS = ("none", "moments", "synthetic")
 
 
@@ -54,7 +57,10 @@ class DfmpcConfig:
     low_bits: Optional[int] = option(None, help="bit-width of the low layer of each pair (None: w_bits, uniform precision)")
     lambda1: float = option(0.5, help="weight of the bias term in Eq. 20 (paper: 0.5)")
     lambda2: float = option(0.0, help="ridge weight on c in Eq. 20 (paper: 0)")
-    compensation: str = option("dfmpc", help="dfmpc: Eq. 27's closed form; fitted: NNLS on synthetic images (ours)", choices=COMPENSATIONS)
+    compensation: str = option(
+        "dfmpc", help="c per channel: dfmpc (Eq. 27's closed form), fitted (NNLS on synthetic images, ours) or none (c = 1: bn_recal alone)",
+        flag="--compensate", choices=COMPENSATIONS,
+    )
     bn_recal: str = option("none", help="mu_hat, sigma_hat of the low layer's BN: none (literal), moments, synthetic", choices=BN_RECALS)
 
     def validate(self) -> "DfmpcConfig":
@@ -72,6 +78,12 @@ class DfmpcConfig:
     def needs_images(self) -> bool:
         return self.compensation == "fitted" or self.bn_recal == "synthetic"
 
+    def to_dict(self) -> Dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+DFMPC_FIELDS = tuple(f.name for f in dataclasses.fields(DfmpcConfig))
+
 
 def check_low_bits(low_bits: Optional[int], w_bits: int) -> Optional[int]:
     """``low_bits`` must lie below the run's ``w_bits`` (None: the pairs stay at ``w_bits``)."""
@@ -83,7 +95,7 @@ def check_low_bits(low_bits: Optional[int], w_bits: int) -> Optional[int]:
 def paper_weights(w: torch.Tensor, bits: int) -> Tuple[torch.Tensor, QParams]:
     """The paper's per-tensor quantizers (Sec. 3.1, 5.2): TWN at 2 bits (Eq. 3-4), DoReFa above
     (Eq. 6). Returns (integer codes, QParams)."""
-    grid = "twn" if bits == 2 else "dorefa"
+    grid = grid_for_bits("paper", bits)
     qp = grid_params(w, bits, grid)
     return grid_codes(w, qp, grid), qp
 
@@ -401,11 +413,17 @@ class DfmpcRecord:
         if not self.pairs:
             return "dfmpc: no pair compensated"
         c = torch.cat([p.c for p in self.pairs])
+        how = {"dfmpc": f"Eq. 27, lambda1={self.lambda1:g}, lambda2={self.lambda2:g}", "fitted": "fitted on synthetic images", "none": "none: c = 1"}
         return (
-            f"dfmpc: {len(self.pairs)} pairs compensated ({self.compensation}, bn_recal={self.bn_recal}, "
-            f"lambda1={self.lambda1:g}, lambda2={self.lambda2:g}), c from {float(c.min()):.3g} to {float(c.max()):.3g} "
-            f"(mean {float(c.mean()):.3g}); {len(self.uncompensated)} layers uncompensated; {self.time_s * 1000:.1f} ms"
+            f"dfmpc: {len(self.pairs)} pairs (c {how[self.compensation]}; bn_recal={self.bn_recal}), c from {float(c.min()):.3g} to "
+            f"{float(c.max()):.3g} (mean {float(c.mean()):.3g}); {len(self.uncompensated)} layers uncompensated; {self.time_s * 1000:.1f} ms"
         )
+
+    def to_dict(self) -> Dict[str, object]:
+        """The record without the c tensors (for a report's config): per pair its layers, bits and c range."""
+        pairs = [{k: v for k, v in dataclasses.asdict(p).items() if k != "c"} for p in self.pairs]
+        keys = ("compensation", "bn_recal", "lambda1", "lambda2", "folded")
+        return dict({k: getattr(self, k) for k in keys}, pairs=pairs, uncompensated=[list(u) for u in self.uncompensated], time_s=self.time_s)
 
     def lines(self) -> List[str]:
         """The summary, one line per pair and one per uncompensated layer (for a report's notes)."""
@@ -575,7 +593,8 @@ def _compensate(float_model, qmodel, plan, cfg, folded, stats, images, raw_synth
             w.recal = "moments"
     if not cfg.needs_images:
         for w in work:
-            _closed_form_pair(w, cfg)
+            if cfg.compensation == "dfmpc":
+                _closed_form_pair(w, cfg)
     else:
         _with_images(float_model, qmodel, work, cfg, images, raw_synthetic)
     for w in work:
@@ -639,7 +658,7 @@ def _with_images(float_model, qmodel, work: List[_Pair], cfg: DfmpcConfig, image
                     mean_r, var_r = ref.pop(w.p.low)
                 w.apply_recal(mean_q - mean_r, _ratio(var_q, var_r))
                 w.recal = "synthetic (raw)" if raw_synthetic else "synthetic"
-            if not fitted:
+            if cfg.compensation == "dfmpc":
                 _closed_form_pair(w, cfg)
             return m.forward(*inp) if w.folded else None
 

@@ -1,4 +1,5 @@
 """The pipeline's learned step (``method="genie"`` / ``"zeroq"``): calibration images, Genie-M, the report.
+The images step (:func:`images_for`) also serves DF-MPC's compensation with synthetic images.
 
 The images are synthesized (Genie-D for genie, ZeroQ's pixels for zeroq) or given (a tensor, or
 files written by :func:`dfquant.io.images.save_images`, concatenated in order); then Genie-M refines
@@ -81,11 +82,19 @@ def calibration_images(model: nn.Module, method: str, gcfg: GenieConfig, resolve
     return images, info, elapsed
 
 
+def images_for(model: nn.Module, method: str, gcfg: GenieConfig, data: Dict[str, Any], input_size, progress: bool):
+    """The run's images with ``gcfg`` resolved for its device (ZeroQ's pixels for zeroq, Genie-D
+    otherwise; the learned methods and DF-MPC's compensation step share this): ``(images, what the
+    report says of them, seconds, the resolved GenieConfig, the device)``."""
+    dev = resolve_device(gcfg.device)
+    resolved = gcfg.resolve(dev.type, "zeroq" if method == "zeroq" else "genie")
+    images, info, elapsed = calibration_images(model, method, gcfg, resolved, data, input_size, progress)
+    return images, info, elapsed, resolved, dev
+
+
 def learn(model: nn.Module, qmodel: nn.Module, cfg: QuantConfig, gcfg: GenieConfig, report: QuantReport, *, input_size, data: Dict[str, Any], progress: bool) -> None:
     """Refine ``qmodel`` (a rounding-initialised copy of ``model``) in place; record it in ``report``."""
-    dev = resolve_device(gcfg.device)
-    resolved = gcfg.resolve(dev.type, "zeroq" if cfg.method == "zeroq" else "genie")
-    images, data_info, synth_time = calibration_images(model, cfg.method, gcfg, resolved, data, input_size, progress)
+    images, data_info, synth_time, resolved, dev = images_for(model, cfg.method, gcfg, data, input_size, progress)
     t1 = time.perf_counter()
     ref = fold_bn(model) if cfg.fold_bn else model  # fold_bn works on a copy
     # An image input range given explicitly (quantize_first_input with input_range) is the caller's.

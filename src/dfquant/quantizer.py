@@ -229,6 +229,19 @@ def grid_params(w: torch.Tensor, bits: int, grid: str) -> QParams:
     raise DfquantError(f"unknown w_grid {grid!r}; choose {' or '.join(WEIGHT_GRIDS)}", param="w_grid")
 
 
+#: The choices of ``w_grid``: one grid for every layer, or "paper", DF-MPC's rule per layer (Sec. 5.2):
+#: TWN at 2 bits, DoReFa at 3..8.
+W_GRID_CHOICES = WEIGHT_GRIDS + ("paper",)
+
+
+def grid_for_bits(w_grid, bits: int):
+    """The grid (``"twn"`` / ``"dorefa"``) a layer of ``bits`` bits gets under ``w_grid``; None (the
+    per-channel min/max or lp grid) for ``w_grid=None``."""
+    if w_grid == "paper":
+        return "twn" if bits == 2 else "dorefa"
+    return w_grid
+
+
 def grid_code_range(grid: str, bits: int) -> Tuple[int, int]:
     """Codes a rounding may use on ``grid``: [-1, 1] on TWN's, the full signed range on DoReFa's."""
     return (-1, 1) if grid == "twn" else qrange(bits, True)

@@ -43,7 +43,11 @@ class QuantReport:
     def format_table(self) -> str:
         """A readable per-layer table plus the lists of what was left in float."""
         head = f"{'layer':<28} {'kind':<6} {'shape':<18} {'W':>2} {'A':>5} {'act range':>17} {'rel.err':>8} {'|sum|K':>7} {'|sum|C':>7}"
-        lines = [f"dfquant: method={self.method} W{self.w_bits}A{self.a_bits if self.a_bits else 'fp'}", head, "-" * len(head)]
+        title = f"dfquant: method={self.method} W{self.w_bits}A{self.a_bits if self.a_bits else 'fp'}"
+        low = (self.config.get("dfmpc") or {}).get("low_bits")
+        if low:  # DF-MPC's mixed precision: MP low/high
+            title += f" (DF-MPC MP{low}/{self.w_bits}: the pairs' low layers at {low} bits)"
+        lines = [title, head, "-" * len(head)]
         for r in self.layers:
             a = str(r.a_bits) if r.a_bits else "float"
             rng = f"[{r.a_range[0]:.3g}, {r.a_range[1]:.3g}]" if r.a_range else "-"

@@ -19,6 +19,11 @@ Runtime 1.32 has no int4 convolution kernel, so it dequantizes them and runs tho
 float, where int8 containers let it fuse integer ``QLinearConv``/``QGemm`` kernels: storage size
 against integer arithmetic is the user's choice.
 
+DF-MPC's DoReFa grid (``w_grid``) has the half-integer zero point -1/2, which no ONNX zero point
+is: its layers are stored as the doubled codes ``2 q + 1`` at half the scale with zero point 0, the
+same values exactly (int8 up to 7 bits; DoReFa-8's doubled codes need 9 bits, so those layers are
+stored as their exact float values, as a grid without 0 is below).
+
 One deliberate difference from dfquant's (fake-quant) model: the bias of a layer whose input is
 quantized is stored as int32 codes at scale input scale x weight scale, the unit of an integer
 kernel's accumulator. ONNX Runtime does the same to a float bias of every conv it can run in
@@ -104,15 +109,14 @@ class _QDQLayer(nn.Module):
         super().__init__()
         # A per-tensor grid (one scale for the layer) is written per channel with that scale
         # repeated: the same values, one DequantizeLinear layout for every layer.
-        out_ch = layer.weight_int.shape[0]
-        zp = layer.weight_zero_point.detach().round().expand(out_ch).clone()
-        w_scale = layer.weight_scale.detach().expand(out_ch).clone()
+        codes, w_scale, zp = _container_codes(layer, name)
         # A channel whose weights all have one sign has a grid without 0: at 8 bits its zero point
         # can fall outside int8 (a folded depthwise kernel of 9 weights, say). No 8-bit container
         # with an 8-bit zero point holds such a grid, so that layer's weight is stored as its exact
         # dequantized float values, which runtimes run in float. (As int32 codes it would be exact
         # too, but ONNX Runtime 1.32 then fuses it into an 8-bit QLinearConv and rejects the graph.)
-        self.wide = bool(torch.any(zp < -128) or torch.any(zp > 127))
+        # The same holds for DoReFa-8's doubled codes (see _container_codes), which span -255..255.
+        self.wide = bool(torch.any(zp < -128) or torch.any(zp > 127) or codes.min() < -128 or codes.max() > 127)
         self.is_conv = isinstance(layer, QuantConv2d)
         if self.is_conv:
             self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
@@ -120,7 +124,7 @@ class _QDQLayer(nn.Module):
         if self.wide:
             self.register_buffer("weight_float", layer.weight.detach().clone())
         else:
-            self.register_buffer("weight_int", layer.weight_int.detach().clone())
+            self.register_buffer("weight_int", codes.to(torch.int8))
             self.register_buffer("w_zero_point", zp.to(torch.int64))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.input_qdq = None if layer.input_quant is None else _QDQInput(layer.input_quant, name)
@@ -152,6 +156,27 @@ class _QDQLayer(nn.Module):
         if self.is_conv:
             return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
         return F.linear(x, w, bias)
+
+
+def _container_codes(layer: _QuantWeightLayer, name: str):
+    """(codes, per-channel scale, per-channel zero point) of a layer's weight as the file stores them.
+
+    Whole zero points: the layer's own. DoReFa's half-integer zero point -1/2 (``w_grid``; ONNX zero
+    points are integers, and rounding it would store other weights): the same values as the codes
+    ``2 q - 2 z`` (odd integers) at scale ``s / 2`` with zero point 0, exactly, since
+    ``(2q - 2z) * (s / 2) = (q - z) * s`` and halving a float scale is exact. They fit int8 up to
+    7 bits; at 8 bits they span -255..255 and the layer is stored as float values instead."""
+    out_ch = layer.weight_int.shape[0]
+    zp = layer.weight_zero_point.detach().double().expand(out_ch)
+    w_scale = layer.weight_scale.detach().expand(out_ch).clone()
+    codes = layer.weight_int.detach().to(torch.int64)
+    if bool((zp == zp.round()).all()):
+        return codes, w_scale, zp.round().to(torch.int64)
+    if not bool(((2 * zp) == (2 * zp).round()).all()):
+        raise DfquantError(f"layer {name!r}: its weight zero points are neither whole nor half-integers; no ONNX grid holds them")
+    view = (-1,) + (1,) * (codes.dim() - 1)
+    doubled = 2 * codes - (2 * zp).to(torch.int64).reshape(view)
+    return doubled, w_scale / 2, torch.zeros(out_ch, dtype=torch.int64)
 
 
 def qdq_model(qmodel: nn.Module) -> nn.Module:

@@ -15,7 +15,9 @@ appended, so ``model.v1`` and ``lr0.04`` keep their dots (:func:`model_paths`).
 Nothing in a loaded file is trusted: the metadata must have the layout :func:`save_quantized` writes,
 every listed layer must exist in the architecture with the stated kind, the tensors must match the
 rebuilt model key for key and shape for shape, and the values must be ones a quantizer can hold
-(weight codes inside their stated bits' range, finite positive scales, finite whole zero points).
+(weight codes inside their stated bits' range, finite positive scales, finite whole zero points;
+on the per-tensor grids the saved config's ``w_grid`` names, TWN's zero point 0 and codes -1..1,
+DoReFa's half-integer zero point -1/2, which no other grid has).
 A file that breaks any of these is refused with one :class:`DfquantError` naming the key at fault.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ..errors import DfquantError
 from ..graph import replace_module
 from ..modelcheck import check_plain_module, copy_model, non_finite
 from ..qmodules import ActQuantizer, QuantConv2d, QuantLinear
-from ..quantizer import QParams, qrange
+from ..quantizer import W_GRID_CHOICES, QParams, grid_for_bits, qrange
 from .files import atomic_write_all, check_writable
 
 FORMAT = "dfquant-quantized-v1"
@@ -220,6 +222,8 @@ def _check_bits_against_config(p: Path, info: Dict[str, Any]) -> None:
     """Each layer's bits must be ones its config gives: a hand-edited ``a_bits`` or ``w_bits`` would
     otherwise load as another model than the one the file says it is."""
     cfg = info["config"]
+    if cfg.get("w_grid") is not None and cfg.get("w_grid") not in W_GRID_CHOICES:
+        raise _damaged(p, f"config 'w_grid' must be null or one of {', '.join(W_GRID_CHOICES)}, found {cfg.get('w_grid')!r}")
     if not _is_bits(cfg.get("w_bits")) or not (cfg.get("a_bits") is None or _is_bits(cfg.get("a_bits"))):
         return  # a config without the bits (not written by save_quantized from quantize): nothing to compare
     per_layer = cfg.get("layer_w_bits") if isinstance(cfg.get("layer_w_bits"), dict) else {}
@@ -351,13 +355,11 @@ def _check_values(p: Any, q: nn.Module, info: Dict[str, Any]) -> None:
             lo, hi = int(codes.min()), int(codes.max())
             if lo < qmin or hi > qmax:
                 raise _damaged(p, f"layer {name!r}: weight codes span {lo}..{hi}, outside the {bits}-bit range {qmin}..{qmax} its w_bits states")
-        scale, zp = layer.weight_scale, layer.weight_zero_point
+        scale = layer.weight_scale
         ok = torch.isfinite(scale) & (scale > 0)
         if not bool(ok.all()):
             raise _damaged(p, f"layer {name!r}: weight scales must be finite and > 0, found {_bad_values(scale, ok)}")
-        ok = torch.isfinite(zp) & (zp == zp.round())
-        if not bool(ok.all()):
-            raise _damaged(p, f"layer {name!r}: weight zero points must be finite whole numbers, found {_bad_values(zp, ok)}")
+        _check_weight_grid(p, name, layer, grid_for_bits(info["config"].get("w_grid"), bits))
         aq = layer.input_quant
         if aq is not None:
             s, z = aq.scale, aq.zero_point
@@ -369,6 +371,24 @@ def _check_values(p: Any, q: nn.Module, info: Dict[str, Any]) -> None:
             ok = torch.isfinite(z) & (z == z.round())
             if not bool(ok.all()):
                 raise _damaged(p, f"layer {name!r}: activation zero point must be a finite whole number, found {_bad_values(z, ok)}")
+
+
+def _check_weight_grid(p: Any, name: str, layer: nn.Module, grid: Optional[str]) -> None:
+    """The zero points (and, for TWN, the codes) the layer's grid gives: whole numbers on the min/max
+    and lp grids, 0 and codes -1..1 on TWN's, -1/2 on DoReFa's (its levels are the half-integers)."""
+    zp = layer.weight_zero_point
+    if grid == "dorefa":
+        ok = zp == -0.5
+        if not bool(ok.all()):
+            raise _damaged(p, f"layer {name!r}: the config's DoReFa grid (w_grid) has zero point -0.5, found {_bad_values(zp, ok)}")
+        return
+    ok = torch.isfinite(zp) & (zp == zp.round())
+    if not bool(ok.all()):
+        raise _damaged(p, f"layer {name!r}: weight zero points must be finite whole numbers, found {_bad_values(zp, ok)}")
+    if grid == "twn":
+        codes = layer.weight_int
+        if not bool((zp == 0).all()) or (codes.numel() and (int(codes.min()) < -1 or int(codes.max()) > 1)):
+            raise _damaged(p, f"layer {name!r}: the config's ternary grid (w_grid) has zero point 0 and codes -1..1")
 
 
 def _bad_values(t: torch.Tensor, ok: torch.Tensor) -> str:

@@ -104,7 +104,7 @@ def test_paired_error_comparison_bad_input():
 
 
 def test_sign_test_p_is_the_exact_two_sided_binomial():
-    from dfquant.evaluate import sign_test_p
+    from dfquant.evaluation import sign_test_p
 
     assert sign_test_p(8, 0) == sign_test_p(0, 8) == 2 / 2**8  # eight of eight: p = 2 * 0.5^8
     assert sign_test_p(7, 1) == pytest.approx(2 * 9 / 2**8)  # P(X <= 1) = (1 + 8) / 256, doubled
