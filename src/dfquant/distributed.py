@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import signal
 from contextlib import contextmanager
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -165,8 +166,9 @@ def shard(n: int, index: Optional[int] = None, parts: Optional[int] = None) -> T
 
 
 def _first_line(exc: BaseException) -> str:
+    """The backend's message, first line, without its source-file prefix (``[.../pair.cc:553] ``)."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    return re.sub(r"^\[[^\]]*\]\s*", "", text[0] if text else type(exc).__name__)[:300]
 
 
 @contextmanager
@@ -175,7 +177,8 @@ def _collective(what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:  # gloo and nccl raise RuntimeError (or DistError, a subclass)
-        raise DfquantError(f"{what}: another process of the job failed or stopped answering ({_first_line(exc)})") from None
+        wait = f"{timeout().total_seconds():g} s"
+        raise DfquantError(f"{what}: another process of the job failed or did not answer within {wait} ({TIMEOUT_ENV}): {_first_line(exc)}") from None
 
 
 def _comm_device() -> torch.device:

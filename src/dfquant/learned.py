@@ -14,6 +14,7 @@ from typing import Any, Dict, Tuple
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .config import QuantConfig
 from .devices import resolve_device
 from .errors import DfquantError
@@ -73,7 +74,7 @@ def calibration_images(model: nn.Module, method: str, gcfg: GenieConfig, resolve
     if not torch.isfinite(images).all():
         raise DfquantError(f"the {info['source']} calibration images contain NaN or inf values: nothing can be reconstructed on them")
     elapsed = time.perf_counter() - t0
-    if data.get("save_synthetic") is not None:
+    if data.get("save_synthetic") is not None and distributed.is_main():  # in a job, rank 0 writes
         from .io.images import save_images
 
         written = save_images(images, data["save_synthetic"], metadata=dict(method=data_method, seed=resolved.seed, source=info["source"]))
@@ -83,7 +84,7 @@ def calibration_images(model: nn.Module, method: str, gcfg: GenieConfig, resolve
 
 def learn(model: nn.Module, qmodel: nn.Module, cfg: QuantConfig, gcfg: GenieConfig, report: QuantReport, *, input_size, data: Dict[str, Any], progress: bool) -> None:
     """Refine ``qmodel`` (a rounding-initialised copy of ``model``) in place; record it in ``report``."""
-    dev = resolve_device(gcfg.device)
+    dev = distributed.rank_device(resolve_device(gcfg.device))
     resolved = gcfg.resolve(dev.type, "zeroq" if cfg.method == "zeroq" else "genie")
     images, data_info, synth_time = calibration_images(model, cfg.method, gcfg, resolved, data, input_size, progress)
     t1 = time.perf_counter()
@@ -115,6 +116,8 @@ def _record(resolved: GenieConfig, cfg: QuantConfig, dev: torch.device, data_inf
     settings = resolved.to_dict()
     info: Dict[str, Any] = dict(budget=resolved.budget, device=str(dev), init=cfg.init)
     info.update({k: settings[k] for k in keys})
+    if distributed.active():
+        info["processes"] = distributed.world_size()
     info.update(data=data_info, units=out["units"])
     if out["units_not_run"]:
         info["units_not_run"] = out["units_not_run"]
