@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -250,6 +251,7 @@ def test_a_failing_or_stuck_process_ends_the_job_in_one_line_and_leaves_no_file(
         assert lines[0] == "dfquant: error: rank 1: injected failure"
     else:  # rank 0 waits for rank 1's images no longer than the timeout
         assert lines[0].startswith("dfquant: error: rank 0: gathering results: another process of the job failed or did not answer within 5 s")
+    assert "terminate called" not in job.stderr and not re.search(r'File ".*dfquant', job.stderr)  # no trace of ours
     assert list(out.iterdir()) == []
 
 

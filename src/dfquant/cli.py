@@ -591,12 +591,13 @@ def _job(args):
         args.progress_on = args.progress_on and not quiet
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stdout):
             yield
-    distributed.shutdown()  # on success only: a job whose peer failed is left to the process's exit
+    distributed.shutdown()  # after a failure: _failed
 
 
 def _failed(kind: str, message: str, code: int) -> int:
     """Print ``dfquant: KIND: MESSAGE`` and return ``code``; in a job only the first process to fail
-    prints (naming its rank), so that a failed job says what went wrong in one line."""
+    prints (naming its rank), so that a failed job says what went wrong in one line, then each
+    process leaves the job."""
     from . import distributed
 
     if distributed.claim_failure():
@@ -605,6 +606,7 @@ def _failed(kind: str, message: str, code: int) -> int:
             print(f"dfquant: {kind}: {rank + ': ' if rank else ''}{message}", file=sys.stderr)
         else:
             print(f"dfquant: {kind}{f' ({rank})' if rank else ''}", file=sys.stderr)
+    distributed.shutdown(failed=True)
     return code
 
 

@@ -107,10 +107,15 @@ def init(device: str = "auto") -> bool:
     return True
 
 
-def shutdown() -> None:
-    """Leave the process group (if one was joined)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(failed: bool = False) -> None:
+    """Leave the process group (if one was joined). After a failure an ``nccl`` group is left to the
+    process's exit (tearing it down could wait on the failed collective); a ``gloo`` one is closed,
+    so that its threads do not abort the exit."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if failed and dist.get_backend() == "nccl":
+        return
+    dist.destroy_process_group()
 
 
 def rank_device(dev: torch.device) -> torch.device:
