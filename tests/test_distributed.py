@@ -88,6 +88,14 @@ def test_the_timeout_comes_from_the_environment(monkeypatch):
             distributed.timeout()
 
 
+def test_a_numbered_gpu_for_every_process_is_refused_before_joining(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.launched() and distributed.backend_for("auto") == "nccl" and distributed.backend_for("cpu") == "gloo"
+    with pytest.raises(DfquantError, match="every process of the job on the same GPU"):
+        distributed.init("cuda:1")
+
+
 def test_fingerprints_tell_one_changed_bit_and_a_moved_value_apart():
     fp = distributed._fingerprint
     a = torch.randn(1000)

@@ -97,6 +97,8 @@ def init(device: str = "auto") -> bool:
     if active() or not launched():
         return active()
     backend = backend_for(device)
+    if backend == "nccl" and str(device).startswith("cuda:"):
+        raise DfquantError(f"device {device} puts every process of the job on the same GPU: use device auto or cuda (each process then takes the GPU of its local rank)", param="device")
     if backend == "nccl":
         local, count = local_rank(), torch.cuda.device_count()
         if local >= count:
