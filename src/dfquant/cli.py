@@ -341,7 +341,8 @@ def cmd_quantize(args) -> int:
     from .config import LEARNED_METHODS
     from .models import model_spec
 
-    _check_quantize_outputs(args)
+    if distributed.is_main():  # the files are rank 0's (on its machine)
+        _check_quantize_outputs(args)
     spec = model_spec(args.model)
     options = _quantize_options(args, spec)
     model = _load_model(args)
@@ -466,7 +467,8 @@ def cmd_synthesize(args) -> int:
     from .io.images import grid_path, images_path, save_image_grid, save_images
     from .models import model_spec
 
-    _check_output(args.out, "--out")
+    if distributed.is_main():  # the files are rank 0's (on its machine)
+        _check_output(args.out, "--out")
     out, png = images_path(args.out), grid_path(args.out)  # names with dots (seed0.5) keep their tail
     model = _load_model(args)
     dev = resolve_device(args.device)

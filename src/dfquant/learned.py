@@ -31,7 +31,7 @@ def check_data_options(gcfg: GenieConfig, data: Dict[str, Any]) -> None:
     """Before any work: the images' options agree with the settings, and the output can be written."""
     if data.get("synthetic") is not None and gcfg.distill_iters is not None:
         raise DfquantError("distill_iters sets the synthesis, but synthetic uses the given images and synthesizes none", param=("distill_iters", "synthetic"))
-    if data.get("save_synthetic") is not None:  # checked before minutes of synthesis, not after
+    if data.get("save_synthetic") is not None and distributed.is_main():  # checked before minutes of synthesis; rank 0 writes it
         from .io.images import images_path
         from .io.serialization import check_output_paths
 
