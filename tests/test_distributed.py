@@ -22,7 +22,9 @@ import dfquant
 from dfquant import distributed
 from dfquant.cli import main
 from dfquant.errors import DfquantError
+from dfquant.genie import GenieLayer
 from dfquant.genie.distill import _apply_swing, _skip_swing_draws, _swing_calls
+from dfquant.genie.reconstruct import _Shard, _ShardLayer
 from dfquant.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,12 +90,20 @@ def test_the_timeout_comes_from_the_environment(monkeypatch):
             distributed.timeout()
 
 
-def test_a_numbered_gpu_for_every_process_is_refused_before_joining(monkeypatch):
+def test_gpus_a_numbered_one_for_every_process_is_refused_and_each_takes_its_own(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert distributed.launched() and distributed.backend_for("auto") == "nccl" and distributed.backend_for("cpu") == "gloo"
     with pytest.raises(DfquantError, match="every process of the job on the same GPU"):
         distributed.init("cuda:1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for count, index in ((2, 1), (1, 0)):  # its local rank's GPU, or the only one it sees
+        monkeypatch.setattr(torch.cuda, "device_count", lambda count=count: count)
+        assert distributed.gpu_index() == index
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(DfquantError, match="no GPU of its own"):
+        distributed.gpu_index()
 
 
 def test_fingerprints_tell_one_changed_bit_and_a_moved_value_apart():
@@ -124,6 +134,23 @@ def test_skipping_swing_draws_reaches_the_generator_state_of_the_earlier_batches
     rng.set_state(start)
     _skip_swing_draws(model, (3, 32, 32), torch.device("cpu"), 3)
     assert torch.equal(rng.get_state(), after_forwards)
+
+
+def test_each_process_gets_its_rows_of_the_one_process_qdrop_mask(digits):
+    full = torch.rand((5, 3, 4), generator=torch.Generator().manual_seed(1))
+    shards = [_Shard(5, *distributed.shard(5, i, 2)) for i in range(2)]
+    parts = [s.rand((s.hi - s.lo, 3, 4), torch.Generator().manual_seed(1), "cpu") for s in shards]
+    assert torch.equal(torch.cat(parts), full) and [s.part for s in shards] == [0.6, 0.4]
+    # in one process (the whole batch) the layer is Genie's own, draw for draw
+    qmodel, _ = dfquant.quantize(digits[0], "rtn", 4, 4)
+    layer, w = qmodel.conv2, digits[0].conv2.weight
+    x = torch.randn(5, 16, 8, 8)
+    ours, genie = _ShardLayer(layer, w, 0.5, torch.Generator().manual_seed(3), _Shard(5, 0, 5)), GenieLayer(layer, w, 0.5, torch.Generator().manual_seed(3))
+    a, b = ours(x), genie(x)
+    assert torch.equal(a, b) and torch.equal(ours.rng.get_state(), genie.rng.get_state())
+    a.square().sum().backward()
+    b.square().sum().backward()
+    assert torch.equal(ours.v.grad, genie.v.grad) and torch.equal(ours.a_scale.grad, genie.a_scale.grad)
 
 
 def test_python_dash_m_dfquant_runs_the_command_line():

@@ -100,10 +100,7 @@ def init(device: str = "auto") -> bool:
     if backend == "nccl" and str(device).startswith("cuda:"):
         raise DfquantError(f"device {device} puts every process of the job on the same GPU: use device auto or cuda (each process then takes the GPU of its local rank)", param="device")
     if backend == "nccl":
-        local, count = local_rank(), torch.cuda.device_count()
-        if local >= count:
-            raise DfquantError(f"process {local} on this machine has no GPU ({count} visible): start at most {count} processes per machine, or use --device cpu")
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(gpu_index())
     with _collective("joining the job"):
         dist.init_process_group(backend, timeout=timeout())
     return True
@@ -120,10 +117,21 @@ def shutdown(failed: bool = False) -> None:
     dist.destroy_process_group()
 
 
+def gpu_index() -> int:
+    """This process's GPU: the one of its local rank, or the only one it sees (a launcher that gives
+    each process its own GPU through ``CUDA_VISIBLE_DEVICES``)."""
+    local, count = local_rank(), torch.cuda.device_count()
+    if local < count:
+        return local
+    if count == 1:
+        return 0
+    raise DfquantError(f"process {local} on this machine has no GPU of its own ({count} visible): start at most {count} processes per machine, or use --device cpu")
+
+
 def rank_device(dev: torch.device) -> torch.device:
-    """In a job, an unnumbered CUDA device (``auto``, ``cuda``) is this process's own GPU (its local rank)."""
+    """In a job, an unnumbered CUDA device (``auto``, ``cuda``) is this process's own GPU (:func:`gpu_index`)."""
     if active() and dev.type == "cuda" and dev.index is None:
-        return torch.device("cuda", local_rank())
+        return torch.device("cuda", gpu_index())
     return dev
 
 
