@@ -8,6 +8,7 @@ translates those names into flags (``w_bits`` -> ``--w-bits``), so every error i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
@@ -15,7 +16,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from .errors import DfquantError
+from .errors import DfquantError, Stopped
 
 
 class _Parser(argparse.ArgumentParser):
@@ -307,8 +308,11 @@ def _quantize_options(args, spec) -> Dict[str, Any]:
     if options.get("method", "squant") in LEARNED_METHODS or synthesizes:
         options["seed"] = args.seed
     if args.synthetic:
+        from .distributed import is_main
+
         options["synthetic"] = list(args.synthetic)
-        _note_foreign_images(args.synthetic, args.model)
+        if is_main():
+            _note_foreign_images(args.synthetic, args.model)
     if args.save_synthetic is not None:
         options["save_synthetic"] = args.save_synthetic
     return options
@@ -356,22 +360,28 @@ def _check_quantize_outputs(args) -> None:
 def cmd_quantize(args) -> int:
     import dfquant
 
+    from . import distributed
+    from .config import LEARNED_METHODS
     from .models import model_spec
 
-    _check_quantize_outputs(args)
+    if distributed.is_main():  # the files are rank 0's (on its machine)
+        _check_quantize_outputs(args)
     spec = model_spec(args.model)
     options = _quantize_options(args, spec)
     model = _load_model(args)
-    data = _eval_data(args, spec.dataset, spec.num_classes, spec.name)
+    data = _eval_data(args, spec.dataset, spec.num_classes, spec.name) if distributed.is_main() else None  # rank 0 evaluates
     method = options.pop("method", "squant")
+    if distributed.active() and method not in LEARNED_METHODS:
+        raise DfquantError(f"--method {method} has nothing to share between processes: run it without torchrun (torchrun runs --method {' or '.join(LEARNED_METHODS)})")
     result: Dict[str, Any] = {"model": args.model, "method": method, "w_bits": options.get("w_bits", 4), "a_bits": options.get("a_bits", 4)}
-    if data is not None:
-        fp = dfquant.evaluate(model, data, progress=args.progress_on)
-        result.update(fp32_top1=fp["top1"], fp32_top5=fp["top5"], n_eval=fp["n"])
     t = time.perf_counter()
     qmodel, report = dfquant.quantize(model, method, progress=args.progress_on, **options)
     result.update(w_bits=report.w_bits, a_bits=report.a_bits, quant_time_s=time.perf_counter() - t, weight_time_s=report.weight_time_s)
-    if data is not None:
+    if not distributed.is_main():
+        return 0
+    if data is not None:  # after quantizing: in a job the other processes do not wait for it
+        fp = dfquant.evaluate(model, data, progress=args.progress_on)
+        result.update(fp32_top1=fp["top1"], fp32_top5=fp["top5"], n_eval=fp["n"])
         qa = dfquant.evaluate(qmodel, data, progress=args.progress_on)
         result.update(quant_top1=qa["top1"], quant_top5=qa["top5"])
     result.update(float_inputs=[n for n, _ in report.float_inputs], unsupported_layers=report.unsupported, notes=report.notes)
@@ -491,12 +501,14 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_synthesize(args) -> int:
+    from . import distributed
     from .devices import resolve_device
     from .genie import GenieConfig, synthesize
     from .io.images import grid_path, images_path, save_image_grid, save_images
     from .models import preprocessing_of
 
-    _check_output(args.out, "--out")
+    if distributed.is_main():  # the files are rank 0's (on its machine)
+        _check_output(args.out, "--out")
     out, png = images_path(args.out), grid_path(args.out)  # names with dots (seed0.5) keep their tail
     model = _load_model(args)
     dev = resolve_device(args.device)
@@ -505,12 +517,15 @@ def cmd_synthesize(args) -> int:
     t = time.perf_counter()
     images = synthesize(model, args.n, cfg, method=args.method, progress=args.progress_on)
     dt = time.perf_counter() - t
+    if not distributed.is_main():  # in a job, rank 0 writes the files
+        return 0
     # no wall time in the file: the same seed gives the same bytes
     meta = {"model": args.model, "method": args.method, "seed": args.seed, "budget": resolved.budget, "iters": resolved.distill_iters, "batch_size": resolved.distill_batch}
     save_images(images, out, metadata=meta)
     pre = preprocessing_of(args.model)  # so the grid shows the images' colours
     save_image_grid(images, png, mean=pre.mean, std=pre.std)
-    print(f"wrote {len(images)} images to {out} and a grid of the first {min(64, len(images))} to {png} ({dt:.1f} s; {resolved.budget} budget, {resolved.distill_iters} iterations per batch)")
+    procs = f" on {distributed.world_size()} processes" if distributed.active() else ""
+    print(f"wrote {len(images)} images to {out} and a grid of the first {min(64, len(images))} to {png} ({dt:.1f} s{procs}; {resolved.budget} budget, {resolved.distill_iters} iterations per batch)")
     return 0
 
 
@@ -618,12 +633,73 @@ def _show_notes() -> None:
     warnings.simplefilter("always", DfquantNote)
 
 
+def _launched() -> bool:
+    """:func:`dfquant.distributed.launched` without importing torch."""
+    import os
+
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def _parse(argv: Optional[List[str]]):
+    """The parsed arguments; under torchrun only rank 0 prints --help or a parse error (all get the same argv)."""
+    import os
+
+    if not _launched() or os.environ.get("RANK", "0") == "0":
+        return build_parser().parse_args(argv)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        return build_parser().parse_args(argv)
+
+
+@contextlib.contextmanager
+def _job(args):
+    """Under torchrun (several processes): join the job; rank 0 alone prints and shows progress (the
+    others print only errors); SIGTERM, which torchrun sends when another process failed, stops
+    the command like Ctrl-C, so that no temporary file is left."""
+    import os
+
+    if not _launched():  # torch stays unimported until a command needs it
+        yield
+        return
+    from . import distributed
+
+    with distributed.sigterm_stops():
+        distributed.init(getattr(args, "device", "auto"))
+        if args.command not in ("synthesize", "quantize"):
+            raise DfquantError(f"`dfquant {args.command}` runs in one process: start it without torchrun (torchrun runs `synthesize` and `quantize --method genie|zeroq`)")
+        quiet = not distributed.is_main()
+        args.progress_on = args.progress_on and not quiet
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stdout):
+            yield
+    distributed.shutdown()  # after a failure: _failed
+
+
+def _failed(kind: str, message: str, code: int) -> int:
+    """Print ``dfquant: KIND: MESSAGE`` and return ``code``; in a job only the first process to fail
+    prints (naming its rank), so that a failed job says what went wrong in one line, then each
+    process leaves the job."""
+    distributed = sys.modules.get(f"{__package__}.distributed")
+    if distributed is None:  # never loaded (nor, maybe, torch): one process
+        print(f"dfquant: {kind}{': ' + message if message else ''}", file=sys.stderr)
+        return code
+    if distributed.claim_failure():
+        rank = f"rank {distributed.rank()}" if distributed.active() else ""
+        if message:
+            print(f"dfquant: {kind}: {rank + ': ' if rank else ''}{message}", file=sys.stderr)
+        else:
+            print(f"dfquant: {kind}{f' ({rank})' if rank else ''}", file=sys.stderr)
+    distributed.shutdown(failed=True)
+    return code
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     _show_notes()
+
     try:
-        parser = build_parser()
         try:
-            args = parser.parse_args(argv)
+            args = _parse(argv)
         except SystemExit as exc:  # --help, or a parse error already printed in one line
             return int(exc.code or 0)
         args.progress_on = (args.progress or sys.stderr.isatty()) and not args.no_progress
@@ -632,16 +708,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             torch.set_num_threads(args.threads)
         handlers = {"quantize": cmd_quantize, "evaluate": cmd_evaluate, "synthesize": cmd_synthesize, "list": cmd_list, "demo": cmd_demo, "export": cmd_export, "inspect": cmd_inspect}
-        return handlers[args.command](args)
+        with _job(args):
+            return handlers[args.command](args)
     except DfquantError as exc:
-        print(f"dfquant: error: {cli_message(str(exc), exc.param)}", file=sys.stderr)
-        return 2
+        return _failed("error", cli_message(str(exc), exc.param), 2)
     except OSError as exc:  # a write that failed after the checks (disk full, permissions changed)
-        print(f"dfquant: error: {exc}", file=sys.stderr)
-        return 2
+        return _failed("error", str(exc), 2)
     except KeyboardInterrupt:
-        print("dfquant: interrupted", file=sys.stderr)
-        return 130
+        return _failed("interrupted", "", 130)
+    except Stopped:
+        return _failed("stopped by SIGTERM", "", 143)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,3 +33,8 @@ def check_bits(bits: int, what: str = "bit-width") -> int:
     if not 2 <= bits <= 8:
         raise DfquantError(f"{what} must be between 2 and 8, got {bits}", param=what)
     return bits
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived (``torchrun`` stops the other processes of a job when one fails); raised by
+    :func:`dfquant.distributed.sigterm_stops` so that ``finally`` blocks (temporary files) run."""

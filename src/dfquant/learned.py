@@ -15,6 +15,7 @@ from typing import Any, Dict, Tuple
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .config import QuantConfig
 from .devices import resolve_device
 from .errors import DfquantError
@@ -31,7 +32,7 @@ def check_data_options(gcfg: GenieConfig, data: Dict[str, Any]) -> None:
     """Before any work: the images' options agree with the settings, and the output can be written."""
     if data.get("synthetic") is not None and gcfg.distill_iters is not None:
         raise DfquantError("distill_iters sets the synthesis, but synthetic uses the given images and synthesizes none", param=("distill_iters", "synthetic"))
-    if data.get("save_synthetic") is not None:  # checked before minutes of synthesis, not after
+    if data.get("save_synthetic") is not None and distributed.is_main():  # checked before minutes of synthesis; rank 0 writes it
         from .io.images import images_path
         from .io.serialization import check_output_paths
 
@@ -74,7 +75,7 @@ def calibration_images(model: nn.Module, method: str, gcfg: GenieConfig, resolve
     if not torch.isfinite(images).all():
         raise DfquantError(f"the {info['source']} calibration images contain NaN or inf values: nothing can be reconstructed on them")
     elapsed = time.perf_counter() - t0
-    if data.get("save_synthetic") is not None:
+    if data.get("save_synthetic") is not None and distributed.is_main():  # in a job, rank 0 writes
         from .io.images import save_images
 
         written = save_images(images, data["save_synthetic"], metadata=dict(method=data_method, seed=resolved.seed, source=info["source"]))
@@ -86,7 +87,7 @@ def images_for(model: nn.Module, method: str, gcfg: GenieConfig, data: Dict[str,
     """The run's images with ``gcfg`` resolved for its device (ZeroQ's pixels for zeroq, Genie-D
     otherwise; the learned methods and DF-MPC's compensation step share this): ``(images, what the
     report says of them, seconds, the resolved GenieConfig, the device)``."""
-    dev = resolve_device(gcfg.device)
+    dev = distributed.rank_device(resolve_device(gcfg.device))  # in a job: this process's own GPU
     resolved = gcfg.resolve(dev.type, "zeroq" if method == "zeroq" else "genie")
     images, info, elapsed = calibration_images(model, method, gcfg, resolved, data, input_size, progress)
     return images, info, elapsed, resolved, dev
@@ -124,6 +125,8 @@ def _record(resolved: GenieConfig, cfg: QuantConfig, dev: torch.device, data_inf
     settings = resolved.to_dict()
     info: Dict[str, Any] = dict(budget=resolved.budget, device=str(dev), init=cfg.init)
     info.update({k: settings[k] for k in keys})
+    if distributed.active():
+        info["processes"] = distributed.world_size()
     info.update(data=data_info, units=out["units"])
     if out["units_not_run"]:
         info["units_not_run"] = out["units_not_run"]

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import distributed
 from ..devices import deterministic_cudnn, resolve_device
 from ..errors import DfquantError
 from ..modelcheck import check_runs, copy_model, float32_eval_cpu
@@ -57,11 +58,21 @@ class SwingConv2d(nn.Module):
         except AttributeError:
             return getattr(self._modules["conv"], name)
 
+    def draws(self, x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` draws an offset (reflect padding needs pad < size)."""
+        j = self.jitter
+        return j > 0 and x.shape[-2] > j and x.shape[-1] > j
+
+    def offset(self) -> Tuple[int, int]:
+        """The next offset (dy, dx), each uniform in {0, ..., 2 * jitter}: one draw from ``rng``."""
+        dy, dx = torch.randint(0, 2 * self.jitter + 1, (2,), generator=self.rng).tolist()
+        return dy, dx
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         j = self.jitter
         h, w = x.shape[-2:]
-        if j > 0 and h > j and w > j:  # reflect padding needs pad < size
-            dy, dx = torch.randint(0, 2 * j + 1, (2,), generator=self.rng).tolist()
+        if self.draws(x):
+            dy, dx = self.offset()
             if x.is_cuda:  # the same values; a backward without atomics (see reflect_shift)
                 x = reflect_shift(reflect_shift(x, dy - j, -2), dx - j, -1)
             else:  # kept on the CPU so that earlier CPU results stay bit for bit reproducible
@@ -99,6 +110,40 @@ def _apply_swing(model: nn.Module, rng: torch.Generator, jitter: int = 1) -> int
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, SwingConv2d(conv, rng, jitter))
     return len(targets)
+
+
+@torch.no_grad()
+def _swing_calls(teacher: nn.Module, image_size: Tuple[int, int, int], dev: torch.device) -> List[SwingConv2d]:
+    """The swing convolutions that draw an offset in one forward pass, in the order they draw.
+
+    Found by one forward pass on a zero image with every swing conv on a spare generator, so the
+    real one is untouched. Which convolutions draw depends on the input size only, not the batch."""
+    swings = [m for m in teacher.modules() if isinstance(m, SwingConv2d)]
+    calls: List[SwingConv2d] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append(mod) if mod.draws(args[0]) else None) for m in swings]
+    rngs = [m.rng for m in swings]
+    try:
+        for m in swings:
+            m.rng = torch.Generator()
+        teacher(torch.zeros(1, *image_size, device=dev))
+    finally:
+        for m, rng in zip(swings, rngs):
+            m.rng = rng
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _skip_swing_draws(teacher: nn.Module, image_size: Tuple[int, int, int], dev: torch.device, forwards: int) -> None:
+    """Advance the shared swing generator past ``forwards`` forward passes, drawing what they draw.
+
+    A process whose first batch is batch k starts where the one-process run is at batch k: each
+    earlier batch made ``distill_iters`` teacher forward passes and each pass one draw per call in
+    :func:`_swing_calls` (the same draws, in the same order, so the generator's state is the same)."""
+    calls = _swing_calls(teacher, image_size, dev)
+    for _ in range(forwards):
+        for conv in calls:
+            conv.offset()
 
 
 class GenieGenerator(nn.Module):
@@ -252,6 +297,12 @@ def synthesize(model: nn.Module, n: int, config: Optional[GenieConfig] = None, *
     defaults to the registry's. ``model`` is never modified (synthesis runs on a float32 eval copy
     with frozen parameters). The images are in the model's (normalized) input space. The run is a
     function of the seed: bit for bit on the same CPU, or the same GPU and software.
+
+    Inside an initialised ``torch.distributed`` process group of several processes (``torchrun``),
+    each process synthesizes a contiguous share of the batches, each batch with the seed and swing
+    draws it has in one process, and every process returns all ``n`` images in batch order: the
+    one-process images bit for bit on the same CPU (same thread count). Every process must call
+    it with the same model and settings (checked).
     """
     if method not in DATA_METHODS:
         raise DfquantError(f"unknown synthesis method {method!r}; choose {' or '.join(DATA_METHODS)}", param="method")
@@ -260,7 +311,7 @@ def synthesize(model: nn.Module, n: int, config: Optional[GenieConfig] = None, *
     model, _ = float32_eval_cpu(model)  # a half-precision or training-mode model: a float32 eval copy
     check_has_bn(model)
     cfg = _settings(config, settings)
-    dev = resolve_device(cfg.device)
+    dev = distributed.rank_device(resolve_device(cfg.device))
     cfg = cfg.resolve(dev.type, method)
     image_size = _image_size(model, input_size)
     check_runs(model, image_size)
@@ -270,24 +321,42 @@ def synthesize(model: nn.Module, n: int, config: Optional[GenieConfig] = None, *
             f"Genie needs at least 2 images per batch (its loss uses batch statistics): {n} images in batches of at most "
             f"{cfg.distill_batch} split into {sizes}; choose the number of images and the batch size so that no batch has one image"
         )
+    distributed.check_same(list(model.state_dict().values()) + [_text_tensor(f"{method} {n} {image_size} {cfg!r}")], "models or synthesis settings")
     return _run_batches(model, cfg, method, image_size, sizes, dev, progress)
 
 
+def _text_tensor(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+
 def _run_batches(model: nn.Module, cfg: GenieConfig, method: str, image_size, sizes: Sequence[int], dev: torch.device, progress: bool) -> torch.Tensor:
+    """Synthesize the batches ``sizes`` in order; in a job, each process its share (:func:`.distributed.shard`)
+    with the seeds and swing draws the one-process run gives them, then every process gets all images."""
+    first, stop = distributed.shard(len(sizes))
+    images = _own_batches(model, cfg, method, image_size, sizes, dev, (first, stop), progress and distributed.is_main())
+    return distributed.all_gather_cat(images)[: sum(sizes)].contiguous()
+
+
+def _own_batches(model: nn.Module, cfg: GenieConfig, method: str, image_size, sizes: Sequence[int], dev: torch.device, mine: Tuple[int, int], progress: bool) -> torch.Tensor:
+    """Batches ``mine[0]`` to ``mine[1] - 1`` of ``sizes``, concatenated (a (0, C, H, W) tensor for none)."""
     from ..progress import progress_bar
 
     fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    out: List[torch.Tensor] = []
+    out: List[torch.Tensor] = [torch.zeros(0, *image_size)]
+    first, stop = mine
     with torch.random.fork_rng(devices=fork_devices), deterministic_cudnn(dev):
         seeds = torch.Generator().manual_seed(int(cfg.seed))
         swing_rng = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=seeds)))
+        batch_seeds = [int(torch.randint(2**62, (1,), generator=seeds)) for _ in sizes]  # one per batch, in order
         teacher = copy_model(model)
         teacher.eval().requires_grad_(False)
         if cfg.swing:
             _apply_swing(teacher, swing_rng)
         teacher.to(dev)
+        if cfg.swing and first > 0:
+            _skip_swing_draws(teacher, image_size, dev, first * cfg.distill_iters)
         layers = bn_layers(teacher)
-        total = cfg.distill_iters * len(sizes)
+        total = cfg.distill_iters * (stop - first)
         bar = progress_bar(range(total), desc=f"{method} synthesis", enable=progress, total=total)
         ticks = iter(bar)
         state = {"batch": 0, "it": 0}
@@ -301,13 +370,12 @@ def _run_batches(model: nn.Module, cfg: GenieConfig, method: str, image_size, si
         run = _Run(cfg, teacher, BNInputs(layers), bn_targets(layers, dev), image_size, dev, step)
         make = _genie_batch if method == "genie" else _zeroq_batch
         try:
-            for i, bsz in enumerate(sizes):
+            for i in range(first, stop):
                 state["batch"] = i
-                batch_seed = int(torch.randint(2**62, (1,), generator=seeds))
-                out.append(make(run, bsz, batch_seed).to("cpu", torch.float32))
+                out.append(make(run, sizes[i], batch_seeds[i]).to("cpu", torch.float32))
             next(ticks, None)  # let the bar finish
         finally:
             run.rec.remove()
             if hasattr(bar, "close"):
                 bar.close()
-    return torch.cat(out)[: sum(sizes)].contiguous()
+    return torch.cat(out)
