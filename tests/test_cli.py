@@ -18,22 +18,26 @@ def run(capsys, *argv):
 
 
 @pytest.mark.slow
-def test_demo_json(capsys, digits):
+def test_demo_json_has_the_rows_it_promises_and_rtn_breaks(capsys, digits):
     code, out, _ = run(capsys, "demo", "--json")
     assert code == 0
     doc = json.loads(out)
-    labels = {(r["bits"], r["method"]) for r in doc["rows"]}
-    for bits in ("W8A8", "W6A6", "W4A4"):
-        for m in ("RTN", "SQuant-E", "SQuant-K", "SQuant-C", "SQuant (E+K+C)"):
-            assert (bits, m) in labels
-    w8 = [r for r in doc["rows"] if r["bits"] == "W8A8"]
-    assert all(r["top1"] >= doc["fp32_top1"] - 1.0 for r in w8)
+    labels = {(r["setting"], r["method"]) for r in doc["rows"]}
+    for s in ("W4A4", "W3A3", "W2A4", "MP2/6"):
+        for m in ("RTN", "SQuant", "RTN+CLE+BC", "Genie (tiny)"):
+            assert (s, m) in labels
+    assert ("MP2/6", "DF-MPC (paper)") in labels and ("MP2/6", "DF-MPC, BN re-cal.") in labels
+    low = [r for r in doc["rows"] if r["setting"] in ("W2A4", "MP2/6")]
+    assert any(abs(r["drop"]) > 5 for r in low)  # the low settings tell the methods apart
+    assert all("p_vs_rtn" in r for r in doc["rows"] if r["method"] != "RTN")
+    assert doc["summary"].startswith("At ") and "round-to-nearest falls" in doc["summary"]
 
 
 @pytest.mark.slow
-def test_demo_table(capsys, digits):
-    code, out, _ = run(capsys, "demo")
-    assert code == 0 and "SQuant-K" in out and "W4A4" in out and "FP32" in out
+def test_demo_table_and_plot(capsys, digits, tmp_path):
+    code, out, _ = run(capsys, "demo", "--plot", str(tmp_path / "demo.png"))
+    assert code == 0 and "MP2/6" in out and "p vs RTN" in out and out.strip().splitlines()[-2].startswith("At ")
+    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_quantize_save_and_evaluate_again(capsys, digits, tmp_path):

@@ -153,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (1 is often fastest on a busy machine)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    d = sub.add_parser("demo", help="the embedded default: digits CNN, FP32 vs RTN vs SQuant-E/K/C at W8A8/W6A6/W4A4")
+    d = sub.add_parser("demo", help="the embedded default: digits CNN, every method where they differ (W4A4, W3A3, W2A4, MP2/6), in under a minute")
     d.add_argument("--json", action="store_true", help="print the results as one JSON object")
     d.add_argument("--retrain", action="store_true", help="retrain the digits CNN instead of using the cached one")
+    d.add_argument("--plot", default=None, metavar="FILE.png", help="draw the table: top-1 drop against the setting, per method (needs matplotlib)")
 
     _quantize_parser(sub)
 
@@ -611,7 +612,12 @@ def cmd_list(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(json_out=args.json, progress=args.progress_on, retrain=args.retrain)
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
+        _check_output(args.plot, "--plot")
+    run_demo(json_out=args.json, progress=args.progress_on, retrain=args.retrain, plot=args.plot)
     return 0
 
 
