@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .activation_ranges import propagate_bn_stats, stats_range
+from .activation_ranges import calibrate_on_noise, propagate_bn_stats, stats_range
 from .config import DFMPC_METHOD, LEARNED_METHODS, METHODS, QUANT_FIELDS, ROUNDING_METHODS, QuantConfig, default_a_bits
 from .dfmpc import (
     DFMPC_FIELDS,
@@ -284,7 +284,7 @@ def _check_layer_names(cfg: QuantConfig, names: list) -> None:
 
 def _bn_ranges(model: nn.Module, graph, cfg: QuantConfig, input_size) -> Dict[str, Any]:
     """BN statistics carried to every layer input, when activations or bias correction need them."""
-    if cfg.a_bits is None and not cfg.bias_correction:
+    if (cfg.a_bits is None or cfg.act_range == "squant") and not cfg.bias_correction:
         return {}
     need = "bias correction needs" if cfg.a_bits is None else "data-free activation ranges need"
     fix = "" if cfg.a_bits is None else " (or quantize weights only: a_bits=None)"
@@ -326,7 +326,24 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
         record = _compensate_step(model, qmodel, plan, cfg, step, stats, report)
         ranges = compensated_input_stats(ranges, record) if ranges else ranges
     _quantize_inputs(qmodel, graph, cfg, ranges, report)
+    if cfg.act_range == "squant" and cfg.a_bits is not None:
+        _noise_ranges(qmodel, cfg, input_size, ends[0], report)
     return qmodel, report
+
+
+def _noise_ranges(qmodel: nn.Module, cfg: QuantConfig, input_size, first: str, report: QuantReport) -> None:
+    """``act_range="squant"``: every input range from one pass of uniform noise through the quantized
+    model, the SQuant authors' rule (:func:`dfquant.activation_ranges.calibrate_on_noise`); after
+    DF-MPC's compensation, so the ranges see the compensated layers."""
+    if input_size is None:
+        raise DfquantError("act_range='squant' runs the model on a batch of noise of its input's shape: give input_size, e.g. (3, 32, 32)", param="input_size")
+    fixed = (first,) if cfg.quantize_first_input and cfg.input_range is not None else ()
+    found = calibrate_on_noise(qmodel, input_size, a_bits=cfg.a_bits, s=cfg.noise_s, seed=cfg.noise_seed, fixed=fixed)
+    rows = {r.name: r for r in report.layers}
+    for name, r in found.items():
+        rows[name].a_range = r.range
+    s = next(iter(found.values())).s
+    report.notes.append(f"act_range squant: {len(found)} input ranges from one batch of uniform noise (seed {cfg.noise_seed}), alpha = {s:g} * std (SQuant authors' rule)")
 
 
 def _working_copy(model: nn.Module, graph, cfg: QuantConfig, report: QuantReport) -> nn.Module:
@@ -467,6 +484,8 @@ def _input_quantizer(name: str, ends: Tuple[str, str], cfg: QuantConfig, ranges:
         if cfg.input_range is not None:
             act = ActQuantizer(bits, *cfg.input_range)
             return act, act.range, bits  # the range the grid really covers (zero made exact)
+    if cfg.act_range == "squant":  # a placeholder: _noise_ranges sets it
+        return ActQuantizer(bits, 0.0, 1.0), None, bits
     found = ranges.get(name)
     if found is None or found.stats is None:
         why = found.reason if found is not None else "layer not reached in the traced graph"

@@ -16,7 +16,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from .checks import check_bits, check_bool, check_choice, check_float, check_range, fail, option
+from .activation_ranges import SQUANT_NOISE_S
+from .checks import check_bits, check_bool, check_choice, check_float, check_int, check_range, fail, option
 from .quantizer import W_GRID_CHOICES, grid_for_bits
 
 #: Version of the saved config's layout (1: before it carried a version).
@@ -31,7 +32,7 @@ DFMPC_METHOD = "dfmpc"
 METHODS = ROUNDING_METHODS + (DFMPC_METHOD,) + LEARNED_METHODS
 
 WEIGHT_RANGES = ("minmax", "lp")
-ACT_RANGES = ("dfq", "mse")
+ACT_RANGES = ("dfq", "mse", "squant")
 INITS = ("rtn", "squant")
 
 
@@ -51,8 +52,15 @@ class QuantConfig:
     squant_kernel: bool = option(True, "SQuant's kernel (K) level, on unless --no-kernel", flag="--no-kernel")
     squant_channel: bool = option(True, "SQuant's output-channel (C) level, on unless --no-channel", flag="--no-channel")
     fold_bn: bool = option(False, "fold BatchNorm into the preceding conv before quantizing (SQuant's protocol keeps it)")
-    act_range: str = option("dfq", "BN-statistics activation range rule: dfq (beta + n*gamma) or mse", choices=ACT_RANGES)
+    act_range: str = option(
+        "dfq",
+        "activation range rule: dfq (BN statistics, beta + n*gamma), mse (BN statistics, MSE-optimal clip) or squant "
+        "(the SQuant authors' rule: alpha = s*std of each input on one batch of uniform noise)",
+        choices=ACT_RANGES,
+    )
     n_sigma: Optional[float] = option(None, "dfq rule: n in beta + n*gamma (default per bit-width)")
+    noise_s: Optional[float] = option(None, "squant rule: s in alpha = s*std (default the authors': 12 at 4 bits, 14 at 6, 25 at 8)")
+    noise_seed: int = option(0, "squant rule: seed of the uniform-noise batch")
     quantize_first_input: bool = option(False, "also quantize the image input (its range from the model's input scaling of valid pixels)")
     first_input_bits: int = option(8, "bits of the image input when it is quantized", cli=False)
     input_range: Optional[Tuple[float, float]] = option(None, "the image input's range (lo, hi), needed to quantize it", cli=False)
@@ -89,6 +97,9 @@ class QuantConfig:
             raise fail("skip", f"skip must be a list of layer names, got the string {self.skip!r} (write skip=({self.skip!r},))")
         if self.n_sigma is not None:
             check_float(self.n_sigma, "n_sigma", 0.0, lo_open=True)
+        if self.noise_s is not None:
+            check_float(self.noise_s, "noise_s", 0.0, lo_open=True)
+        check_int(self.noise_seed, "noise_seed")
         rng = check_range(self.input_range, "input_range") if self.input_range is not None else None
         if not isinstance(self.layer_w_bits, dict):
             raise fail("layer_w_bits", f"layer_w_bits must map layer names to bit-widths, got {type(self.layer_w_bits).__name__}")
@@ -133,11 +144,17 @@ class QuantConfig:
         if self.init != "rtn" and self.method not in LEARNED_METHODS:
             raise fail("init", f"init={self.init!r} applies to the learned methods ({', '.join(LEARNED_METHODS)}) only, not to {self.method!r}")
         if self.a_bits is None:
-            for name, unset in (("n_sigma", None), ("act_range", "dfq"), ("quantize_first_input", False), ("input_range", None)):
+            for name, unset in (("n_sigma", None), ("act_range", "dfq"), ("noise_s", None), ("noise_seed", 0), ("quantize_first_input", False), ("input_range", None)):
                 if getattr(self, name) != unset:
                     raise fail(name, f"{name} sets how activations are quantized, but a_bits=None quantizes none (weight-only)")
         if self.n_sigma is not None and self.act_range != "dfq":
             raise fail("n_sigma", f"n_sigma is the n of the dfq range rule (beta + n*gamma); act_range={self.act_range!r} does not use it")
+        for name, unset in (("noise_s", None), ("noise_seed", 0)):
+            if getattr(self, name) != unset and self.act_range != "squant":
+                raise fail(name, f"{name} belongs to the squant activation range rule; act_range={self.act_range!r} does not use it")
+        if self.act_range == "squant" and self.noise_s is None and self.a_bits is not None and self.a_bits not in SQUANT_NOISE_S:
+            have = ", ".join(f"{b} bits: {v:g}" for b, v in SQUANT_NOISE_S.items())
+            raise fail("noise_s", f"the SQuant authors give s only for 4-, 6- and 8-bit activations ({have}): give noise_s for a_bits={self.a_bits}")
         if self.input_range is not None and not self.quantize_first_input:
             raise fail("input_range", "input_range is the image's range for quantize_first_input=True; the image input stays float otherwise")
         if not (self.squant_kernel and self.squant_channel) and self.method != "squant":
