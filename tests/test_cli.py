@@ -54,6 +54,20 @@ def test_quantize_save_and_evaluate_again(capsys, digits, tmp_path):
     assert json.loads(out)["top1"] == pytest.approx(res["quant_top1"])
 
 
+def test_info_summarises_a_saved_model_and_refuses_a_changed_one(capsys, digits, tmp_path):
+    out_file = tmp_path / "m"
+    assert run(capsys, "quantize", "--model", "digits_cnn", "--method", "rtn", "--w-bits", "3", "--a-bits", "4", "--eval", "none", "--out", str(out_file))[0] == 0
+    code, out, _ = run(capsys, "info", str(tmp_path / "m.safetensors"))
+    assert code == 0 and "digits_cnn, rtn W3 A4" in out and "match their saved digests" in out and "act_range=dfq" in out
+    code, out, _ = run(capsys, "info", str(tmp_path / "m.json"), "--json")
+    assert code == 0 and json.loads(out)["layers"]["conv2"] == {"w_bits": 3, "a_bits": 4}
+    data = bytearray((tmp_path / "m.safetensors").read_bytes())
+    data[-1] ^= 1  # the last byte of the last tensor
+    (tmp_path / "m.safetensors").write_bytes(bytes(data))
+    code, _, err = run(capsys, "info", str(tmp_path / "m.safetensors"))
+    assert code == 2 and "does not match its saved digest" in err and len(err.strip().splitlines()) == 1
+
+
 def test_quantize_report_table(capsys, digits):
     code, out, _ = run(capsys, "quantize", "--model", "digits_cnn", "--w-bits", "6", "--a-bits", "none", "--report")
     assert code == 0 and "rel.err" in out and "W6Afp" in out

@@ -5,8 +5,11 @@ import pytest
 import torch
 
 import dfquant
-from dfquant.errors import DfquantError
-from dfquant.io.serialization import load_quantized, read_metadata, save_quantized
+from dfquant.errors import DfquantError, DfquantNote
+from dfquant.io.serialization import file_info, load_quantized, read_metadata, save_quantized
+
+# the hand-edited files below carry no digests (see _write): their "no digests" note is expected
+pytestmark = pytest.mark.filterwarnings("ignore::dfquant.errors.DfquantNote")
 
 
 @pytest.mark.parametrize("fold,per_channel", [(False, True), (True, True), (False, False)])
@@ -78,10 +81,49 @@ def saved(digits, tmp_path_factory):
     return q, path, meta, load_file(str(path))
 
 
-def _write(tmp_path, name, meta, tensors, raw=None):
+def _write(tmp_path, name, meta, tensors, raw=None, digests=False):
+    """A hand-edited file; without its digests (as an edit that also removed them would leave it),
+    so that the checks behind the digests are the ones tested."""
     p = tmp_path / name
+    if meta is not None and not digests:
+        meta = {k: v for k, v in meta.items() if k not in ("digests", "config_digest")}
     save_file(tensors, str(p), metadata={"dfquant": raw if raw is not None else json.dumps(meta)})
     return p
+
+
+def test_a_changed_tensor_or_config_is_refused_by_its_digest(saved, tmp_path):
+    _, _, meta, tensors = saved
+    assert set(meta["digests"]) == set(tensors)
+    flipped = _set(tensors, "conv2.weight_int", tensors["conv2.weight_int"].clone())
+    flipped["conv2.weight_int"].view(-1)[0] ^= 1  # one bit
+    for name, m, t in (("tensor", meta, flipped), ("config", json.loads(json.dumps(meta)), tensors)):
+        if name == "config":
+            m["config"]["w_bits"] = 3
+        bad = _write(tmp_path, f"{name}.safetensors", m, t, digests=True)
+        match = "tensor 'conv2.weight_int' does not match its saved digest" if name == "tensor" else "the config does not match its saved digest"
+        with pytest.raises(DfquantError, match=match):
+            load_quantized(bad)
+        with pytest.raises(DfquantError, match=match):
+            file_info(bad)
+
+
+def test_a_file_without_digests_loads_with_a_note_and_info_says_so(saved, tmp_path):
+    q, _, meta, tensors = saved
+    old = _write(tmp_path, "old.safetensors", meta, tensors)
+    with pytest.warns(DfquantNote, match="carries no tensor digests"):
+        loaded, _ = load_quantized(old)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), q.state_dict().values()))
+    assert file_info(old)["digests"] == "absent"
+
+
+def test_info_summarises_a_file_without_building_it(saved):
+    _, path, _, tensors = saved
+    info = file_info(path)
+    assert (info["model_name"], info["method"], info["w_bits"], info["a_bits"], info["digests"]) == ("digits_cnn", "rtn", 4, 4, "ok")
+    assert info["layers"]["conv2"] == dict(w_bits=4, a_bits=4) and info["layers"]["conv1"]["a_bits"] is None
+    codes = sum(t.numel() for k, t in tensors.items() if k.endswith("weight_int"))
+    assert info["weight_codes"] == codes and info["packed_weight_bytes"] == codes * 4 // 8
+    assert info["protocol"]["act_range"] == "dfq" and info["file_bytes"] == path.stat().st_size
 
 
 def test_names_with_dots_keep_their_tail(digits, tmp_path):

@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(i, QuantConfig, exclude=("method", "init"))
     i.add_argument("--json", action="store_true", help="print one JSON object")
 
+    f = sub.add_parser("info", help="what a saved quantized model is (method, bits per layer, protocol, digests, sizes); no data needed")
+    f.add_argument("file", help="a .safetensors file written by dfquant quantize --out (or its .json sidecar)")
+    f.add_argument("--json", action="store_true", help="print one JSON object")
+
     sub.add_parser("list", help="list models and methods")
     return parser
 
@@ -597,6 +601,31 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    from .io.serialization import file_info
+
+    info = file_info(args.file)
+    if args.json:
+        print(json.dumps(info, default=str))
+        return 0
+    a_bits = info["a_bits"] if info["a_bits"] is not None else "float"
+    print(f"{info['path']}: {info['model_name'] or 'a model outside the registry'}, {info['method']} W{info['w_bits']} A{a_bits} (config version {info['config_version']})")
+    print("  protocol: " + ", ".join(f"{k}={v}" for k, v in info["protocol"].items()))
+    bits = {}
+    for name, layer in info["layers"].items():
+        bits.setdefault((layer["w_bits"], layer["a_bits"]), []).append(name)
+    for (w, a), names in sorted(bits.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        print(f"  {len(names):3d} layers W{w} A{a if a is not None else 'float'}: {shown}")
+    if info["float_layers"]:
+        print(f"  left in float: {', '.join(info['float_layers'])}")
+    status = {"ok": "every tensor and the config match their saved digests", "absent": "none saved (a file from before dfquant checked digests)"}
+    print(f"  digests: {status[info['digests']]}")
+    print(f"  size: {info['file_bytes'] / 1e6:.2f} MB file, {info['tensors']} tensors, {info['weight_codes'] / 1e6:.2f} M weight codes "
+          f"({info['packed_weight_bytes'] / 1e6:.2f} MB packed at their bits, {info['other_tensor_bytes'] / 1e6:.2f} MB of scales, biases and buffers)")
+    return 0
+
+
 def cmd_list(args) -> int:
     from .config import METHODS
     from .models import list_models, model_spec
@@ -713,7 +742,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        handlers = {"quantize": cmd_quantize, "evaluate": cmd_evaluate, "synthesize": cmd_synthesize, "list": cmd_list, "demo": cmd_demo, "export": cmd_export, "inspect": cmd_inspect}
+        handlers = {"quantize": cmd_quantize, "evaluate": cmd_evaluate, "synthesize": cmd_synthesize, "list": cmd_list, "demo": cmd_demo, "export": cmd_export, "inspect": cmd_inspect, "info": cmd_info}
         with _job(args):
             return handlers[args.command](args)
     except DfquantError as exc:

@@ -19,9 +19,13 @@ rebuilt model key for key and shape for shape, and the values must be ones a qua
 on the per-tensor grids the saved config's ``w_grid`` names, TWN's zero point 0 and codes -1..1,
 DoReFa's half-integer zero point -1/2, which no other grid has).
 A file that breaks any of these is refused with one :class:`DfquantError` naming the key at fault.
+Every tensor and the config carry a SHA-256 digest in the metadata (:func:`tensor_digest`); a file
+whose bytes changed after the save is refused naming the tensor. Files saved before the digests
+(no ``digests`` key) still load, with a note.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -30,7 +34,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..errors import DfquantError
+from ..errors import DfquantError, note
 from ..graph import replace_module
 from ..modelcheck import check_plain_module, copy_model, non_finite
 from ..qmodules import ActQuantizer, QuantConv2d, QuantLinear
@@ -112,6 +116,8 @@ def save_quantized(qmodel: nn.Module, path: "str | Path", *, model_name: Optiona
     tensors = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items()}
     if model_name is not None:
         _check_fits_registry(qmodel, model_name, meta, tensors)
+    meta["digests"] = {k: tensor_digest(t) for k, t in tensors.items()}
+    meta["config_digest"] = config_digest(meta["config"])
     doc = dict(meta, config=config or {}, report=report)  # the sidecar keeps the timings
     try:
         atomic_write_all(
@@ -125,6 +131,35 @@ def save_quantized(qmodel: nn.Module, path: "str | Path", *, model_name: Optiona
     except SafetensorError as exc:  # the writer's own I/O errors (a full disk, ...)
         raise DfquantError(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
     return path, side
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (hex)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def config_digest(config: Dict[str, Any]) -> str:
+    """SHA-256 of the saved config as canonical JSON (hex)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_digests(p: Any, info: Dict[str, Any], state: Dict[str, torch.Tensor]) -> str:
+    """``"ok"`` when every tensor matches the digest saved with it, ``"absent"`` for a file saved
+    before digests; a changed tensor is one error naming it (the config's digest is checked with the
+    rest of the metadata, :func:`read_metadata`)."""
+    digests = info.get("digests")
+    if digests is None:
+        return "absent"
+    missing = sorted(set(state) ^ set(digests))
+    if missing:
+        raise _damaged(p, f"the tensors and their saved digests differ in names ({', '.join(missing[:4])})")
+    for name, t in state.items():
+        if tensor_digest(t) != digests[name]:
+            raise _damaged(p, f"tensor {name!r} does not match its saved digest: the file was changed after it was saved")
+    return "ok"
 
 
 def _without_timings(value: Any) -> Any:
@@ -189,12 +224,17 @@ def _check_metadata(p: Path, info: Any) -> Dict[str, Any]:
             raise _damaged(p, f"the metadata lacks {key!r}")
         if not isinstance(info[key], dict):
             raise _damaged(p, f"metadata {key!r} must be a JSON object, found a {type(info[key]).__name__}")
+    if "config_digest" in info and config_digest(info["config"]) != info["config_digest"]:
+        raise _damaged(p, "the config does not match its saved digest: the metadata was changed after it was saved")
     name = info.get("model_name")
     if name is not None and not isinstance(name, str):
         raise _damaged(p, f"metadata 'model_name' must be a string or null, found {name!r}")
     n = info.get("num_classes")
     if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
         raise _damaged(p, f"metadata 'num_classes' must be a positive integer or null, found {n!r}")
+    digests = info.get("digests")
+    if digests is not None and not (isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values())):
+        raise _damaged(p, "metadata 'digests' must map tensor names to hex digests")
     for key in ("folded_bn", "relu6_to_relu", "float_biased"):
         names = info.get(key, [])
         if not isinstance(names, list) or not all(isinstance(x, str) and x for x in names):
@@ -425,6 +465,8 @@ def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tup
             model = create_model(info["model_name"], num_classes=info.get("num_classes"))
         except DfquantError as exc:
             raise DfquantError(f"{path}: metadata 'model_name' {info['model_name']!r}: {exc}") from None
+    if check_digests(path, info, state) == "absent":
+        note(f"{path} carries no tensor digests (saved before dfquant checked them): its bytes cannot be verified")
     bad = non_finite(state.items())
     if bad:
         raise _damaged(path, f"NaN or inf values in {bad}")
@@ -438,3 +480,41 @@ def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tup
         raise DfquantError(f"{path} does not fit the architecture: {str(exc).splitlines()[0]}") from None
     _check_values(path, q, info)
     return q, info
+
+
+#: the settings that say under which protocol a saved model was quantized
+PROTOCOL_KEYS = ("fold_bn", "per_channel", "w_range", "w_grid", "act_range", "quantize_first_input", "last_input_bits", "int32_bias", "cle", "bias_correction")
+
+
+def file_info(path: "str | Path") -> Dict[str, Any]:
+    """What a saved quantized model is, without building it or any data: method, bits per layer,
+    protocol settings, digest status (``ok`` / ``absent``; a changed tensor is an error) and sizes."""
+    from safetensors.torch import load_file
+
+    path = saved_model_file(path)
+    info = read_metadata(path)
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # truncated or corrupt tensor data
+        raise DfquantError(f"cannot read the tensors of {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    cfg, layers = info["config"], info["layers"]
+    codes = {k: t for k, t in state.items() if k.endswith(".weight_int")}
+    packed = sum(t.numel() * layers[k[: -len(".weight_int")]]["w_bits"] for k, t in codes.items() if k[: -len(".weight_int")] in layers) / 8
+    other = sum(t.numel() * t.element_size() for k, t in state.items() if k not in codes)
+    return dict(
+        path=str(path),
+        model_name=info.get("model_name"),
+        method=cfg.get("method"),
+        w_bits=cfg.get("w_bits"),
+        a_bits=cfg.get("a_bits"),
+        config_version=cfg.get("config_version", 1),
+        protocol={k: cfg[k] for k in PROTOCOL_KEYS if k in cfg},
+        layers={n: dict(w_bits=v["w_bits"], a_bits=v["a_bits"]) for n, v in layers.items()},
+        float_layers=list(cfg.get("skip", [])),
+        digests=check_digests(path, info, state),
+        file_bytes=path.stat().st_size,
+        tensors=len(state),
+        weight_codes=sum(t.numel() for t in codes.values()),
+        packed_weight_bytes=int(packed),
+        other_tensor_bytes=int(other),
+    )
