@@ -24,7 +24,7 @@ import torch
 import dfquant
 from dfquant.assets import CIFAR_RESNET_WEIGHTS, asset_path
 from dfquant.data import load_cifar10_npz
-from genie_cifar import cpu_name
+from dfquant.devices import cpu_name
 
 SETTINGS = [(8, 8), (6, 6), (4, 8), (4, 4), (3, 8)]
 # (label, method, cle, bias_correction, the row the bias-corrected one is compared with)

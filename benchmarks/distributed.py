@@ -96,7 +96,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    from genie_cifar import cpu_name
+    from dfquant.devices import cpu_name
 
     out = Path(args.out)
     budget = dict(samples=args.samples, distill_iters=args.distill_iters, recon_iters=args.recon_iters)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import dfquant
 from dfquant.assets import CIFAR_RESNET_WEIGHTS, asset_path
 from dfquant.data import load_cifar10_npz
+from dfquant.devices import cpu_name
 from dfquant.genie import CPU_BUDGET, DISTILL_DEFAULTS, lr_round_for, synthesize
 from dfquant.io.images import load_images, save_images
 
@@ -46,19 +46,6 @@ METHODS = {
     "genie-squant-actdata": ("Genie, SQuant init, act. ranges from data", "genie", dict(data="genie", init="squant", act_calib="data")),
 }
 DEFAULT_METHODS = ("rtn", "squant", "zeroq", "genie", "genie-squant")
-
-
-def cpu_name() -> str:
-    """The CPU's model name and the vector instruction set torch's kernels use (results in float differ between them)."""
-    name = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = f"{platform.machine()} {line.split(':', 1)[1].strip()}"
-                break
-    except OSError:
-        pass
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def parse_setting(s: str):

@@ -31,8 +31,8 @@ import torch
 import dfquant
 from dfquant.assets import CIFAR10_TEST_NPZ, CIFAR_RESNET_WEIGHTS, asset_path
 from dfquant.data import load_cifar10_npz
+from dfquant.devices import cpu_name
 from dfquant.io.export import export_onnx, qdq_model
-from genie_cifar import cpu_name
 from squant_cifar import best_time
 
 SETTINGS = [(8, 8), (6, 6), (4, 4)]

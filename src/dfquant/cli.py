@@ -270,6 +270,7 @@ def _load_model(args) -> Any:
         weights = str(found) if found else None
     if weights is None:
         raise DfquantError(f"--weights PATH is required for {spec.name} (dfquant ships no pretrained weights; --random-init for timing)")
+    args.weights_used = weights  # what --json reports
     return create_model(args.model, weights=weights)
 
 
@@ -387,9 +388,10 @@ def cmd_quantize(args) -> int:
     if data is not None:  # after quantizing: in a job the other processes do not wait for it
         fp = dfquant.evaluate(model, data, progress=args.progress_on)
         result.update(fp32_top1=fp["top1"], fp32_top5=fp["top5"], n_eval=fp["n"])
-        qa = dfquant.evaluate(qmodel, data, progress=args.progress_on)
-        result.update(quant_top1=qa["top1"], quant_top5=qa["top5"])
+        qa = dfquant.evaluate(qmodel, data, reference=model, progress=args.progress_on)
+        result.update(quant_top1=qa["top1"], quant_top5=qa["top5"], agree_top1=qa["agree_top1"], logit_mse=qa["logit_mse"])
     result.update(float_inputs=[n for n, _ in report.float_inputs], unsupported_layers=report.unsupported, notes=report.notes)
+    result.update(_run_facts(args, spec.dataset, report.config))
     if "genie" in report.config:
         result["genie"] = {k: v for k, v in report.config["genie"].items() if k != "units"}
     if args.plot:
@@ -410,6 +412,36 @@ def cmd_quantize(args) -> int:
         return 0
     _print_quantize(args, result, report)
     return 0
+
+
+def _run_facts(args, dataset: str, config: Dict[str, Any]) -> Dict[str, Any]:
+    """What --json records of a run besides its figures: the files read, the protocol settings,
+    and the software and CPU that made it."""
+    import torch
+
+    import dfquant
+
+    from .assets import CIFAR10_TEST_NPZ, IMAGENET_NPZ, asset_path
+    from .devices import cpu_name
+    from .io.serialization import PROTOCOL_KEYS
+
+    if getattr(args, "eval", None) == "none":
+        data = None
+    elif args.data is not None:
+        data = args.data
+    elif dataset == "digits":
+        data = "embedded (scikit-learn load_digits)"
+    else:
+        found = asset_path(CIFAR10_TEST_NPZ if dataset == "cifar10" else IMAGENET_NPZ)
+        data = str(found) if found else None
+    weights = getattr(args, "weights_used", None) or ("random init" if args.random_init else "trained on first use (cached)")
+    return dict(
+        paths=dict(weights=weights, data=data),
+        protocol={k: config[k] for k in PROTOCOL_KEYS if k in config},
+        version=dict(dfquant=dfquant.__version__, torch=torch.__version__, config=config.get("config_version")),
+        cpu=cpu_name(),
+        threads=torch.get_num_threads(),
+    )
 
 
 def _plot_layers(model, report, path: str):

@@ -47,3 +47,22 @@ def deterministic_cudnn(dev: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the vector instruction set torch's kernels use (float results can
+    differ between them), for results that say where they were made."""
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    name = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = f"{platform.machine()} {line.split(':', 1)[1].strip()}"
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
