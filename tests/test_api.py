@@ -287,3 +287,27 @@ def test_non_finite_weights_or_statistics_are_named(digits, tmp_path):
     torch.save(bad.state_dict(), tmp_path / "bad.pth")
     with pytest.raises(DfquantError, match="bad.pth has NaN or inf values in bn1.running_var"):
         dfquant.create_model("digits_cnn", weights=str(tmp_path / "bad.pth"))
+
+
+@pytest.mark.parametrize("method", ["rtn", "squant"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(fold_bn=True, cle=True, bias_correction=True)]
+    + [
+        pytest.param(o, marks=pytest.mark.slow)
+        for o in (dict(), dict(fold_bn=True), dict(cle=True), dict(bias_correction=True), dict(act_range="mse"), dict(per_channel=False, bias_correction=True), dict(w_range="lp"))
+    ],
+)
+def test_one_and_two_threads_give_the_same_model_on_resnet20(resnet20, method, options):
+    """Everything that decides a rounding must not depend on how torch splits its sums over threads."""
+    before = torch.get_num_threads()
+    models = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            models.append(dfquant.quantize(resnet20, method, 3, 4, **options)[0].state_dict())
+    finally:
+        torch.set_num_threads(before)
+    one, two = models
+    assert one.keys() == two.keys()
+    assert [k for k in one if not torch.equal(one[k], two[k])] == []
