@@ -230,6 +230,9 @@ def test_cli_quantize_save_then_export_and_check(capsys, digits, tmp_path):
     assert abs(res["onnx_top1"] - res["quant_top1"]) <= 2.0  # the deployed file, on the digits test images
     code, out, err = run(capsys, "export", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "again.onnx"))
     assert code == 0 and "int8 weight tensors" in out and "arg-max agreement" in out and err == ""
+    assert "verdict: the file computes the model" in out and res["onnx"]["check"]["verdict"] == "ok"
+    meta = json.loads({p.key: p.value for p in onnx.load(tmp_path / "again.onnx").metadata_props}["dfquant"])
+    assert meta["input"]["size"] == [1, 8, 8] and meta["labels"] == [str(d) for d in range(10)] and len(meta["input"]["mean"]) == 1
     code, out, err = run(capsys, "export", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "packed.onnx"), "--int4-weights", "--json")
     assert code == 0 and json.loads(out)["int4_weights"] == 4 and json.loads(out)["check"]["file"]["argmax_agreement"] >= 0.9
     assert err == ""
@@ -385,3 +388,10 @@ def test_dorefa_8_needs_nine_bits_and_is_stored_as_exact_float_values(digits, tm
     assert info["float_weights"] == ["conv1", "conv2", "fc"] and info["int8_weights"] == 1  # conv3 is ternary
     c = check_onnx(qmodel, info["path"], x[:64])
     assert c["model"]["rel_max_diff"] < 1e-5, c
+
+
+def test_the_check_says_differs_when_the_file_is_not_the_model(digits, digits_onnx):
+    """A wrong model against the file (another bit-width: other scales) fails the stated tolerance."""
+    other, _ = dfquant.quantize(digits[0], "rtn", 2, 2)
+    c = check_onnx(other, digits_onnx["path"], digits[1][0][:64])
+    assert c["verdict"] == "differs" and c["tolerance"]["argmax_agreement"] == 0.95

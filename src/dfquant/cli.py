@@ -402,7 +402,7 @@ def cmd_quantize(args) -> int:
         paths = dfquant.save_quantized(qmodel, args.out, model_name=args.model, config=report.config, report=report.to_dict())
         result["out"] = str(paths[0])
     if args.onnx:
-        result["onnx"] = _export(qmodel, args.onnx, 16, {"model_name": args.model, "config": report.config}, args.int4_weights)
+        result["onnx"] = _export(qmodel, args.onnx, 16, _onnx_metadata(args.model, report.config), args.int4_weights)
         if data is not None:  # what the deployed file scores, beside the fake-quant figure
             result["onnx_top1"] = dfquant.evaluate(dfquant.OnnxRuntimeModel(args.onnx, threads=args.threads), data, progress=args.progress_on)["top1"]
     if args.json:
@@ -566,6 +566,21 @@ def cmd_synthesize(args) -> int:
     return 0
 
 
+def _onnx_metadata(model_name: Optional[str], config: Dict[str, Any]) -> Dict[str, Any]:
+    """What an ONNX file says of itself: the model and config, and, for a registry model, how to
+    feed it (pixel scaling, layout, size) and what its outputs mean (the label order)."""
+    from .data import LABEL_ORDER
+    from .models import list_models, model_spec, preprocessing_of
+
+    meta: Dict[str, Any] = {"model_name": model_name, "config": config}
+    if model_name in list_models():
+        spec, pre = model_spec(model_name), preprocessing_of(model_name)
+        meta["input"] = dict(layout="NCHW", size=list(spec.input_size), pixels=("RGB" if spec.input_size[0] == 3 else f"{spec.input_size[0]} channel(s)") + " in [0, 1] (uint8 / 255)", mean=list(pre.mean), std=list(pre.std),
+                             rule=pre.description or "(pixel - mean) / std, per channel")
+        meta["labels"] = LABEL_ORDER.get(spec.dataset)
+    return meta
+
+
 def _export(qmodel, out: str, check: int, metadata: Dict[str, Any], int4_weights: bool = False) -> Dict[str, Any]:
     """Export to ONNX and (check > 0) compare onnxruntime's outputs with the model's on random inputs."""
     import torch
@@ -600,6 +615,10 @@ def _print_export(summary: Dict[str, Any], indent: str = "") -> None:
                 f"{indent}  onnxruntime vs {what} on {c['n']} random inputs: max |diff| {c[key]['max_abs_diff']:.3g} "
                 f"({c[key]['rel_max_diff']:.2g} of the largest output), arg-max agreement {100 * c[key]['argmax_agreement']:.1f} %"
             )
+        t = c["tolerance"]
+        verdict = "the file computes the model" if c["verdict"] == "ok" else "THE FILE DIFFERS from the model"
+        print(f"{indent}  verdict: {verdict} (tolerance against the export's graph: at most {t['rel_max_diff']:g} of the largest output, "
+              f"arg-max agreement at least {100 * t['argmax_agreement']:g} %)")
 
 
 def cmd_export(args) -> int:
@@ -611,12 +630,12 @@ def cmd_export(args) -> int:
         raise DfquantError(f"--check must be 0 or more, got {args.check}")
     check_output_path(args.out)  # before loading and exporting
     qmodel, info = dfquant.load_quantized(args.file)
-    summary = _export(qmodel, args.out, args.check, {"model_name": info.get("model_name"), "config": info.get("config", {})}, args.int4_weights)
+    summary = _export(qmodel, args.out, args.check, _onnx_metadata(info.get("model_name"), info.get("config", {})), args.int4_weights)
     if args.json:
         print(json.dumps(summary))
     else:
         _print_export(summary)
-    return 0
+    return 0 if summary.get("check", {}).get("verdict", "ok") == "ok" else 1  # a script sees a file that differs
 
 
 def cmd_inspect(args) -> int:

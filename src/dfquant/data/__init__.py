@@ -101,3 +101,11 @@ def load_eval_data(name: str, path: "str | None" = None, limit: "int | None" = N
     if limit is not None:
         x, y = x[:limit], y[:limit]
     return x, y
+
+
+#: What output index i of a registry model's classifier means, per data set (exported with ONNX files).
+LABEL_ORDER = {
+    "digits": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+    "imagenet": "ImageNet-1k's 1000 classes in the order of their sorted WordNet IDs (0 = n01440764 tench ... 999 = n15075141 toilet tissue)",
+}

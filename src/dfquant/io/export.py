@@ -376,6 +376,13 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
+#: What :func:`check_onnx` accepts of the file against the export's own graph in torch: integer
+#: kernels round each conv's output once more, which can move a value within rounding of a step by
+#: one code, and that grows through the layers (ResNet-20 W4A4 on 64 random inputs: 6 % of the largest
+#: output, one arg-max in 64); a wrong scale or zero point gives differences of the output's own size.
+CHECK_TOLERANCE = {"rel_max_diff": 0.1, "argmax_agreement": 0.95}
+
+
 def check_onnx(qmodel: nn.Module, path: "str | Path", inputs: torch.Tensor) -> Dict[str, Any]:
     """Run the exported file with ONNX Runtime on ``inputs`` and compare it with two references.
 
@@ -386,7 +393,8 @@ def check_onnx(qmodel: nn.Module, path: "str | Path", inputs: torch.Tensor) -> D
     quantized model: adds the int32 bias rounding every integer runtime applies, unless the model
     was quantized with ``int32_bias=True`` (then its biases are already on that grid).
     Each: the largest absolute output difference, that relative to the largest output, and the
-    fraction of inputs whose arg-max agrees.
+    fraction of inputs whose arg-max agrees; ``verdict``: ``"ok"`` when the ``file`` comparison is
+    within :data:`CHECK_TOLERANCE`, else ``"differs"``, and ``tolerance``: that tolerance.
     """
     inputs = inputs.float()
     got = OnnxRuntimeModel(path)(inputs)
@@ -402,6 +410,9 @@ def check_onnx(qmodel: nn.Module, path: "str | Path", inputs: torch.Tensor) -> D
             "rel_max_diff": diff / max(float(want.abs().max()), 1e-12),
             "argmax_agreement": float((got.argmax(1) == want.argmax(1)).float().mean()),
         }
+    f = out["file"]
+    ok = f["rel_max_diff"] <= CHECK_TOLERANCE["rel_max_diff"] and f["argmax_agreement"] >= CHECK_TOLERANCE["argmax_agreement"]
+    out.update(verdict="ok" if ok else "differs", tolerance=dict(CHECK_TOLERANCE))
     return out
 
 
