@@ -175,6 +175,19 @@ def test_synthesize_keeps_a_dotted_name(capsys, digits, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["syn_seed0.5.png", "syn_seed0.5.safetensors"]
 
 
+def test_synthesize_describes_its_images_and_can_clip_them_to_the_pixel_range(capsys, digits, tmp_path):
+    from dfquant.io.images import load_images
+    from dfquant.models import preprocessing_of
+
+    for clip in (False, True):
+        out = tmp_path / f"s{int(clip)}"
+        code, text, _ = run(capsys, "synthesize", "--model", "digits_cnn", "-n", "8", "--iters", "3", "--out", str(out), *(["--clip-to-pixels"] if clip else []))
+        assert code == 0 and "pixels in [0, 1] map to" in text and "lie outside" in text
+    raw, clipped = (load_images(tmp_path / f"s{i}.safetensors") for i in (0, 1))
+    pre = preprocessing_of("digits_cnn")
+    assert torch.equal(clipped, pre.clamp(raw)) and not torch.equal(raw, clipped)  # 3 iterations leave values outside
+
+
 def test_synthesize_on_a_cpu_takes_the_cpu_budget(capsys, digits, tmp_path, monkeypatch):
     from dfquant.genie import CPU_BUDGET
     from dfquant.io.images import images_metadata

@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", default="auto", choices=["auto", "gpu", "cpu"], help="defaults for --iters/--batch-size: gpu = the method's published ones, cpu = ours for a CPU, auto = by the device (default auto)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default auto)")
     s.add_argument("--out", required=True, help="output file (.safetensors); a PNG grid is written beside it")
+    s.add_argument("--clip-to-pixels", action="store_true", help="clip the saved images, per channel, to what pixels in [0, 1] map to (for tools that calibrate an input quantizer on them)")
 
     x = sub.add_parser("export", help="export a saved quantized model to ONNX with QuantizeLinear/DequantizeLinear nodes (int8 or packed int4 weight codes)")
     x.add_argument("file", help="a .safetensors file written by `dfquant quantize --out`")
@@ -556,10 +557,14 @@ def cmd_synthesize(args) -> int:
     dt = time.perf_counter() - t
     if not distributed.is_main():  # in a job, rank 0 writes the files
         return 0
+    pre = preprocessing_of(args.model)
+    print(_describe_images(images, pre))
+    if args.clip_to_pixels:
+        images = pre.clamp(images)
     # no wall time in the file: the same seed gives the same bytes
-    meta = {"model": args.model, "method": args.method, "seed": args.seed, "budget": resolved.budget, "iters": resolved.distill_iters, "batch_size": resolved.distill_batch}
+    meta = {"model": args.model, "method": args.method, "seed": args.seed, "budget": resolved.budget, "iters": resolved.distill_iters, "batch_size": resolved.distill_batch,
+            "clip_to_pixels": bool(args.clip_to_pixels)}
     save_images(images, out, metadata=meta)
-    pre = preprocessing_of(args.model)  # so the grid shows the images' colours
     save_image_grid(images, png, mean=pre.mean, std=pre.std)
     procs = f" on {distributed.world_size()} processes" if distributed.active() else ""
     print(f"wrote {len(images)} images to {out} and a grid of the first {min(64, len(images))} to {png} ({dt:.1f} s{procs}; {resolved.budget} budget, {resolved.distill_iters} iterations per batch)")
@@ -579,6 +584,15 @@ def _onnx_metadata(model_name: Optional[str], config: Dict[str, Any]) -> Dict[st
                              rule=pre.description or "(pixel - mean) / std, per channel")
         meta["labels"] = LABEL_ORDER.get(spec.dataset)
     return meta
+
+
+def _describe_images(images, pre) -> str:
+    """One line on what synthetic images look like against the model's real input range."""
+    outside = float((pre.clamp(images) != images).float().mean())
+    lo, hi = pre.input_range()
+    return (f"images: {tuple(images.shape)}, values in [{float(images.min()):.2f}, {float(images.max()):.2f}] (mean {float(images.mean()):.2f}, "
+            f"std {float(images.std()):.2f}); pixels in [0, 1] map to [{lo:.2f}, {hi:.2f}]; {100 * outside:.1f} % of values lie outside their channel's pixel range"
+            + ("" if outside == 0 else " (--clip-to-pixels clips them)"))
 
 
 def _export(qmodel, out: str, check: int, metadata: Dict[str, Any], int4_weights: bool = False) -> Dict[str, Any]:
