@@ -155,3 +155,15 @@ def test_non_finite_outputs_are_refused_and_the_callers_modes_are_kept():
         net[0].weight[0, 0] = float("nan")
     with pytest.raises(DfquantError, match="NaN or inf"):
         dfquant.evaluate(net, data)
+
+
+def test_reference_logits_give_the_same_comparison_as_the_reference_model(digits):
+    model, (x, y) = digits
+    q, _ = dfquant.quantize(model, "rtn", 3, 3)
+    logits = dfquant.reference_logits(model, (x, y), batch_size=64)
+    assert logits.shape == (len(y), 10)
+    by_model = dfquant.evaluate(q, (x, y), batch_size=64, reference=model, predictions=True)
+    by_logits = dfquant.evaluate(q, (x, y), batch_size=64, reference=logits, predictions=True)
+    assert by_model == by_logits
+    with pytest.raises(dfquant.DfquantError, match="logits of 20 images, the data has 10"):
+        dfquant.evaluate(q, (x[:10], y[:10]), reference=logits[:20])

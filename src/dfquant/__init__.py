@@ -24,6 +24,7 @@ _EXPORTS = {
     "evaluate": ("evaluation", "evaluate"),
     "paired_comparison": ("evaluation", "paired_comparison"),
     "paired_error_comparison": ("evaluation", "paired_error_comparison"),
+    "reference_logits": ("evaluation", "reference_logits"),
     "GenieConfig": ("genie.config", "GenieConfig"),
     "synthesize": ("genie.distill", "synthesize"),
     "export_onnx": ("io.export", "export_onnx"),

@@ -66,7 +66,7 @@ def evaluate(
     batch_size: int = 256,
     progress: bool = False,
     device: str = "cpu",
-    reference: "nn.Module | None" = None,
+    reference: "nn.Module | torch.Tensor | None" = None,
     predictions: bool = False,
 ) -> Dict[str, Any]:
     """Accuracy (%) of ``model`` on ``data``: an (images, labels) pair or an iterable of batches.
@@ -77,12 +77,18 @@ def evaluate(
     ``predictions=True`` also ``predictions`` (each image's top-1 class) and ``correct`` (whether it
     is right), in data order, for a paired comparison of two models (:func:`paired_comparison`);
     with a ``reference`` too, ``logit_sq_err``: each image's mean squared logit difference from the
-    reference (their mean is ``logit_mse``), for :func:`paired_error_comparison`.
+    reference (their mean is ``logit_mse``), for :func:`paired_error_comparison`. ``reference`` may
+    also be the reference's logits on ``data``, in data order (:func:`reference_logits`), so that
+    many models are compared with one run of the float model.
     """
     # evaluated in eval mode; each module's mode is put back afterwards (the caller's model is theirs)
     modes = [(m, m.training) for net in (model, reference) if isinstance(net, nn.Module) for m in net.modules()]
     try:
-        return _evaluate(model.eval().to(device), data, batch_size, progress, device, reference.eval().to(device) if reference is not None else None, predictions)
+        if isinstance(reference, nn.Module):
+            reference = reference.eval().to(device)
+        elif reference is not None and not (isinstance(reference, torch.Tensor) and reference.dim() == 2):
+            raise DfquantError(f"reference must be a model or its (images, classes) logits, got {type(reference).__name__}", param="reference")
+        return _evaluate(model.eval().to(device), data, batch_size, progress, device, reference, predictions)
     finally:
         for m, training in modes:
             m.training = training
@@ -116,7 +122,7 @@ def _evaluate(model, data, batch_size, progress, device, reference, predictions)
             hits.append(hit[:, 0].cpu())
         if reference is not None:
             try:
-                ref_logits = reference(x)
+                ref_logits = reference[total - len(y) : total].to(device) if isinstance(reference, torch.Tensor) else reference(x)
             except RuntimeError as exc:
                 raise DfquantError(f"the reference model cannot run on these inputs of shape {tuple(x.shape)}: {str(exc).splitlines()[0]}") from None
             if tuple(ref_logits.shape) != tuple(logits.shape):
@@ -130,6 +136,8 @@ def _evaluate(model, data, batch_size, progress, device, reference, predictions)
                 errs.append(per_image.cpu())
     if total == 0:
         raise DfquantError("evaluation data is empty")
+    if isinstance(reference, torch.Tensor) and reference.shape[0] != total:
+        raise DfquantError(f"reference holds the logits of {reference.shape[0]} images, the data has {total}", param="reference")
     out = {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "n": total}
     if reference is not None:
         out["agree_top1"] = 100.0 * agree / total
@@ -140,6 +148,19 @@ def _evaluate(model, data, batch_size, progress, device, reference, predictions)
         if reference is not None:
             out["logit_sq_err"] = torch.cat(errs).tolist()
     return out
+
+
+@torch.no_grad()
+def reference_logits(model: nn.Module, data: EvalData, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+    """``model``'s logits on every image of ``data``, in data order: a ``reference`` for
+    :func:`evaluate` that runs the float model once for many comparisons."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model = model.eval().to(device)
+        return torch.cat([model(x.to(device)).cpu() for x, _ in _batches(data, batch_size)])
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def sign_test_p(k_a: int, k_b: int) -> float:
