@@ -311,3 +311,17 @@ def test_one_and_two_threads_give_the_same_model_on_resnet20(resnet20, method, o
     one, two = models
     assert one.keys() == two.keys()
     assert [k for k in one if not torch.equal(one[k], two[k])] == []
+
+
+def test_the_squant_protocol_is_the_papers_settings_with_the_authors_noise_rule(digits):
+    model = digits[0]
+    q, report = dfquant.quantize(model, "squant", 4, 4, protocol="squant")
+    same, _ = dfquant.quantize(model, "squant", 4, 4, act_range="squant")
+    assert report.config["protocol"] == "squant" and report.config["act_range"] == "squant"
+    a, b = q.state_dict(), same.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert dfquant.quantize(model, "rtn", 4, None, protocol="squant")[1].config["act_range"] == "dfq"  # weight-only: no activation rule
+    for options, param in ((dict(act_range="dfq"), "act_range"), (dict(last_input_bits=4), "last_input_bits"), (dict(method="genie"), "protocol")):
+        with pytest.raises(dfquant.DfquantError) as err:
+            dfquant.QuantConfig(**dict(dict(method="squant", protocol="squant", act_range="squant"), **options)).validate()
+        assert err.value.param == param

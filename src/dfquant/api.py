@@ -19,7 +19,16 @@ import torch
 import torch.nn as nn
 
 from .activation_ranges import calibrate_on_noise, propagate_bn_stats, stats_range
-from .config import DFMPC_METHOD, LEARNED_METHODS, METHODS, QUANT_FIELDS, ROUNDING_METHODS, QuantConfig, default_a_bits
+from .config import (
+    DFMPC_METHOD,
+    LEARNED_METHODS,
+    METHODS,
+    PROTOCOL_SETTINGS,
+    QUANT_FIELDS,
+    ROUNDING_METHODS,
+    QuantConfig,
+    default_a_bits,
+)
 from .dfmpc import (
     DFMPC_FIELDS,
     DfmpcConfig,
@@ -89,6 +98,8 @@ def _quant_config(method: Any, bits: Dict[str, Any], options: Dict[str, Any]) ->
     chosen = {k: v for k, v in bits.items() if v is not _UNSET}
     if "a_bits" not in chosen and isinstance(method, str):
         chosen["a_bits"] = default_a_bits(method)
+    if chosen.get("a_bits", 4) is not None:  # the protocol's settings, where the call does not give them
+        options = dict(PROTOCOL_SETTINGS.get(options.get("protocol"), {}), **options)
     return QuantConfig(method=method, **chosen, **options).validate()
 
 

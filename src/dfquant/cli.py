@@ -461,7 +461,7 @@ def _print_quantize(args, result: Dict[str, Any], report) -> None:
     if args.report:
         print(report.format_table())
         print()
-    print(f"{args.model} {result['method']} {_bits_label(result)}: quantized in {result['quant_time_s']:.2f} s (weight rounding {report.weight_time_s * 1000:.1f} ms)")
+    print(f"{args.model} {result['method']} {_bits_label(result)} ({report.config.get('protocol', 'dfquant')}'s protocol): quantized in {result['quant_time_s']:.2f} s (weight rounding {report.weight_time_s * 1000:.1f} ms)")
     if "quant_top1" in result:
         print(f"  FP32 top-1 {result['fp32_top1']:.2f} %   quantized top-1 {result['quant_top1']:.2f} %   ({result['n_eval']} images)")
     if report.float_inputs:

@@ -34,6 +34,13 @@ METHODS = ROUNDING_METHODS + (DFMPC_METHOD,) + LEARNED_METHODS
 WEIGHT_RANGES = ("minmax", "lp")
 ACT_RANGES = ("dfq", "mse", "squant")
 INITS = ("rtn", "squant")
+#: Whose protocol a run follows. dfquant's (the default); the SQuant paper's (Guo et al. 2022, Sec. 5:
+#: every weight at w_bits, image input float, classifier input 8 bits) with its authors' activation
+#: rule. The Genie release's protocol (8-bit first/last weights, quantized shortcuts) is not built yet.
+PROTOCOLS = ("dfquant", "squant")
+#: What a protocol fixes, when activations are quantized (a_bits set); keyword calls get these
+#: values unless they give the field, a whole QuantConfig must hold them.
+PROTOCOL_SETTINGS = {"squant": dict(act_range="squant", first_last_w_bits=None, quantize_first_input=False, last_input_bits=8)}
 
 
 def default_a_bits(method: str) -> "Optional[int]":
@@ -47,6 +54,12 @@ class QuantConfig:
     """Every setting a quantization run shares across methods (saved with the model)."""
 
     method: str = option("squant", "quantization method", choices=METHODS)
+    protocol: str = option(
+        "dfquant",
+        "whose protocol: dfquant (BN-statistics activation ranges) or squant (the SQuant paper's: every weight at w_bits, "
+        "image input float, classifier input 8 bits, the authors' noise rule act_range squant)",
+        choices=PROTOCOLS,
+    )
     w_bits: int = option(4, "weight bit-width, 2..8")
     a_bits: Optional[int] = option(4, "activation bit-width 2..8, or none for weight-only (quantize's default: none for dfmpc)")
     squant_kernel: bool = option(True, "SQuant's kernel (K) level, on unless --no-kernel", flag="--no-kernel")
@@ -106,6 +119,7 @@ class QuantConfig:
         for layer, bits in self.layer_w_bits.items():
             check_bits(bits, f"the weight bit-width of layer {layer!r}")
         check_choice(self.act_range, "act_range", ACT_RANGES)
+        check_choice(self.protocol, "protocol", PROTOCOLS)
         w_grid = self.w_grid if self.w_grid is not None else ("paper" if self.method == DFMPC_METHOD else None)
         if w_grid is not None:
             check_choice(w_grid, "w_grid", W_GRID_CHOICES)
@@ -141,6 +155,11 @@ class QuantConfig:
         for name in ("cle", "bias_correction", "relu6_to_relu"):
             if getattr(self, name) and self.method in LEARNED_METHODS:
                 raise fail(name, f"{name} is a DFQ step for the rounding methods ({', '.join(ROUNDING_METHODS)}), not for {self.method!r}")
+        if self.protocol != "dfquant" and self.method in LEARNED_METHODS:
+            raise fail("protocol", f"protocol={self.protocol!r} applies to the rounding methods only; {self.method!r} runs under dfquant's (the Genie release's protocol is not built yet)")
+        for name, value in (PROTOCOL_SETTINGS.get(self.protocol, {}).items() if self.a_bits is not None else ()):
+            if getattr(self, name) != value:
+                raise fail(name, f"protocol={self.protocol!r} fixes {name}={value!r}, got {getattr(self, name)!r}: use protocol='dfquant' to change it")
         if self.init != "rtn" and self.method not in LEARNED_METHODS:
             raise fail("init", f"init={self.init!r} applies to the learned methods ({', '.join(LEARNED_METHODS)}) only, not to {self.method!r}")
         if self.a_bits is None:

@@ -483,7 +483,7 @@ def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tup
 
 
 #: the settings that say under which protocol a saved model was quantized
-PROTOCOL_KEYS = ("fold_bn", "per_channel", "w_range", "w_grid", "act_range", "quantize_first_input", "last_input_bits", "int32_bias", "cle", "bias_correction")
+PROTOCOL_KEYS = ("protocol", "fold_bn", "per_channel", "w_range", "w_grid", "act_range", "quantize_first_input", "last_input_bits", "int32_bias", "cle", "bias_correction")
 
 
 def file_info(path: "str | Path") -> Dict[str, Any]:
