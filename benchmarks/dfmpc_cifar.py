@@ -20,8 +20,15 @@ image (``dfquant.paired_error_comparison``). The time of the DF-MPC step is the 
 
 Synthetic images (Genie-D, CPU budget: 256 images, 150 iterations, seed 0) are made once per model
 and cached in ``--synthetic-dir`` (the cache of ``genie_cifar.py``, same names and settings). The
-846 CIFAR-10 images only measure: quantization sees none of them. MobileNetV1-0.75 rows are made
-only when the registry has ``mobilenet_v1`` (ImageNet photos are not part of this benchmark yet).
+846 CIFAR-10 images only measure: quantization sees none of them.
+
+MobileNetV1-0.75 (ImageNet, 1000 held-out photos of ../shared) at MP6/6 (the paper's MobileNetV2
+row) and MP4/8 (depthwise or pointwise low layer of each pair at 4, the rest at 8), weight-only
+(from benchmarks/: ``python dfmpc_cifar.py --models mobilenet_v1 --threads 1 --repeats 3 --out results/dfmpc_mobilenet``). Its ReLU6 is not
+positively homogeneous, so every MobileNet row runs with ``relu6_to_relu=True`` (DFQ's change; the
+float model's own top-1 with ReLU is reported beside the ReLU6 one). Only ``IMAGENET_ROWS`` run
+there: Genie-D at 224x224 costs about 0.34 s per image and iteration on this CPU (256 images x 150
+iterations = 3.6 h), and each row is minutes of 224x224 evaluation.
 """
 from __future__ import annotations
 
@@ -36,12 +43,20 @@ from pathlib import Path
 import torch
 
 import dfquant
-from dfquant.data import load_cifar10_npz
+from dfquant.assets import MODEL_WEIGHTS, asset_path
+from dfquant.data import load_cifar10_npz, load_eval_data
+from dfquant.devices import cpu_name
+from dfquant.dfmpc import plan_pairs
+from dfquant.dfq import replace_relu6
 from dfquant.genie import CPU_BUDGET
-from genie_cifar import cpu_name, load_model, synthetic_images
+from dfquant.graph import analyse
+from genie_cifar import load_model, synthetic_images
 
 RESULTS = Path(__file__).parent / "results" / "dfmpc_cifar"
-SETTINGS = {"MP2/6": (6, 2), "MP3/6": (6, 3), "MP6/6": (6, None)}
+SETTINGS = {"MP2/6": (6, 2), "MP3/6": (6, 3), "MP6/6": (6, None), "MP4/8": (8, 4)}
+IMAGENET = {"mobilenet_v1": ("MP6/6", "MP4/8")}  # ImageNet models and their settings (CIFAR: --settings)
+# the rows run on an ImageNet model (weight-only): no synthetic images at 224x224 on a CPU
+IMAGENET_ROWS = ("none", "literal", "moments", "squant", "squant_eq27", "squant_moments")
 # key -> (label, method, options, the rows it is compared with head to head besides "no compensation")
 ROWS = {
     "none": ("no compensation", "dfmpc", dict(compensation="none"), ()),
@@ -63,8 +78,8 @@ ROWS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"], choices=["resnet20", "resnet56", *IMAGENET])
+    ap.add_argument("--settings", nargs="+", default=["MP2/6", "MP3/6", "MP6/6"], choices=list(SETTINGS), help="CIFAR models' settings")
     ap.add_argument("--a-bits", nargs="+", default=["none", "8"], help="activation bits of the runs (none: weight-only)")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--threads", type=int, default=None)
@@ -77,10 +92,8 @@ def main() -> None:
     data = load_cifar10_npz()
     doc = dict(command=_command(ap, args), machine=cpu_name(), torch=torch.__version__, n_images=int(data[1].numel()),
                synthetic=dict(samples=CPU_BUDGET["samples"], distill_iters=CPU_BUDGET["distill_iters"], seed=0), models={})
-    if "mobilenet_v1" not in dfquant.list_models():
-        doc["skipped"] = "MobileNetV1-0.75: not in this branch's registry (dfquant.list_models() has no mobilenet_v1)"
     for name in args.models:
-        doc["models"][name] = run_model(name, args, data)
+        doc["models"][name] = run_imagenet_model(name, args) if name in IMAGENET else run_model(name, args, data)
         write(doc, Path(args.out))
     print(Path(args.out).with_suffix(".md").read_text())
 
@@ -107,23 +120,43 @@ def run_model(name: str, args, data) -> dict:
         cache = types.SimpleNamespace(samples=CPU_BUDGET["samples"], distill_iters=CPU_BUDGET["distill_iters"], seed=0,
                                       synthetic_dir=args.synthetic_dir, synthesis_shards=1, device="cpu")
         images, synth_s = synthetic_images(model, name, "genie", cache)
-    out = dict(fp32_top1=fp, synthesis_s=synth_s, rows=[], timing=literal_timing(model, args.repeats))
+    out = dict(dataset="cifar10", fp32_top1=fp, synthesis_s=synth_s, rows=[], timing=literal_timing(model, args.repeats))
     for setting in args.settings:
         for a in args.a_bits:
             out["rows"] += run_setting(model, name, setting, None if a == "none" else int(a), args.rows, images, data)
     return out
 
 
-def run_setting(model, name: str, setting: str, a_bits, keys, images, data) -> list:
+def run_imagenet_model(name: str, args) -> dict:
+    """An ImageNet model on the shared photos, ReLU6 replaced by ReLU in every row, no synthetic rows."""
+    path = asset_path(MODEL_WEIGHTS[name])
+    if path is None:
+        raise SystemExit(f"missing shared weights for {name}: set DFQUANT_ASSETS")
+    model = dfquant.create_model(name, weights=str(path))
+    data = load_eval_data("imagenet", preprocessing=model)
+    relu, _ = replace_relu6(model)
+    keys = [k for k in args.rows if k in IMAGENET_ROWS]
+    ref = dfquant.reference_logits(model, data)  # the float (ReLU6) model once, for every comparison
+    out = dict(dataset="imagenet", n_images=len(data.dataset), fp32_top1=dfquant.evaluate(model, data)["top1"], fp32_relu_top1=dfquant.evaluate(relu, data)["top1"],
+               rows=[], timing=literal_timing(model, args.repeats, relu6_to_relu=True), not_run=[k for k in args.rows if k not in keys])
+    for setting in IMAGENET[name]:
+        out["rows"] += run_setting(ref, name, setting, None, keys, None, data, relu6_to_relu=True, float_model=model)
+    return out
+
+
+def run_setting(model, name: str, setting: str, a_bits, keys, images, data, float_model=None, **common) -> list:
+    """The rows of one setting; ``model`` is the float model or its logits on ``data`` (then
+    ``float_model`` is the model itself)."""
     w_bits, low_bits = SETTINGS[setting]
+    reference, model = model, float_model if float_model is not None else model
     rows, evals = [], {}
     for key in keys:
         label, method, opts, _ = ROWS[key]
-        opts = dict(opts, low_bits=low_bits)
+        opts = dict(opts, low_bits=low_bits, **common)
         if opts.get("compensation") == "fitted" or opts.get("bn_recal") == "synthetic":
             opts["synthetic"] = images
         q, report = dfquant.quantize(model, method, w_bits, a_bits, **opts)
-        ev = dfquant.evaluate(q, data, reference=model, predictions=True)
+        ev = dfquant.evaluate(q, data, reference=reference, predictions=True)
         evals[key] = ev
         row = dict(setting=setting, a_bits=a_bits, key=key, method=label, top1=ev["top1"], agree_top1=ev["agree_top1"], logit_mse=ev["logit_mse"],
                    step_ms=1000 * report.config["dfmpc"]["time_s"], quantize_s=report.total_time_s, correct="".join("1" if c else "0" for c in ev["correct"]))
@@ -140,17 +173,22 @@ def run_setting(model, name: str, setting: str, a_bits, keys, images, data) -> l
     return rows
 
 
-def literal_timing(model, repeats: int) -> dict:
-    """The literal step (Eq. 27, no re-calibration) at MP2/6, weight-only: ``repeats`` calls."""
-    times = []
+def literal_timing(model, repeats: int, **common) -> dict:
+    """The literal step (Eq. 27, no re-calibration) at MP2/6, weight-only: ``repeats`` calls; and the
+    pairing walk on the model's fx graph (the graph itself is traced once for the whole pipeline)."""
+    times, pairing = [], []
     for _ in range(max(1, repeats)):
         t = time.perf_counter()
-        _, report = dfquant.quantize(model, "dfmpc", 6, low_bits=2)
+        _, report = dfquant.quantize(model, "dfmpc", 6, low_bits=2, **common)
         total = time.perf_counter() - t
         times.append((1000 * report.config["dfmpc"]["time_s"], total))
+        graph = analyse(model)
+        t = time.perf_counter()
+        plan_pairs(model, graph)
+        pairing.append(1000 * (time.perf_counter() - t))
     steps = [s for s, _ in times]
     return dict(literal_step_ms=steps, literal_step_median_ms=statistics.median(steps), quantize_median_s=statistics.median(t for _, t in times),
-                threads=torch.get_num_threads())
+                pairing_median_ms=statistics.median(pairing), threads=torch.get_num_threads())
 
 
 def write(doc: dict, out: Path) -> None:
@@ -174,7 +212,7 @@ def _test(r: dict, base: str) -> str:
 
 def to_markdown(doc: dict) -> str:
     lines = [
-        "# DF-MPC on CIFAR-10 ResNets: the literal method, data-free BN re-calibration, fitted c, and baselines",
+        "# DF-MPC on the CIFAR-10 ResNets and MobileNetV1-0.75: the literal method, data-free BN re-calibration, fitted c, and baselines",
         "",
         f"Command: `{doc['command']}`. Machine: {doc['machine']}, torch {doc['torch']}. Top-1 on the first {doc['n_images']} CIFAR-10 test",
         "images in ../shared (about ±1 point standard error: compare rows with the paired tests, not absolute figures).",
@@ -184,18 +222,25 @@ def to_markdown(doc: dict) -> str:
         "statistics re-estimated (moments: from the BN statistics carried to its input; synthetic: on Genie-D images); \"fitted",
         f"c\": NNLS of the next layer's output on the synthetic images. Synthetic images: Genie-D, {doc['synthetic']['samples']} images,",
         f"{doc['synthetic']['distill_iters']} iterations, seed {doc['synthetic']['seed']}, made once per model. A8: 8-bit activations, ranges from the",
-        "compensated BN statistics, image input float, classifier input 8 bit. BN not folded.",
+        "compensated BN statistics, image input float, classifier input 8 bit. BN not folded. MobileNetV1-0.75: the 1000",
+        "ImageNet photos of ../shared; MP*l*/8: low layers at *l*, the rest at 8; ReLU6 replaced by ReLU in every row (DFQ's",
+        "`relu6_to_relu`; DF-MPC's c needs a positively homogeneous activation); no synthetic rows (Genie-D at 224x224 on this CPU: hours).",
         "",
     ]
-    if doc.get("skipped"):
-        lines += [f"Not run: {doc['skipped']}.", ""]
     for name, m in doc["models"].items():
         cols = list(dict.fromkeys((r["setting"], r["a_bits"]) for r in m["rows"]))
         by = {(r["setting"], r["a_bits"], r["key"]): r for r in m["rows"]}
         keys = list(dict.fromkeys(r["key"] for r in m["rows"]))
         heads = [f"{s} {'W-only' if a is None else f'A{a}'}" for s, a in cols]
         syn = f", synthesis {m['synthesis_s']:.0f} s (when the images were made)" if m.get("synthesis_s") else ""
-        lines += [f"## {name} (FP32 top-1 {m['fp32_top1']:.2f} %{syn})", "", "Top-1 % / logit MSE against FP32:", ""]
+        fp = f"FP32 top-1 {m['fp32_top1']:.2f} %"
+        if m.get("dataset") == "imagenet":
+            fp += f" on {m['n_images']} ImageNet photos; with ReLU instead of ReLU6 {m['fp32_relu_top1']:.2f} %"
+        against = " (the ReLU6 model)" if m.get("dataset") == "imagenet" else ""
+        lines += [f"## {name} ({fp}{syn})", "", f"Top-1 % / logit MSE against FP32{against}:", ""]
+        if m.get("not_run"):
+            lines[-2:-2] = [f"Not run here: {', '.join(ROWS[k][0] for k in m['not_run'])} (the synthetic ones need 224x224 Genie-D images, hours on this CPU; "
+                            "the others to keep the run short: each row is minutes of 224x224 evaluation).", ""]
         lines += ["| row | " + " | ".join(heads) + " |", "|---|" + "---|" * len(cols)]
         for k in keys:
             if k == "rtn":
@@ -222,7 +267,8 @@ def to_markdown(doc: dict) -> str:
             if ROWS[k][1] == "dfmpc" and k != "none":
                 lines.append(f"| {ROWS[k][0]} | " + " | ".join(f"{by[(s, a, k)]['step_ms']:.0f}" if (s, a, k) in by else "-" for s, a in cols) + " |")
         lines += ["", f"Literal step at MP2/6, weight-only, {len(t['literal_step_ms'])} calls: median {t['literal_step_median_ms']:.1f} ms "
-                  f"(min {min(t['literal_step_ms']):.1f}, max {max(t['literal_step_ms']):.1f}); whole `quantize` call median {t['quantize_median_s']:.2f} s.", ""]
+                  f"(min {min(t['literal_step_ms']):.1f}, max {max(t['literal_step_ms']):.1f}); pairing on the traced graph median {t.get('pairing_median_ms', float('nan')):.1f} ms; "
+                  f"whole `quantize` call median {t['quantize_median_s']:.2f} s.", ""]
     return "\n".join(lines)
 
 
