@@ -437,12 +437,8 @@ def _bad_values(t: torch.Tensor, ok: torch.Tensor) -> str:
     return ", ".join(f"{v:.4g}" for v in bad[:3].tolist()) + (f" (+{bad.numel() - 3} more)" if bad.numel() > 3 else "")
 
 
-def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Rebuild a saved quantized model; ``model`` is the float architecture when not in the registry.
-
-    Refuses, with one error naming the key at fault, a file whose metadata or tensors do not fit
-    the architecture or hold values no quantizer of the stated bits produces (see the module doc).
-    """
+def _read_file(path: "str | Path") -> Tuple[Path, Dict[str, Any], Dict[str, torch.Tensor]]:
+    """A saved model's path, checked metadata and tensors (one error for unreadable tensor data)."""
     from safetensors.torch import load_file
 
     path = saved_model_file(path)
@@ -451,6 +447,16 @@ def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tup
         state = load_file(str(path))
     except Exception as exc:  # truncated or corrupt tensor data
         raise DfquantError(f"cannot read the tensors of {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return path, info, state
+
+
+def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild a saved quantized model; ``model`` is the float architecture when not in the registry.
+
+    Refuses, with one error naming the key at fault, a file whose metadata or tensors do not fit
+    the architecture or hold values no quantizer of the stated bits produces (see the module doc).
+    """
+    path, info, state = _read_file(path)
     n_classes = info.get("num_classes")
     if n_classes is not None and not any(k.endswith((".weight_int", ".weight")) and t.dim() and t.shape[0] == n_classes for k, t in state.items()):
         raise _damaged(path, f"metadata 'num_classes' {n_classes} is the output count of no layer in the file")
@@ -489,14 +495,7 @@ PROTOCOL_KEYS = ("protocol", "fold_bn", "per_channel", "w_range", "w_grid", "act
 def file_info(path: "str | Path") -> Dict[str, Any]:
     """What a saved quantized model is, without building it or any data: method, bits per layer,
     protocol settings, digest status (``ok`` / ``absent``; a changed tensor is an error) and sizes."""
-    from safetensors.torch import load_file
-
-    path = saved_model_file(path)
-    info = read_metadata(path)
-    try:
-        state = load_file(str(path))
-    except Exception as exc:  # truncated or corrupt tensor data
-        raise DfquantError(f"cannot read the tensors of {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    path, info, state = _read_file(path)
     cfg, layers = info["config"], info["layers"]
     codes = {k: t for k, t in state.items() if k.endswith(".weight_int")}
     packed = sum(t.numel() * layers[k[: -len(".weight_int")]]["w_bits"] for k, t in codes.items() if k[: -len(".weight_int")] in layers) / 8
