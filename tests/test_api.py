@@ -325,3 +325,54 @@ def test_the_squant_protocol_is_the_papers_settings_with_the_authors_noise_rule(
         with pytest.raises(dfquant.DfquantError) as err:
             dfquant.QuantConfig(**dict(dict(method="squant", protocol="squant", act_range="squant"), **options)).validate()
         assert err.value.param == param
+
+
+_CPU_CASES = {
+    "rtn": ("rtn", 3, 4, {}),
+    "squant": ("squant", 3, 4, {}),
+    "squant_fold_cle_bc": ("squant", 4, 8, dict(fold_bn=True, cle=True, bias_correction=True)),
+    "rtn_per_tensor_bc": ("rtn", 4, 8, dict(per_channel=False, cle=True, bias_correction=True)),
+    "rtn_lp_mse": ("rtn", 3, 4, dict(w_range="lp", act_range="mse")),
+    "dfmpc": ("dfmpc", 2, None, {}),
+    "squant_protocol": ("squant", 4, 4, dict(protocol="squant")),
+}
+_CPU_SCRIPT = """
+import sys, torch, dfquant
+torch.set_num_threads(1)
+model = dfquant.create_model("resnet20")
+model.load_state_dict(torch.load(sys.argv[1], weights_only=True))
+cases = {cases!r}
+torch.save({{name: dfquant.quantize(model, m, w, a, **o)[0].state_dict() for name, (m, w, a, o) in cases.items()}}, sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_the_cpu_instruction_set_does_not_change_any_code(resnet20, tmp_path):
+    """torch picks its kernels by the CPU's instruction set (ATEN_CPU_CAPABILITY); forcing the plain
+    (non-SIMD) kernels in one process stands in for another CPU. Every weight code, weight scale and
+    BN-statistics range must be bit-identical. The SQuant authors' noise rule reads a float forward
+    pass, whose convolutions differ in the last bits between kernels: its activation scales may
+    differ by float32 rounding, never a weight code."""
+    import os
+    import subprocess
+    import sys
+
+    native = torch.backends.cpu.get_cpu_capability()
+    if native == "DEFAULT":
+        pytest.skip("this CPU runs torch's plain kernels only: nothing to compare")
+    torch.save(resnet20.state_dict(), tmp_path / "r20.pt")
+    script = _CPU_SCRIPT.format(cases=_CPU_CASES)
+    runs = {}
+    for capability in ("default", native.lower()):
+        out = tmp_path / f"{capability}.pt"
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS="1")
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / "r20.pt"), str(out)], check=True, env=env, timeout=600)
+        runs[capability] = torch.load(out, weights_only=True)
+    plain, simd = runs.values()
+    for case, state in plain.items():
+        differ = [k for k in state if not torch.equal(state[k], simd[case][k])]
+        if case == "squant_protocol":
+            assert all(k.endswith("input_quant.scale") for k in differ), differ
+            assert all(torch.allclose(state[k], simd[case][k], rtol=1e-6, atol=0) for k in differ)
+        else:
+            assert differ == [], case

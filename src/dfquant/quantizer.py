@@ -86,14 +86,18 @@ def lp_search(flat: torch.Tensor, candidates: Iterable[Tuple[torch.Tensor, torch
     With candidates ``[r * min, r * max]`` for ``r = 1, 0.99, ..., 0.01`` this is the clipping search of
     BRECQ (Li et al., ICLR 2021) that Genie's release uses to start its weight and activation step
     sizes (``init_scale``, p = 2.4): at low bit-widths it clips outliers that a min/max grid spends
-    most of its levels on. Vectorized over rows; the loop runs over the candidates.
+    most of its levels on. Vectorized over rows; the loop runs over the candidates. Deviation: the
+    errors are raised to ``p`` and averaged in float64 (the release: float32), so the choice does not
+    depend on the CPU.
     """
     qmin, qmax = qrange(bits, signed)
     best = best_lo = best_hi = None
     for lo, hi in candidates:
         qp = params_from_range(lo, hi, bits, signed)
         s, z = qp.scale.unsqueeze(1), qp.zero_point.unsqueeze(1)
-        err = ((torch.clamp(torch.round(flat / s) + z, qmin, qmax) - z) * s - flat).abs_().pow_(p).mean(dim=1)
+        # the error's power and mean in float64: float32 pow (SLEEF or libm by CPU) and sums (SIMD
+        # order) differ in the last bits between CPUs, enough to flip a near-tie between candidates
+        err = ((torch.clamp(torch.round(flat / s) + z, qmin, qmax) - z) * s - flat).abs_().double().pow_(p).mean(dim=1)
         if best is None:
             best, best_lo, best_hi = err, lo.clone(), hi.clone()
             continue
