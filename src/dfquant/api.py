@@ -305,9 +305,14 @@ def _check_layer_names(cfg: QuantConfig, names: list) -> None:
         raise DfquantError(f"layer(s) both skipped and given a bit-width: {', '.join(both)}", param="skip")
 
 
+def _needs_bn_stats(cfg: QuantConfig) -> bool:
+    """Whether the activation ranges or bias correction read BN statistics."""
+    return (cfg.a_bits is not None and cfg.act_range != "squant") or cfg.bias_correction
+
+
 def _bn_ranges(model: nn.Module, graph, cfg: QuantConfig, input_size, shapes) -> Dict[str, Any]:
     """BN statistics carried to every layer input, when activations or bias correction need them."""
-    if (cfg.a_bits is None or cfg.act_range == "squant") and not cfg.bias_correction:
+    if not _needs_bn_stats(cfg):
         return {}
     need = "bias correction needs" if cfg.a_bits is None else "data-free activation ranges need"
     fix = "" if cfg.a_bits is None else " (or quantize weights only: a_bits=None)"
@@ -330,12 +335,13 @@ class _Run:
     owned: bool = False
 
 
-def _forward_shapes(model: nn.Module, graph, input_size) -> Optional[Dict[str, Any]]:
+def _forward_shapes(model: nn.Module, graph, input_size, shapes: bool) -> Optional[Dict[str, Any]]:
     """One all-zero input through the model: a wrong input_size is a clear error, not a
-    half-analysed graph; through the traced graph, the same forward gives every node's shape."""
+    half-analysed graph; with ``shapes`` (the BN statistics will need them), through the traced
+    graph, so that the same forward gives every node's shape."""
     if input_size is None:
         return None
-    if graph.traced is not None:
+    if shapes and graph.traced is not None:
         try:
             return traced_shapes(graph.traced, input_size)
         except Exception:  # noqa: BLE001 - the model's own forward says what is wrong, or runs
@@ -350,7 +356,8 @@ def _quantize_rounding(model: nn.Module, graph, cfg: QuantConfig, run: _Run, ste
     times = run.times
     input_size = run.input_size or check_input_size(getattr(model, "input_size", None))
     with stage(times, "forward"):
-        shapes = _forward_shapes(model, graph, input_size)
+        moments = step is not None and step.config.bn_recal == "moments"
+        shapes = _forward_shapes(model, graph, input_size, _needs_bn_stats(cfg) or moments)
     if not graph.layers:
         raise DfquantError("the model has no Conv2d or Linear layer to quantize")
     _check_layer_names(cfg, [l.name for l in graph.layers])
@@ -375,7 +382,6 @@ def _quantize_rounding(model: nn.Module, graph, cfg: QuantConfig, run: _Run, ste
     times["weights"] = report.weight_time_s
     if step is not None:
         with stage(times, "compensation"):
-            moments = step.config.bn_recal == "moments"
             stats = ranges or (propagate_bn_stats(graph.traced, input_size, shapes) if moments else None)
             record = _compensate_step(model, qmodel, plan, cfg, step, stats, report)
             ranges = compensated_input_stats(ranges, record) if ranges else ranges
