@@ -193,13 +193,13 @@ model = dfquant.create_model(name, weights=str(asset_path(MODEL_WEIGHTS[name])))
 create = time.perf_counter() - t
 runs = []
 for _ in range(1 + warm):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     q, report = dfquant.quantize(model, method, 4, **options)
-    runs.append((time.perf_counter() - t, getattr(report, "stage_times", {})))
+    runs.append((time.perf_counter() - t, time.process_time() - c, getattr(report, "stage_times", {})))
 if save:
     torch.save(q.state_dict(), save)
-print(json.dumps(dict(imports_s=imports, create_s=create, first_s=runs[0][0], first_stages=runs[0][1],
-                      warm_s=[w for w, _ in runs[1:]], warm_stages=[st for _, st in runs[1:]])))
+print(json.dumps(dict(imports_s=imports, create_s=create, first_s=runs[0][0], first_cpu_s=runs[0][1], first_stages=runs[0][2],
+                      warm_s=[r[0] for r in runs[1:]], warm_cpu_s=[r[1] for r in runs[1:]], warm_stages=[r[2] for r in runs[1:]])))
 """
 
 
@@ -264,13 +264,15 @@ def section_quantize(args) -> dict:
                     "imports_s": statistics.median(r["imports_s"] for r in runs),
                     "create_s": statistics.median(r["create_s"] for r in runs),
                     "first_s": statistics.median(r["first_s"] for r in runs),
+                    "first_cpu_s": statistics.median(r["first_cpu_s"] for r in runs),
                     "warm_s": statistics.median(w for r in runs for w in r["warm_s"]),
+                    "warm_cpu_s": statistics.median(w for r in runs for w in r["warm_cpu_s"]),
                     "first_stages": _median_stages([r["first_stages"] for r in runs]),
                     "warm_stages": _median_stages([st for r in runs for st in r["warm_stages"]]),
                 }
             n, f = row["new"], row["former"]
-            print(f"{model} {variant}: first {n['first_s']:.3f} s (former {f['first_s']:.3f}, {f['first_s'] / n['first_s']:.1f}x), "
-                  f"warm {n['warm_s']:.3f} s (former {f['warm_s']:.3f}, {f['warm_s'] / n['warm_s']:.1f}x), same state_dict: {row['same_state_dict']}")
+            print(f"{model} {variant}: first {n['first_s']:.3f} s, {n['first_cpu_s']:.3f} s CPU (former {f['first_s']:.3f}, {f['first_s'] / n['first_s']:.1f}x), "
+                  f"warm {n['warm_s']:.3f} s, {n['warm_cpu_s']:.3f} s CPU (former {f['warm_s']:.3f}, {f['warm_s'] / n['warm_s']:.1f}x), same state_dict: {row['same_state_dict']}")
             rows[variant] = row
         models[model] = rows
     return {"models": models, "former": FORMER_QUANTIZE, "fresh_runs": QUANTIZE_FRESH_RUNS, "warm_calls": args.repeat}
@@ -289,14 +291,17 @@ def render_quantize(res: dict) -> list[str]:
         f"`{res['former'][:10]}` (main before the single-trace pipeline), run from a git worktree. `same`: the quantized models' state_dicts are identical",
         "(new against former, first process). Stage times (ms, the new code's `QuantReport.stage_times`; `weights` is the grids and rounding) are",
         "medians per stage, so they need not add up to the total. On a shared 2-core machine a first call also pays Python's first full garbage",
-        "collection after importing torch (about 0.1 s, in whichever stage it falls).",
+        "collection after importing torch (about 0.1 s, in whichever stage it falls). `CPU`: the process's CPU time for the call (one thread: about",
+        "what an idle core would take; wall-clock time on a loaded machine is longer). Ratios: former / new, wall-clock (CPU in brackets).",
     ]
     for model, rows in res["models"].items():
-        lines += ["", f"### {model}", "", "| variant | imports s | first s (former) | ratio | warm s (former) | ratio | same |", "|---|---|---|---|---|---|---|"]
+        lines += ["", f"### {model}", "", "| variant | imports s | first s | first CPU s | former first s (CPU) | ratio | warm s | warm CPU s | former warm s (CPU) | ratio | same |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for variant, row in rows.items():
             n, f = row["new"], row["former"]
-            lines.append(f"| {variant} | {n['imports_s']:.2f} | {n['first_s']:.3f} ({f['first_s']:.3f}) | {f['first_s'] / n['first_s']:.1f} | "
-                         f"{n['warm_s']:.3f} ({f['warm_s']:.3f}) | {f['warm_s'] / n['warm_s']:.1f} | {'yes' if row['same_state_dict'] else 'NO'} |")
+            lines.append(f"| {variant} | {n['imports_s']:.2f} | {n['first_s']:.3f} | {n['first_cpu_s']:.3f} | {f['first_s']:.3f} ({f['first_cpu_s']:.3f}) | "
+                         f"{f['first_s'] / n['first_s']:.1f} ({f['first_cpu_s'] / n['first_cpu_s']:.1f}) | {n['warm_s']:.3f} | {n['warm_cpu_s']:.3f} | "
+                         f"{f['warm_s']:.3f} ({f['warm_cpu_s']:.3f}) | {f['warm_s'] / n['warm_s']:.1f} ({f['warm_cpu_s'] / n['warm_cpu_s']:.1f}) | {'yes' if row['same_state_dict'] else 'NO'} |")
         lines += ["", "| variant | first call, by stage (ms) | warm call, by stage (ms) |", "|---|---|---|"]
         for variant, row in rows.items():
             lines.append(f"| {variant} | {_stage_text(row['new']['first_stages'])} | {_stage_text(row['new']['warm_stages'])} |")
