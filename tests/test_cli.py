@@ -48,6 +48,7 @@ def test_quantize_save_and_evaluate_again(capsys, digits, tmp_path):
     for key in ("fp32_top1", "quant_top1", "quant_time_s", "method", "w_bits", "a_bits"):
         assert key in res
     assert res["method"] == "squant" and res["w_bits"] == 4 and res["a_bits"] == 4
+    assert {"graph", "forward", "copy", "weights", "layers"} <= set(res["stage_times"]) and sum(res["stage_times"].values()) <= res["quant_time_s"]
     assert 0 <= res["agree_top1"] <= 100 and res["logit_mse"] >= 0 and res["paths"]["data"].startswith("embedded")
     assert res["protocol"]["act_range"] == "dfq" and res["version"]["config"] == 2 and res["cpu"] and res["threads"] >= 1
     assert (tmp_path / "digits_w4a4.safetensors").exists() and (tmp_path / "digits_w4a4.json").exists()

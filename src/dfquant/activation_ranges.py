@@ -43,10 +43,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import DfquantError
-from .graph import bn_affine, first_input
+from .graph import bn_affine, first_input, traced_shapes
 
 # n in beta + n*gamma per activation bit-width for the "dfq" rule, chosen without real data:
 # benchmarks/act_nsigma.py scores every n on a grid by the logit error against the float model on
@@ -98,7 +97,7 @@ class ChannelStats:
         b = torch.full_like(mu, math.inf) if self.clip_hi is None else torch.full_like(mu, self.clip_hi)
         za, zb = ((a - mu) / s).clamp(-40, 40), ((b - mu) / s).clamp(-40, 40)
         a, b = mu + s * za, mu + s * zb  # finite stand-ins for infinite ends (their mass is 0)
-        n = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+        n = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu), validate_args=False)  # no per-call checks: same values
         pa, pb = n.cdf(za), n.cdf(zb)
         da, db = torch.exp(n.log_prob(za)), torch.exp(n.log_prob(zb))
         mid = pb - pa
@@ -337,25 +336,26 @@ def _add(x: ChannelStats, y: ChannelStats) -> ChannelStats:
     return ChannelStats(m1 + m2, torch.sqrt(v1 + v2), floor=floor)
 
 
-def propagate_bn_stats(gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]] = None) -> Dict[str, InputRange]:
+def propagate_bn_stats(
+    gm: fx.GraphModule, input_size: Optional[Tuple[int, ...]] = None, shapes: Optional[Dict[str, torch.Size]] = None
+) -> Dict[str, InputRange]:
     """Carry BN channel statistics through the graph; returns, per Conv2d/Linear name, its input's.
 
     Without ``input_size`` the spatial size of a feature map is unknown, but a global pooling
     (adaptive pooling to 1, a mean over the spatial axes) makes it 1, so a classifier head
     ``pool -> flatten / view(N, -1) -> Linear`` keeps its statistics; a flatten of a map whose size
-    depends on the input size is refused, saying so."""
+    depends on the input size is refused, saying so. ``shapes``: :func:`dfquant.graph.traced_shapes`
+    of ``gm`` at ``input_size``, when the caller has them (else one forward here computes them)."""
     modules = dict(gm.named_modules())
-    shapes_known = False
-    if input_size is not None:
+    if shapes is None and input_size is not None:
         try:  # shapes only (an all-zero tensor), to know how flatten/view regroup channels
-            ShapeProp(gm).propagate(torch.zeros(1, *input_size))
-            shapes_known = True
+            shapes = traced_shapes(gm, input_size)
         except Exception:
-            shapes_known = False
+            shapes = None
+    shapes_known = shapes is not None
 
     def shape(n) -> Optional[torch.Size]:
-        meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
-        return getattr(meta, "shape", None) if shapes_known else None
+        return shapes.get(n.name) if shapes_known and isinstance(n, fx.Node) else None
 
     env: Dict[str, Union[ChannelStats, None, str]] = {}
     layouts: Dict[str, Layout] = {}

@@ -39,13 +39,14 @@ from .dfmpc import (
     compensated_input_stats,
     plan_pairs,
 )
+from .dfq import bias_correction, equalize_cross_layer, replace_relu6
 from .errors import DfquantError
 from .genie.config import GENIE_FIELDS, SYNTHESIS_FIELDS, GenieConfig
-from .graph import analyse, fold_bn, replace_module
+from .graph import alias_map, analyse, fold_bn_in_place, rebind, replace_module, traced_shapes
 from .modelcheck import check_input_size, check_runs, copy_model, float32_eval_cpu
 from .qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from .quantizer import from_grid, grid_codes, grid_params, rtn_round, to_grid, weight_params
-from .report import LayerReport, QuantReport
+from .report import STAGES, LayerReport, QuantReport, stage
 from .squant import rounding_error_sums, squant_round
 
 __all__ = ["quantize", "QuantConfig", "DfmpcConfig", "METHODS", "ROUNDING", "round_biases_to_accumulator_grid"]
@@ -208,24 +209,38 @@ def quantize(model: nn.Module, method: Any = "squant", w_bits: Any = _UNSET, a_b
 
         check_data_options(gcfg, data)
     t0 = time.perf_counter()
-    input_size = check_input_size(input_size)
-    model, notes = float32_eval_cpu(model)
-    base, step_notes = _dfq_float_steps(model, cfg)
+    times: Dict[str, float] = {}
+    caller = model
+    with stage(times, "check"):
+        input_size = check_input_size(input_size)
+        model, notes = float32_eval_cpu(model)
+    with stage(times, "graph"):  # the one trace of the call
+        graph = analyse(model)
+    with stage(times, "float_steps"):
+        base, step_notes = _dfq_float_steps(model, graph, cfg)
+    if base is not model:  # a copy with the same graph: rebound, not traced again
+        graph = rebind(graph, base)
     step = None
     if dcfg is not None:  # images from the caller's float model, as the learned methods take them
         step = _DfmpcStep(dcfg, lambda: _dfmpc_images(model, gcfg, data, input_size, progress))
-    qmodel, report = _quantize_rounding(base, cfg, input_size, step)
+    # base is the call's own copy (float32/eval, relu6_to_relu, CLE) when it is not the given model: quantized in
+    # place unless DF-MPC or the learned methods read the float model afterwards
+    owned = base is not caller and step is None and cfg.method not in LEARNED_METHODS
+    qmodel, report = _quantize_rounding(base, graph, cfg, _Run(input_size, times, owned), step)
     report.notes.extend(notes + step_notes)
     if input_size is not None and getattr(qmodel, "input_size", None) is None:
         qmodel.input_size = input_size  # what export_onnx and the learned methods read
     if gcfg is not None and cfg.method in LEARNED_METHODS:
         from .learned import learn
 
-        learn(model, qmodel, cfg, gcfg, report, input_size=input_size, data=data, progress=progress)
+        with stage(times, "learned"):
+            learn(model, qmodel, cfg, gcfg, report, input_size=input_size, data=data, progress=progress)
     if cfg.int32_bias:  # last: the learned methods and DF-MPC change the scales the grid is made of
-        n = round_biases_to_accumulator_grid(qmodel)
+        with stage(times, "int32_bias"):
+            n = round_biases_to_accumulator_grid(qmodel)
         report.notes.append(f"int32_bias: the biases of {n} layers with a quantized input rounded to their accumulator grid (as integer kernels add them)")
     report.total_time_s = time.perf_counter() - t0
+    report.stage_times = {k: times[k] for k in STAGES if k in times}
     return qmodel, report
 
 
@@ -238,20 +253,17 @@ def _dfmpc_images(model: nn.Module, gcfg: GenieConfig, data: Dict[str, Any], inp
     return images, info
 
 
-def _dfq_float_steps(model: nn.Module, cfg: QuantConfig) -> Tuple[nn.Module, list]:
-    """DFQ's steps on the float model (Nagel et al. 2019, Sec. 4.1, 5): ReLU6 -> ReLU, then CLE."""
+def _dfq_float_steps(model: nn.Module, graph, cfg: QuantConfig) -> Tuple[nn.Module, list]:
+    """DFQ's steps on the float model (Nagel et al. 2019, Sec. 4.1, 5): ReLU6 -> ReLU, then CLE.
+    ``graph``: :func:`dfquant.graph.analyse` of ``model`` (ReLU6 -> ReLU keeps the graph)."""
     base, notes = model, []
     if cfg.relu6_to_relu:
-        from .dfq import replace_relu6
-
         base, replaced = replace_relu6(model)
         if not replaced:
             raise DfquantError("relu6_to_relu: the model has no nn.ReLU6 module to replace", param="relu6_to_relu")
         notes.append(f"relu6_to_relu: {len(replaced)} ReLU6 modules replaced by ReLU before quantizing (DFQ Sec. 5; the float function changes)")
     if cfg.cle:  # on the float model, before anything is quantized (learned methods refuse it)
-        from .dfq import equalize_cross_layer
-
-        base, record = equalize_cross_layer(base)
+        base, record = equalize_cross_layer(base, graph=graph)
         if not record.pairs:
             why = "; ".join(sorted({w for _, w in record.skipped}))[:400]
             raise DfquantError(f"cle: this model has no conv -> [BN] -> ReLU -> conv pair to equalize ({why})", param="cle")
@@ -293,9 +305,14 @@ def _check_layer_names(cfg: QuantConfig, names: list) -> None:
         raise DfquantError(f"layer(s) both skipped and given a bit-width: {', '.join(both)}", param="skip")
 
 
-def _bn_ranges(model: nn.Module, graph, cfg: QuantConfig, input_size) -> Dict[str, Any]:
+def _needs_bn_stats(cfg: QuantConfig) -> bool:
+    """Whether the activation ranges or bias correction read BN statistics."""
+    return (cfg.a_bits is not None and cfg.act_range != "squant") or cfg.bias_correction
+
+
+def _bn_ranges(model: nn.Module, graph, cfg: QuantConfig, input_size, shapes) -> Dict[str, Any]:
     """BN statistics carried to every layer input, when activations or bias correction need them."""
-    if (cfg.a_bits is None or cfg.act_range == "squant") and not cfg.bias_correction:
+    if not _needs_bn_stats(cfg):
         return {}
     need = "bias correction needs" if cfg.a_bits is None else "data-free activation ranges need"
     fix = "" if cfg.a_bits is None else " (or quantize weights only: a_bits=None)"
@@ -305,16 +322,42 @@ def _bn_ranges(model: nn.Module, graph, cfg: QuantConfig, input_size) -> Dict[st
         raise DfquantError(f"the model has no BatchNorm2d layer{found}: {need} BatchNorm2d statistics{fix}")
     if graph.traced is None:
         raise DfquantError(f"{need} the model's graph to carry BN statistics, but torch.fx cannot trace this model's forward{fix}")
-    return propagate_bn_stats(graph.traced, input_size)
+    return propagate_bn_stats(graph.traced, input_size, shapes)
 
 
-def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[Tuple[int, ...]], step: Optional[_DfmpcStep] = None):
-    """Replace every supported layer of a copy of ``model`` by its quantized version (weights, then
-    DF-MPC's ``step`` if any, then the input quantizers)."""
-    input_size = input_size or check_input_size(getattr(model, "input_size", None))
-    if input_size is not None:
-        check_runs(model, input_size)
-    graph = analyse(model)
+@dataclass
+class _Run:
+    """What one call's steps share: the input size, the stage times (:data:`dfquant.report.STAGES`),
+    and whether the model given to :func:`_quantize_rounding` is the call's own copy, quantized in place."""
+
+    input_size: Optional[Tuple[int, ...]]
+    times: Dict[str, float]
+    owned: bool = False
+
+
+def _forward_shapes(model: nn.Module, graph, input_size, shapes: bool) -> Optional[Dict[str, Any]]:
+    """One all-zero input through the model: a wrong input_size is a clear error, not a
+    half-analysed graph; with ``shapes`` (the BN statistics will need them), through the traced
+    graph, so that the same forward gives every node's shape."""
+    if input_size is None:
+        return None
+    if shapes and graph.traced is not None:
+        try:
+            return traced_shapes(graph.traced, input_size)
+        except Exception:  # noqa: BLE001 - the model's own forward says what is wrong, or runs
+            pass
+    check_runs(model, input_size)
+    return None
+
+
+def _quantize_rounding(model: nn.Module, graph, cfg: QuantConfig, run: _Run, step: Optional[_DfmpcStep] = None):
+    """Replace every supported layer of a copy of ``model`` (``graph``: its analysis) by its
+    quantized version (weights, then DF-MPC's ``step`` if any, then the input quantizers)."""
+    times = run.times
+    input_size = run.input_size or check_input_size(getattr(model, "input_size", None))
+    with stage(times, "forward"):
+        moments = step is not None and step.config.bn_recal == "moments"
+        shapes = _forward_shapes(model, graph, input_size, _needs_bn_stats(cfg) or moments)
     if not graph.layers:
         raise DfquantError("the model has no Conv2d or Linear layer to quantize")
     _check_layer_names(cfg, [l.name for l in graph.layers])
@@ -325,20 +368,27 @@ def _quantize_rounding(model: nn.Module, cfg: QuantConfig, input_size: Optional[
     report = QuantReport(cfg.method, cfg.w_bits, cfg.a_bits, config=cfg.to_dict(), unsupported=list(graph.unsupported))
     if graph.note:
         report.notes.append(graph.note)
-    ranges = _bn_ranges(model, graph, cfg, input_size)
-    qmodel = _working_copy(model, graph, cfg, report)
-    ends = (graph.layers[0].name, graph.layers[-1].name)
-    for info in graph.layers:
-        if info.name not in cfg.skip:
-            _quantize_layer(qmodel, info.name, cfg, ends, ranges, report)
+    with stage(times, "bn_stats"):
+        ranges = _bn_ranges(model, graph, cfg, input_size, shapes)
+    with stage(times, "copy"):
+        qmodel = _working_copy(model, graph, cfg, report, run.owned)
+    with stage(times, "layers"):
+        ends = (graph.layers[0].name, graph.layers[-1].name)
+        names = alias_map(qmodel)
+        for info in graph.layers:
+            if info.name not in cfg.skip:
+                _quantize_layer(qmodel, info.name, cfg, ends, ranges, report, names)
+    times["layers"] -= report.weight_time_s
+    times["weights"] = report.weight_time_s
     if step is not None:
-        moments = step.config.bn_recal == "moments"
-        stats = ranges or (propagate_bn_stats(graph.traced, input_size) if moments else None)
-        record = _compensate_step(model, qmodel, plan, cfg, step, stats, report)
-        ranges = compensated_input_stats(ranges, record) if ranges else ranges
-    _quantize_inputs(qmodel, graph, cfg, ranges, report)
-    if cfg.act_range == "squant" and cfg.a_bits is not None:
-        _noise_ranges(qmodel, cfg, input_size, ends[0], report)
+        with stage(times, "compensation"):
+            stats = ranges or (propagate_bn_stats(graph.traced, input_size, shapes) if moments else None)
+            record = _compensate_step(model, qmodel, plan, cfg, step, stats, report)
+            ranges = compensated_input_stats(ranges, record) if ranges else ranges
+    with stage(times, "inputs"):
+        _quantize_inputs(qmodel, graph, cfg, ranges, report)
+        if cfg.act_range == "squant" and cfg.a_bits is not None:
+            _noise_ranges(qmodel, cfg, input_size, ends[0], report)
     return qmodel, report
 
 
@@ -357,11 +407,12 @@ def _noise_ranges(qmodel: nn.Module, cfg: QuantConfig, input_size, first: str, r
     report.notes.append(f"act_range squant: {len(found)} input ranges from one batch of uniform noise (seed {cfg.noise_seed}), alpha = {s:g} * std (SQuant authors' rule)")
 
 
-def _working_copy(model: nn.Module, graph, cfg: QuantConfig, report: QuantReport) -> nn.Module:
-    """The eval-mode copy of ``model`` that gets the quantized layers (BN folded into it with ``fold_bn``)."""
-    qmodel = copy_model(model).eval()
+def _working_copy(model: nn.Module, graph, cfg: QuantConfig, report: QuantReport, owned: bool) -> nn.Module:
+    """The eval-mode copy of ``model`` that gets the quantized layers (BN folded into it with
+    ``fold_bn``): one copy, folded in place; ``model`` itself when ``owned`` (the call's own copy)."""
+    qmodel = (model if owned else copy_model(model)).eval()
     if cfg.fold_bn:
-        qmodel = fold_bn(qmodel, graph)
+        qmodel = fold_bn_in_place(qmodel, graph)
         report.folded_bn = sorted(graph.conv_bn.values())
         if not report.folded_bn:
             why = "the model is not fx-traceable, so no pair can be found" if graph.traced is None else "no Conv2d -> BatchNorm2d pair found"
@@ -431,24 +482,26 @@ def _weight_codes(w: torch.Tensor, w_bits: int, cfg: QuantConfig):
     return codes, qp, to_grid(w, qp)
 
 
-def _quantize_layer(qmodel: nn.Module, name: str, cfg: QuantConfig, ends: Tuple[str, str], ranges: Dict[str, Any], report: QuantReport) -> None:
+def _quantize_layer(qmodel: nn.Module, name: str, cfg: QuantConfig, ends: Tuple[str, str], ranges: Dict[str, Any], report: QuantReport, names=None) -> None:
     """Quantize one layer's weights in ``qmodel`` in place and add its line to the report (its input
-    quantizer comes later, :func:`_quantize_inputs`)."""
+    quantizer comes later, :func:`_quantize_inputs`). ``names``: :func:`dfquant.graph.alias_map` of ``qmodel``."""
     layer = qmodel.get_submodule(name)
     w_bits = cfg.first_last_w_bits if (cfg.first_last_w_bits and name in ends) else cfg.w_bits
     w_bits = cfg.layer_w_bits.get(name, w_bits)
     t = time.perf_counter()
     w = layer.weight.detach()
     codes, qp, grid = _weight_codes(w, w_bits, cfg)
-    bias, note = None, ""
+    bias, note, error = None, "", None
     if cfg.bias_correction:
-        bias, note = _corrected_bias(layer, from_grid(codes, qp) - w, ranges.get(name))
+        error = from_grid(codes, qp) - w
+        bias, note = _corrected_bias(layer, error, ranges.get(name))
     dt = time.perf_counter() - t
+    error = from_grid(codes, qp) - w if error is None else error
     report.weight_time_s += dt
     kind = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-    replace_module(qmodel, name, kind(layer, codes, qp, None, bias=bias))
+    replace_module(qmodel, name, kind(layer, codes, qp, None, bias=bias), names)
     k_err, c_err = rounding_error_sums(codes, grid if grid.dim() > 1 else grid.unsqueeze(1))
-    rel = float((from_grid(codes, qp) - w).norm() / w.norm().clamp_min(1e-12))
+    rel = float(error.norm() / w.norm().clamp_min(1e-12))
     report.layers.append(LayerReport(name, "conv" if kind is QuantConv2d else "linear", tuple(w.shape), w_bits, None, None, rel, k_err, c_err, dt, note))
 
 
@@ -469,8 +522,6 @@ def _quantize_inputs(qmodel: nn.Module, graph, cfg: QuantConfig, ranges: Dict[st
 
 def _corrected_bias(layer: nn.Module, weight_error: torch.Tensor, found: Any):
     """DFQ bias correction of one layer: its new bias (None: unchanged) and a note for the report."""
-    from .dfq import bias_correction
-
     if found is not None and found.calls > 1:
         return None, f"not bias-corrected: the layer runs {found.calls} times on different inputs (shared weights)"
     if found is None or found.stats is None:

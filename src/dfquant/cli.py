@@ -383,7 +383,7 @@ def cmd_quantize(args) -> int:
     result: Dict[str, Any] = {"model": args.model, "method": method, "w_bits": options.get("w_bits", 4), "a_bits": options.get("a_bits", 4)}
     t = time.perf_counter()
     qmodel, report = dfquant.quantize(model, method, progress=args.progress_on, **options)
-    result.update(w_bits=report.w_bits, a_bits=report.a_bits, quant_time_s=time.perf_counter() - t, weight_time_s=report.weight_time_s)
+    result.update(w_bits=report.w_bits, a_bits=report.a_bits, quant_time_s=time.perf_counter() - t, weight_time_s=report.weight_time_s, stage_times=report.stage_times)
     if not distributed.is_main():
         return 0
     if data is not None:  # after quantizing: in a job the other processes do not wait for it

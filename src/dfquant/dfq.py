@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import DfquantError
-from .graph import analyse, bn_fold_scale, call_counts, replace_module, trace
+from .graph import ModelGraph, analyse, bn_fold_scale, call_counts, replace_module
 from .modelcheck import copy_model
 
 _RELU = (nn.ReLU,)
@@ -130,16 +130,18 @@ def replace_relu6(model: nn.Module) -> Tuple[nn.Module, List[str]]:
     return out, names
 
 
-def equalization_pairs(model: nn.Module) -> Tuple[List[EqualizationPair], List[Tuple[str, str]]]:
+def equalization_pairs(model: nn.Module, graph: Optional[ModelGraph] = None) -> Tuple[List[EqualizationPair], List[Tuple[str, str]]]:
     """Pairs ``conv -> [BatchNorm2d] -> ReLU -> [pooling]* -> conv`` in the fx graph, each link
     with a single user (so the scaled channel reaches nothing else), each conv called once and
     either ungrouped or depthwise (another grouped conv's channels are tied to its groups).
-    Returns (pairs, skipped)."""
-    gm = trace(model)
+    Returns (pairs, skipped). ``graph``: :func:`dfquant.graph.analyse` of ``model``, or of a model
+    with the same graph and module names (a copy), when the caller has it."""
+    graph = graph or analyse(model)
+    gm = graph.traced
     if gm is None:
         raise DfquantError("cross-layer equalization needs an fx-traceable model")
-    modules = dict(gm.named_modules())
-    conv_bn = analyse(model).conv_bn
+    modules = dict(model.named_modules())
+    conv_bn = graph.conv_bn
     calls = call_counts(gm)
     pairs, skipped, seen = [], [], set()
     for node in gm.graph.nodes:
@@ -198,14 +200,15 @@ def _channel_ranges(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def equalize_cross_layer(model: nn.Module, max_passes: int = 20, tol: float = 1e-4) -> Tuple[nn.Module, EqualizationRecord]:
+def equalize_cross_layer(model: nn.Module, max_passes: int = 20, tol: float = 1e-4, graph: Optional[ModelGraph] = None) -> Tuple[nn.Module, EqualizationRecord]:
     """A copy of ``model`` with every equalization pair's ranges equalized (same function).
 
     Passes repeat until no scale moves by more than ``tol`` (relative) or ``max_passes``. The
-    original model is not modified.
+    original model is not modified. ``graph``: :func:`dfquant.graph.analyse` of ``model``, when the
+    caller has it (the copy is not traced again).
     """
     eq = copy_model(model).eval().double()  # scales in float64, cast back at the end: CPU-independent
-    pairs, skipped = equalization_pairs(eq)
+    pairs, skipped = equalization_pairs(eq, graph)
     total = {id(p): torch.ones(eq.get_submodule(p.first).out_channels, dtype=torch.float64) for p in pairs}
     dead = {}
     for p in pairs:  # on the given weights: scaling in later passes must not move a channel in or out

@@ -5,7 +5,7 @@ back to module registration order (documented in the report).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -59,10 +59,22 @@ def aliases(root: nn.Module, module: nn.Module) -> List[str]:
     return [n for n, m in root.named_modules(remove_duplicate=False) if m is module and n]
 
 
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+def alias_map(root: nn.Module) -> Dict[int, List[str]]:
+    """Every module's names in ``root``, by ``id``: :func:`aliases` of all modules in one walk."""
+    found: Dict[int, List[str]] = {}
+    for n, m in root.named_modules(remove_duplicate=False):
+        if n:
+            found.setdefault(id(m), []).append(n)
+    return found
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module, names: Optional[Dict[int, List[str]]] = None) -> None:
     """Put ``new`` where ``name`` is, and under every other name of the same module: a layer also
-    registered as ``self.last = self.features[3]`` must not keep running in float under the alias."""
-    for path in aliases(root, root.get_submodule(name)) or [name]:
+    registered as ``self.last = self.features[3]`` must not keep running in float under the alias.
+    ``names``: :func:`alias_map` of ``root``, when replacing many layers (one walk, not one per layer)."""
+    old = root.get_submodule(name)
+    paths = names.get(id(old)) if names is not None else aliases(root, old)
+    for path in paths or [name]:
         root.set_submodule(path, new)
 
 
@@ -88,6 +100,40 @@ def trace(model: nn.Module) -> Optional[fx.GraphModule]:
         return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception:
         return None
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a traced graph and keeps each node's output shape (tensor outputs only)."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph):
+        super().__init__(root, graph=graph)
+        self.shapes: Dict[str, torch.Size] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n.name] = out.shape
+        return out
+
+
+@torch.no_grad()
+def traced_shapes(gm: fx.GraphModule, input_size: Tuple[int, ...]) -> Dict[str, torch.Size]:
+    """Every node's output shape on one all-zero input of ``input_size`` (batch 1), by node name.
+    Raises what the forward raises. One plain forward through the graph (``torch.fx``'s ShapeProp
+    would do the same but imports sympy on its first run, most of a first quantize call)."""
+    rec = _ShapeRecorder(gm, gm.graph)
+    rec.run(torch.zeros(1, *input_size))
+    return rec.shapes
+
+
+def rebind(graph: ModelGraph, model: nn.Module) -> ModelGraph:
+    """``graph`` (:func:`analyse` of a model) for ``model``, a copy of that model with the same
+    modules under the same names (weights may differ): its traced graph over ``model``'s modules,
+    without tracing again (the two GraphModules share one read-only ``fx.Graph``)."""
+    modules = dict(model.named_modules())
+    traced = None if graph.traced is None else fx.GraphModule(model, graph.traced.graph, type(model).__name__)
+    layers = [LayerInfo(l.name, modules[l.name], l.order) for l in graph.layers]
+    return ModelGraph(layers, list(graph.unsupported), traced, dict(graph.conv_bn), graph.note)
 
 
 def analyse(model: nn.Module) -> ModelGraph:
@@ -148,7 +194,13 @@ def fold_bn(model: nn.Module, graph: Optional[ModelGraph] = None) -> nn.Module:
     not depend on the CPU's float32 kernels. The given model is not modified.
     """
     graph = graph or analyse(model)
-    folded = copy_model(model)
+    return fold_bn_in_place(copy_model(model), graph)
+
+
+def fold_bn_in_place(model: nn.Module, graph: ModelGraph) -> nn.Module:
+    """:func:`fold_bn` on ``model`` itself (a copy the caller owns), returned; ``graph``: its analysis."""
+    folded = model
+    names = alias_map(folded)
     for conv_name, bn_name in graph.conv_bn.items():
         conv = folded.get_submodule(conv_name)
         bn = folded.get_submodule(bn_name)
@@ -161,5 +213,5 @@ def fold_bn(model: nn.Module, graph: Optional[ModelGraph] = None) -> nn.Module:
             conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
         ident = nn.Identity()
         ident._dfquant_folded = True  # type: ignore[attr-defined]  # remembered when saving
-        replace_module(folded, bn_name, ident)
+        replace_module(folded, bn_name, ident, names)
     return folded

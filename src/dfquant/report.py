@@ -1,8 +1,29 @@
 """What a quantization run did, per layer, in a form for people (a table) and machines (a dict)."""
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+#: The stages of one ``dfquant.quantize`` call, in order, as ``QuantReport.stage_times`` names them
+#: (seconds; a stage the call does not run is absent): checks (and a float32/CPU/eval copy where
+#: needed), the fx trace and analysis, the float model's DFQ steps (ReLU6 -> ReLU, CLE), one forward
+#: (input_size check and traced shapes), BN statistics carried to every layer input, the working
+#: copy with BN folded, the weights' grids and codes (with bias correction: ``weight_time_s``), the
+#: layer swaps and per-layer report rows, DF-MPC's compensation, the input quantizers (and the noise
+#: pass of ``act_range="squant"``), the learned methods' Genie-M, the int32 bias rounding.
+STAGES = ("check", "graph", "float_steps", "forward", "bn_stats", "copy", "weights", "layers", "compensation", "inputs", "learned", "int32_bias")
+
+
+@contextmanager
+def stage(times: Dict[str, float], name: str) -> Iterator[None]:
+    """Add the time the ``with`` block takes to ``times[name]``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t
 
 
 @dataclass
@@ -33,6 +54,7 @@ class QuantReport:
     notes: List[str] = field(default_factory=list)
     weight_time_s: float = 0.0  # time spent choosing integer weights (the method proper)
     total_time_s: float = 0.0
+    stage_times: Dict[str, float] = field(default_factory=dict)  # total_time_s by stage (STAGES)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
