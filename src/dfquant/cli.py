@@ -633,6 +633,9 @@ def _print_export(summary: Dict[str, Any], indent: str = "") -> None:
         print(f"{indent}  {summary['float_batchnorm']} BatchNormalization ops stay float in the file (export with --fold-bn, or quantize with --fold-bn, for integer deployment)")
     if summary.get("folded_bn"):
         print(f"{indent}  {summary['folded_bn']} BatchNorm ops folded into their quantized convs")
+    if summary.get("coarsened_channels"):
+        print(f"{indent}  weight grids coarsened so the bias fits int32 (dead channels, see docs/export.md): "
+              + ", ".join(f"{name} {len(ch)} channel(s)" for name, ch in summary["coarsened_channels"].items()))
     adds = summary.get("residual_adds") or []
     if adds:
         print(f"{indent}  {sum(a['quantized'] for a in adds)} of {len(adds)} residual sums quantized at 8 bits (--integer-adds)"
@@ -662,6 +665,9 @@ def _print_kernels(k: Dict[str, Any], indent: str = "") -> None:
         reasons.setdefault(row["why"], []).append(row["layer"])
     for why, layers in reasons.items():
         print(f"{indent}    float: {', '.join(layers)}: {why}")
+    if k.get("requantized_by_onnxruntime"):
+        print(f"{indent}  WARNING: onnxruntime quantized the float weights of {', '.join(k['requantized_by_onnxruntime'])} on its own "
+              "(its WeightBiasQuantization transformer), so it does not run the file's exact weights; see the check below")
 
 
 def _bench(qmodel, path: str, threads: int) -> Dict[str, Any]:

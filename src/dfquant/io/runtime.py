@@ -66,11 +66,14 @@ def runtime_kernels(path: "str | Path", level: str = "all") -> Dict[str, Any]:
     """Which conv/gemm layers of the file onnxruntime runs as integer kernels, and why the others are float.
 
     Returns ``level``, ``ops`` (op-type counts of the optimized graph), ``layers`` / ``integer_layers``
-    (conv and gemm nodes of the file / those fused into an integer kernel), ``convs`` /
+    (conv and gemm nodes of the file / those run as an integer kernel), ``convs`` /
     ``integer_convs`` (the same for convolutions only), and ``float_layers``: one
     ``{"layer", "node", "op", "why"}`` per layer that runs in float. A layer counts as integer when
     an integer op of the optimized graph reads its weight initializer (the codes keep their name
     when onnxruntime fuses DequantizeLinear -> Conv -> QuantizeLinear into ``QLinearConv``).
+    ``requantized_by_onnxruntime``: layers whose float weights onnxruntime quantized to int8 on its
+    own (its ``WeightBiasQuantization`` transformer), so that it runs something else than the file
+    says: a file whose check then differs (found on MobileNetV1-0.75 exported without fold_bn).
     """
     import onnx
 
@@ -83,12 +86,17 @@ def runtime_kernels(path: "str | Path", level: str = "all") -> Dict[str, Any]:
         opt = onnx.load(str(optimized))
     exported = onnx.load(str(path))
     integer = {i for n in opt.graph.node if n.op_type in INTEGER_OPS for i in n.input}
+    # onnxruntime's WeightBiasQuantization transformer quantizes, on its own, the float weights of a
+    # conv between a DequantizeLinear and a QuantizeLinear (new initializer "<node>_weight_q"):
+    # the file's exact float weights then become onnxruntime's int8 rounding of them.
+    requantized = {i[: -len("_weight_q")] for i in integer if i.endswith("_weight_q")}
     graph = _Graph(exported.graph)
     rows = []
     for node in (n for n in exported.graph.node if n.op_type in LAYER_OPS):
         w = graph.weight_codes(node)
-        fused = w is not None and w in integer
-        rows.append({"layer": graph.layer_name(node), "node": node.name, "op": node.op_type, "integer": fused,
+        own = node.name in requantized
+        fused = (w is not None and w in integer) or own
+        rows.append({"layer": graph.layer_name(node), "node": node.name, "op": node.op_type, "integer": fused, "own": own,
                      "why": None if fused else graph.why_float(node)})
     convs = [r for r in rows if r["op"] == "Conv"]
     return {
@@ -99,6 +107,7 @@ def runtime_kernels(path: "str | Path", level: str = "all") -> Dict[str, Any]:
         "convs": len(convs),
         "integer_convs": sum(r["integer"] for r in convs),
         "float_layers": [{k: r[k] for k in ("layer", "node", "op", "why")} for r in rows if not r["integer"]],
+        "requantized_by_onnxruntime": [r["layer"] for r in rows if r["own"]],
     }
 
 
