@@ -308,9 +308,188 @@ def render_quantize(res: dict) -> list[str]:
     return lines
 
 
+
+# --- section: onnx ---------------------------------------------------------------------------
+
+ONNX_MODELS = {"resnet20": ("cifar10", None), "mobilenet_v1": ("imagenet", None)}
+ONNX_EXPORTS = {  # label -> export_onnx options
+    "QDQ": {},
+    "QDQ --fold-bn": {"fold_bn": True},
+    "QDQ --integer-adds": {"fold_bn": True, "integer_adds": True},
+}
+
+
+def symmetric_grid(qmodel):
+    """A copy whose weights are re-rounded to symmetric per-channel grids (zero point 0, RTN of the
+    model's dequantized weights): not SQuant's codes, a probe of what a symmetric file runs at."""
+    import copy
+
+    from dfquant.qmodules import QUANT_LAYERS
+
+    out = copy.deepcopy(qmodel)
+    for layer in (m for m in out.modules() if isinstance(m, QUANT_LAYERS)):
+        w = layer.weight.detach()
+        top = 2 ** (layer.w_bits - 1) - 1
+        scale = (w.flatten(1).abs().amax(1) / top).clamp_min(1e-8)
+        layer.weight_int = torch.clamp(torch.round(w / scale.reshape(-1, *([1] * (w.dim() - 1)))), -top, top).to(torch.int8)
+        layer.weight_scale, layer.weight_zero_point = scale.float(), torch.zeros_like(scale)
+    return out
+
+
+def onnx_variants(name, tmp):
+    """(float model, {label: ONNX file or torch model}, {label: quantized torch model the file came from})."""
+    from dfquant.assets import MODEL_WEIGHTS, asset_path
+    from dfquant.io.export import export_float_onnx, export_onnx
+
+    model = dfquant.create_model(name, weights=str(asset_path(MODEL_WEIGHTS[name])))
+    variants = {"torch FP32": model, "float ONNX": export_float_onnx(model, tmp / f"{name}_float.onnx")["path"]}
+    summaries, sources = {}, {}
+    for bits in (8, 4):
+        qmodel, _ = dfquant.quantize(model, "squant", bits, bits)
+        probes = {f"W{bits}A{bits} {k}": (qmodel, v) for k, v in ONNX_EXPORTS.items()}
+        if bits == 8:
+            probes["W8A8 symmetric-probe --integer-adds"] = (symmetric_grid(qmodel), ONNX_EXPORTS["QDQ --integer-adds"])
+        for label, (q, opts) in probes.items():
+            path = tmp / (label.replace(" ", "_").replace("-", "") + ".onnx")
+            summaries[label] = export_onnx(q, path, **opts)
+            variants[label], sources[label] = summaries[label]["path"], q
+    return model, variants, summaries, sources
+
+
+def onnx_accuracy(name, model, variants, sources):
+    """Top-1 on the real test images of each file (onnxruntime) and of torch FP32; McNemar of each file against its own unfolded QDQ export."""
+    from dfquant.data import load_eval_data
+    from dfquant.evaluation import evaluate, paired_comparison
+    from dfquant.io.export import OnnxRuntimeModel
+
+    data = load_eval_data(ONNX_MODELS[name][0], preprocessing=model)
+    if not isinstance(data, tuple):
+        data = tuple(torch.cat(t) for t in zip(*data))
+    out = {}
+    for label, v in variants.items():
+        runner = v if isinstance(v, torch.nn.Module) else OnnxRuntimeModel(v, threads=1)
+        out[label] = evaluate(runner, data, batch_size=50, predictions=True)
+    res = {label: {"top1": r["top1"], "n": r["n"]} for label, r in out.items()}
+    for label in res:
+        base = label.split(" ")[0] + " QDQ"
+        if label in sources and label != base and base in out:
+            res[label]["vs_unfolded"] = {k: v for k, v in paired_comparison(out[label]["correct"], out[base]["correct"]).items() if k in ("a_only", "b_only", "p_value")}
+    return res
+
+
+def section_onnx(args) -> dict:
+    import tempfile
+
+    from dfquant.io.runtime import BenchConfig, bench, runtime_kernels
+
+    models = {}
+    for name in ONNX_MODELS:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            model, variants, summaries, sources = onnx_variants(name, tmp)
+            kernels = {label: runtime_kernels(variants[label]) for label in summaries}
+            config = BenchConfig(threads=args.threads or 1, repeat=args.repeat, latency_runs=20 if name == "resnet20" else 5)
+            times = bench(variants, model.input_size, config)
+            accuracy = onnx_accuracy(name, model, variants, sources)
+            profiles = {label: ort_profile(variants[label], model.input_size) for label in ("W8A8 QDQ --fold-bn", "W8A8 QDQ --integer-adds")}
+        models[name] = {
+            "times": times, "accuracy": accuracy, "bench": {k: getattr(config, k) for k in ("threads", "latency_batch", "throughput_batch", "latency_runs", "repeat")},
+            "kernels": {k: {f: v[f] for f in ("ops", "convs", "integer_convs", "layers", "integer_layers", "float_layers")} for k, v in kernels.items()},
+            "exports": {k: {f: v[f] for f in ("bytes", "folded_bn", "float_weights", "requantized_pads", "coarsened_channels")}
+                        | {"residual_adds": sum(a["quantized"] for a in v["residual_adds"])} for k, v in summaries.items()},
+            "profiles": profiles,
+        }
+        base = times["float ONNX"]
+        print(f"{name}:")
+        for label, t in times.items():
+            k = kernels.get(label)
+            share = f"{k['integer_convs']}/{k['convs']} int convs" if k else ""
+            print(f"  {label:38s} {t['latency_ms']:8.2f} ms ({base['latency_ms'] / t['latency_ms']:4.2f}x)  {t['throughput_ips']:8.1f} img/s "
+                  f"({t['throughput_ips'] / base['throughput_ips']:4.2f}x)  {share:16s} top-1 {accuracy[label]['top1']:.2f}")
+    return {"models": models, "onnxruntime": _ort_version()}
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def ort_profile(path, input_size, runs=5, top=6):
+    """onnxruntime's own profile (SessionOptions.enable_profiling) of a file at batch 1: kernel time by op type and the slowest nodes."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = 1, 1, 3
+        opts.enable_profiling, opts.profile_file_prefix = True, str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        x = torch.randn(1, *input_size).numpy()
+        for _ in range(runs):
+            sess.run(None, {sess.get_inputs()[0].name: x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    by_op, by_node = {}, {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            by_op[op] = by_op.get(op, 0) + e["dur"] / runs / 1e3
+            node = (e["name"][: -len("_kernel_time")], op)
+            by_node[node] = by_node.get(node, 0) + e["dur"] / runs / 1e3
+    total = sum(by_op.values())
+    return {"total_ms": total, "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+            "slowest_nodes": [{"node": n, "op": op, "ms": ms} for (n, op), ms in sorted(by_node.items(), key=lambda kv: -kv[1])[:top]]}
+
+
+def render_onnx(res: dict) -> list[str]:
+    lines = [
+        f"ONNX Runtime {res['onnxruntime']} (CPUExecutionProvider, graph optimizations ORT_ENABLE_ALL) on the exported files of SQuant-quantized models",
+        "(`dfquant.quantize(model, 'squant', b, b)`: SQuant's protocol, BN kept unfolded, per-channel min/max weight grids), real weights.",
+        "`QDQ`: `export_onnx` as is; `--fold-bn`: BN folded into the quantized convs at export; `--integer-adds`: also the residual sums quantized at 8 bits",
+        "(a deviation from dfquant's model, see docs/export.md); `symmetric-probe`: the W8A8 weights re-rounded to symmetric grids (zero point 0, RTN of",
+        "SQuant's dequantized weights): not a dfquant method, a probe of what a file with zero weight zero points runs at. `float ONNX`: the float model",
+        "exported by the same exporter without Q/DQ; `torch FP32`: the float model in torch. Latency: batch 1 (ms per image, mean of the runs",
+        "of one repeat); throughput: batch 64 (images/s); medians of the interleaved repeats; x: relative to the float ONNX file (higher is faster).",
+        "int convs: convolutions onnxruntime runs as integer kernels (`QLinearConv`), read from its optimized graph (`dfquant.io.runtime.runtime_kernels`).",
+        "Top-1: each file run by onnxruntime on the real test images (ResNet-20: the 846 CIFAR-10 images; MobileNetV1-0.75: the 1000 photos);",
+        "p vs QDQ: exact McNemar against the same bits' unfolded `QDQ` file (images right only in this file / only in that one).",
+    ]
+    for name, m in res["models"].items():
+        t, acc, k, ex = m["times"], m["accuracy"], m["kernels"], m["exports"]
+        b = m["bench"]
+        base = t["float ONNX"]
+        lines += ["", f"### {name} ({b['threads']} thread, {b['repeat']} repeats, {b['latency_runs']} latency runs per repeat)", "",
+                  "| variant | latency b=1 ms | x | throughput b=64 img/s | x | file KiB | int convs | top-1 | p vs QDQ |", "|---|---|---|---|---|---|---|---|---|"]
+        for label, r in t.items():
+            kk = k.get(label)
+            share = f"{kk['integer_convs']}/{kk['convs']} ({100 * kk['integer_convs'] / kk['convs']:.0f} %)" if kk else "-"
+            size = f"{r['bytes'] / 1024:.0f}" if "bytes" in r else "-"
+            vs = acc[label].get("vs_unfolded")
+            p = f"{vs['p_value']:.2g} ({vs['a_only']}/{vs['b_only']})" if vs else "-"
+            lines.append(f"| {label} | {r['latency_ms']:.3f} | {base['latency_ms'] / r['latency_ms']:.2f} | {r['throughput_ips']:.1f} | "
+                         f"{r['throughput_ips'] / base['throughput_ips']:.2f} | {size} | {share} | {acc[label]['top1']:.2f} | {p} |")
+        lines += ["", "Layers onnxruntime runs in float, and why (from the exported graph):", ""]
+        for label, kk in k.items():
+            reasons = {}
+            for row in kk["float_layers"]:
+                reasons.setdefault(row["why"], []).append(row["layer"])
+            text = "; ".join(f"{len(v)}x {why} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for why, v in reasons.items()) or "none"
+            e = ex.get(label, {})
+            extra = f" [export: {e['folded_bn']} BN folded, {e['residual_adds']} sums quantized, {e['requantized_pads']} pads requantized]" if e else ""
+            lines.append(f"* {label}: {text}{extra}")
+        lines += ["", "onnxruntime's profile at batch 1 (`SessionOptions.enable_profiling`, ms per run in kernels):", ""]
+        for label, pr in m["profiles"].items():
+            ops = ", ".join(f"{op} {ms:.2f}" for op, ms in list(pr["by_op_ms"].items())[:6])
+            nodes = ", ".join(f"{n['node']} ({n['op']}) {n['ms']:.2f}" for n in pr["slowest_nodes"][:4])
+            lines.append(f"* {label}: {pr['total_ms']:.2f} in all; by op {ops}; slowest nodes {nodes}.")
+    return lines
+
+
 SECTIONS = {
     "squant": ("SQuant rounding against one round-to-nearest pass", section_squant, render_squant),
     "quantize": ("the whole quantize call: first in a process and warm, by stage", section_quantize, render_quantize),
+    "onnx": ("ONNX Runtime speed of the exported W8A8/W4A4 files against float", section_onnx, render_onnx),
 }
 
 

@@ -395,3 +395,143 @@ def test_the_check_says_differs_when_the_file_is_not_the_model(digits, digits_on
     other, _ = dfquant.quantize(digits[0], "rtn", 2, 2)
     c = check_onnx(other, digits_onnx["path"], digits[1][0][:64])
     assert c["verdict"] == "differs" and c["tolerance"]["argmax_agreement"] == 0.95
+
+
+# --- deployment: BN folded at export, what onnxruntime runs as integer kernels, --bench -----------
+
+
+@pytest.fixture(scope="module")
+def digits_w8a8_negative_gamma(digits):
+    """SQuant W8A8 (BN kept unfolded, as its protocol says) with four negative-gamma channels in
+    bn2, one of whose conv2 codes is -128: negated, that code leaves int8."""
+    model = copy.deepcopy(digits[0])
+    with torch.no_grad():
+        model.bn2.weight[:4] *= -1
+    qmodel, _ = dfquant.quantize(model, "squant", 8, 8)
+    assert isinstance(qmodel.bn2, torch.nn.BatchNorm2d)
+    with torch.no_grad():
+        qmodel.conv2.weight_int[0, 0, 0, 0] = -128
+    return qmodel
+
+
+def test_fold_bn_at_export_is_exact_on_the_grid_with_negative_gamma(digits_w8a8_negative_gamma):
+    from dfquant.io.export import fold_bn_into_quant_convs
+
+    q = digits_w8a8_negative_gamma
+    folded = copy.deepcopy(q)
+    assert fold_bn_into_quant_convs(folded) == {"conv1": "bn1", "conv2": "bn2", "conv3": "bn3"}
+    assert all(isinstance(getattr(folded, f"bn{i}"), torch.nn.Identity) for i in (1, 2, 3))
+    bn = q.bn2
+    a = (bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)).reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(folded.conv2.weight.double().numpy(), (a * q.conv2.weight.double()).numpy(), rtol=1e-6, atol=1e-9)
+    assert (folded.conv2.weight_scale > 0).all()  # negative gamma: negated codes, not negative scales
+    codes, old = folded.conv2.weight_int.to(torch.int64), q.conv2.weight_int.to(torch.int64)
+    for c in range(4):  # negated; shifted down by one where a code was -128 (channel 0 at least)
+        shift = int(old[c].min() == -128)
+        assert torch.equal(codes[c], -old[c] - shift) and folded.conv2.weight_zero_point[c] == -q.conv2.weight_zero_point[c] - shift
+        assert shift or c
+    assert torch.equal(codes[4:], old[4:])
+    assert codes.min() >= -128 and codes.max() <= 127
+    expected_bias = bn.bias.detach().double() - bn.running_mean.double() * a.flatten()
+    np.testing.assert_allclose(folded.conv2.bias.double().numpy(), expected_bias.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_fold_bn_export_passes_the_check_and_leaves_no_batchnorm_for_onnxruntime(digits, digits_w8a8_negative_gamma, tmp_path):
+    from dfquant.io.export import OnnxRuntimeModel
+    from dfquant.io.runtime import runtime_kernels
+
+    q, (x, _) = digits_w8a8_negative_gamma, digits[1]
+    plain = export_onnx(q, tmp_path / "plain.onnx")
+    folded = export_onnx(q, tmp_path / "folded.onnx", fold_bn=True)
+    assert plain["float_batchnorm"] == 3 and folded["float_batchnorm"] == 0 and folded["folded_bn"] == 3
+    assert folded["int8_weights"] == 4 and folded["float_weights"] == []  # the shifted channel fits int8
+    c = check_onnx(q, folded["path"], x)  # the file's metadata tells the check it was folded
+    assert c["verdict"] == "ok" and c["file"]["rel_max_diff"] < 1e-2 and c["model"]["argmax_agreement"] >= 0.98, c
+    a, b = OnnxRuntimeModel(plain["path"])(x), OnnxRuntimeModel(folded["path"])(x)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.98
+    before, after = runtime_kernels(plain["path"]), runtime_kernels(folded["path"])
+    assert "BatchNormalization" in before["ops"] and "BatchNormalization" not in after["ops"]
+    why = {r["layer"]: r["why"] for r in before["float_layers"]}
+    assert "BatchNormalization" in why["conv2"] and "not quantized" in why["conv1"]  # conv1 reads the float image
+    why = {r["layer"]: r["why"] for r in after["float_layers"]}
+    assert set(why) == {"conv1", "conv3"} and "ReduceMean" in why["conv3"]  # conv3 feeds the float average pool
+    assert after["integer_convs"] == 1 and after["ops"].get("QLinearConv") == 1 and after["integer_layers"] == 2  # conv2 and the QGemm
+
+
+class _PadNet(torch.nn.Module):
+    """conv-BN-ReLU, conv-BN-ReLU, TensorFlow-style zero padding, a stride-2 conv (as in MobileNetV1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.bn0 = torch.nn.Conv2d(1, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 3, stride=2, bias=False), torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 3)
+        self.input_size = (1, 8, 8)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.conv0(x)))
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(torch.nn.functional.pad(x, (0, 1, 0, 1)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_zero_pad_before_a_quantized_conv_gets_its_quantizer_in_front_exactly(tmp_path):
+    from dfquant.io.export import fold_bn_into_quant_convs, qdq_model, rewrite_for_integer_kernels
+    from dfquant.io.runtime import runtime_kernels
+
+    torch.manual_seed(0)
+    qmodel, _ = dfquant.quantize(_PadNet().eval(), "squant", 8, 8)
+    folded = copy.deepcopy(qmodel)
+    fold_bn_into_quant_convs(folded)
+    before = qdq_model(folded)
+    after = rewrite_for_integer_kernels(before)
+    assert after.requantized_pads == 1
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(before(x), after(x))  # the pad's zeros are on the grid
+    summary = export_onnx(qmodel, tmp_path / "pad.onnx", fold_bn=True)
+    assert summary["requantized_pads"] == 1
+    kernels = runtime_kernels(summary["path"])
+    assert "conv1" not in {r["layer"] for r in kernels["float_layers"]}  # its output's quantizer now directly follows it
+
+
+def test_cli_export_fold_bn_bench_prints_the_speed_table(capsys, digits_w8a8_negative_gamma, tmp_path):
+    dfquant.save_quantized(digits_w8a8_negative_gamma, tmp_path / "q.safetensors", model_name="digits_cnn")
+    code, out, err = run(capsys, "export", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "q.onnx"), "--fold-bn", "--bench", "--check", "4")
+    assert code == 0 and err == "", err
+    assert "3 BatchNorm ops folded" in out and "runs 2 of 4 conv/gemm layers as integer kernels" in out
+    assert "float: conv1:" in out and "1 intra-op thread(s)" in out
+    rows = [line.split()[0] for line in out.splitlines() if " ms " in line and "img/s" in line]
+    assert rows == ["exported", "float", "torch"], out
+    code, out, _ = run(capsys, "export", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "j.onnx"), "--fold-bn", "--bench", "--threads", "1", "--json")
+    res = json.loads(out)
+    assert code == 0 and set(res["bench"]["times"]) == {"exported file", "float ONNX", "torch FP32"} and res["bench"]["config"]["threads"] == 1
+    assert all(t["latency_ms"] > 0 and t["throughput_ips"] > 0 for t in res["bench"]["times"].values())
+    assert res["kernels"]["integer_convs"] == 1 and res["folded_bn"] == 3
+
+
+@pytest.mark.slow
+def test_integer_adds_let_onnxruntime_run_every_residual_conv_and_sum_in_integers(tmp_path):
+    from dfquant.io.runtime import runtime_kernels
+
+    torch.manual_seed(0)
+    model = dfquant.create_model("resnet20")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    qmodel, _ = dfquant.quantize(model, "squant", 8, 8)
+    folded = export_onnx(qmodel, tmp_path / "fold.onnx", fold_bn=True)
+    why = {r["layer"]: r["why"] for r in runtime_kernels(folded["path"])["float_layers"]}
+    assert "feeds a float Add" in why["layer1.0.conv2"]
+    summary = export_onnx(qmodel, tmp_path / "adds.onnx", fold_bn=True, integer_adds=True)
+    assert len(summary["residual_adds"]) == 9 and all(a["quantized"] for a in summary["residual_adds"])
+    kernels = runtime_kernels(summary["path"])
+    assert kernels["integer_convs"] == 18 and [r["layer"] for r in kernels["float_layers"]] == ["conv1"]
+    assert kernels["ops"].get("QLinearAdd", 0) >= 6  # the three sums after a stride-2 block keep a float Add
+    c = check_onnx(qmodel, summary["path"], torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    assert c["verdict"] == "ok", c
+    with pytest.raises(DfquantError, match="integer_adds needs fold_bn"):
+        export_onnx(qmodel, tmp_path / "bad.onnx", integer_adds=True)

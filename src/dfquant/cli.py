@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import re
 import sys
@@ -182,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output file (.onnx)")
     x.add_argument("--check", type=int, default=16, metavar="N", help="run the file with onnxruntime on N random inputs and compare with dfquant's model (default 16; 0: no check)")
     _add_int4_option(x)
+    x.add_argument("--fold-bn", action="store_true", help="fold each float BatchNorm that follows a quantized conv into its weight scales and int32 bias, so onnxruntime can fuse integer QLinearConv kernels")
+    x.add_argument("--integer-adds", action="store_true", help="also quantize residual sums at 8 bits (conv output range from its BN statistics; implies --fold-bn): the residual convs and sums can then run as QLinearConv/QLinearAdd; changes the file from dfquant's model, which --check measures")
+    x.add_argument("--bench", action="store_true", help="time the file in onnxruntime (latency at batch 1, throughput at batch 64) against the float model exported the same way and torch FP32")
+    x.add_argument("--threads", type=int, default=1, help="intra-op threads for --bench, onnxruntime and torch alike (default 1)")
     x.add_argument("--json", action="store_true", help="print one JSON object with the export summary")
 
     i = sub.add_parser("inspect", help="what quantize will do with a model, before doing it: every layer, its BN, input range, CLE/DF-MPC partner, Genie unit")
@@ -595,13 +600,17 @@ def _describe_images(images, pre) -> str:
             + ("" if outside == 0 else " (--clip-to-pixels clips them)"))
 
 
-def _export(qmodel, out: str, check: int, metadata: Dict[str, Any], int4_weights: bool = False) -> Dict[str, Any]:
-    """Export to ONNX and (check > 0) compare onnxruntime's outputs with the model's on random inputs."""
+def _export(qmodel, out: str, check: int, metadata: Dict[str, Any], int4_weights: bool = False, fold_bn: bool = False, integer_adds: bool = False) -> Dict[str, Any]:
+    """Export to ONNX, say which layers onnxruntime runs as integer kernels, and (check > 0) compare
+    onnxruntime's outputs with the model's on random inputs."""
     import torch
 
     from .io.export import check_onnx, export_onnx
+    from .io.runtime import runtime_kernels
 
-    summary = export_onnx(qmodel, out, metadata=metadata, int4_weights=int4_weights)
+    summary = export_onnx(qmodel, out, metadata=metadata, int4_weights=int4_weights, fold_bn=fold_bn, integer_adds=integer_adds)
+    if importlib.util.find_spec("onnxruntime") is not None:  # what it runs as integer kernels
+        summary["kernels"] = runtime_kernels(summary["path"])
     if int4_weights and not summary["int4_weights"]:
         print("note: --int4-weights packed nothing: no layer has 2-4 bit weight codes whose zero points fit int4", file=sys.stderr)
     if check > 0:
@@ -621,7 +630,18 @@ def _print_export(summary: Dict[str, Any], indent: str = "") -> None:
     if summary["float_weights"]:
         print(f"{indent}  weights stored as their exact float values (an 8-bit grid without 0: no int8 zero point fits): {', '.join(summary['float_weights'])}")
     if summary["float_batchnorm"]:
-        print(f"{indent}  {summary['float_batchnorm']} BatchNormalization ops stay float in the file (quantize with --fold-bn for integer deployment)")
+        print(f"{indent}  {summary['float_batchnorm']} BatchNormalization ops stay float in the file (export with --fold-bn, or quantize with --fold-bn, for integer deployment)")
+    if summary.get("folded_bn"):
+        print(f"{indent}  {summary['folded_bn']} BatchNorm ops folded into their quantized convs")
+    if summary.get("coarsened_channels"):
+        print(f"{indent}  weight grids coarsened so the bias fits int32 (dead channels, see docs/export.md): "
+              + ", ".join(f"{name} {len(ch)} channel(s)" for name, ch in summary["coarsened_channels"].items()))
+    adds = summary.get("residual_adds") or []
+    if adds:
+        print(f"{indent}  {sum(a['quantized'] for a in adds)} of {len(adds)} residual sums quantized at 8 bits (--integer-adds)"
+              + "".join(f"; {a['add']}: {a['why']}" for a in adds if not a["quantized"]))
+    if "kernels" in summary:
+        _print_kernels(summary["kernels"], indent)
     if "check" in summary:
         c = summary["check"]
         for key, what in (("file", "the export's graph in torch"), ("model", "dfquant's model")):
@@ -635,6 +655,50 @@ def _print_export(summary: Dict[str, Any], indent: str = "") -> None:
               f"arg-max agreement at least {100 * t['argmax_agreement']:g} %)")
 
 
+def _print_kernels(k: Dict[str, Any], indent: str = "") -> None:
+    """Which layers onnxruntime runs as integer kernels, and why the others stay float (grouped by reason)."""
+    integer_ops = ", ".join(f"{op} {n}" for op, n in k["ops"].items() if op.startswith("Q") and op != "QuantizeLinear")
+    print(f"{indent}  onnxruntime ({k['level']} optimizations) runs {k['integer_layers']} of {k['layers']} conv/gemm layers as integer kernels"
+          f" ({k['integer_convs']} of {k['convs']} convs){': ' + integer_ops if integer_ops else ''}")
+    reasons: Dict[str, list] = {}
+    for row in k["float_layers"]:
+        reasons.setdefault(row["why"], []).append(row["layer"])
+    for why, layers in reasons.items():
+        print(f"{indent}    float: {', '.join(layers)}: {why}")
+    if k.get("requantized_by_onnxruntime"):
+        print(f"{indent}  WARNING: onnxruntime quantized the float weights of {', '.join(k['requantized_by_onnxruntime'])} on its own "
+              "(its WeightBiasQuantization transformer), so it does not run the file's exact weights; see the check below")
+
+
+def _bench(qmodel, path: str, threads: int) -> Dict[str, Any]:
+    """onnxruntime latency/throughput of the file against the float model exported the same way and torch FP32."""
+    import tempfile
+    from pathlib import Path
+
+    from .io.export import export_float_onnx, float_twin
+    from .io.runtime import BenchConfig, bench
+
+    config = BenchConfig(threads=threads)
+    twin = float_twin(qmodel)
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = export_float_onnx(twin, Path(tmp) / "float.onnx", qmodel.input_size)["path"]
+        times = bench({"exported file": path, "float ONNX": float_path, "torch FP32": twin}, qmodel.input_size, config)
+    return {"config": dataclasses.asdict(config), "times": times}
+
+
+def _print_bench(b: Dict[str, Any]) -> None:
+    c, t = b["config"], b["times"]
+    base = t["float ONNX"]
+    print(f"speed on this CPU ({c['threads']} intra-op thread(s); medians of {c['repeat']} interleaved repeats; float: the quantized model's "
+          "dequantized weights in nn.Conv2d/nn.Linear, exported by the same exporter without Q/DQ):")
+    print(f"  {'':14s} {'latency b=' + str(c['latency_batch']):>14s} {'throughput b=' + str(c['throughput_batch']):>18s} {'file':>9s}")
+    for name, r in t.items():
+        size = f"{r['bytes'] / 1024:.0f} KiB" if "bytes" in r else "-"
+        print(f"  {name:14s} {r['latency_ms']:9.3f} ms {base['latency_ms'] / r['latency_ms']:4.2f}x {r['throughput_ips']:10.0f} img/s "
+              f"{r['throughput_ips'] / base['throughput_ips']:4.2f}x {size:>9s}")
+    print("  (x: speed relative to the float ONNX file)")
+
+
 def cmd_export(args) -> int:
     import dfquant
 
@@ -642,13 +706,20 @@ def cmd_export(args) -> int:
 
     if args.check < 0:
         raise DfquantError(f"--check must be 0 or more, got {args.check}")
+    if args.threads < 1:
+        raise DfquantError(f"--threads must be 1 or more, got {args.threads}")
     check_output_path(args.out)  # before loading and exporting
     qmodel, info = dfquant.load_quantized(args.file)
-    summary = _export(qmodel, args.out, args.check, _onnx_metadata(info.get("model_name"), info.get("config", {})), args.int4_weights)
+    summary = _export(qmodel, args.out, args.check, _onnx_metadata(info.get("model_name"), info.get("config", {})), args.int4_weights,
+                      fold_bn=args.fold_bn or args.integer_adds, integer_adds=args.integer_adds)
+    if args.bench:
+        summary["bench"] = _bench(qmodel, summary["path"], args.threads)
     if args.json:
         print(json.dumps(summary))
     else:
         _print_export(summary)
+        if args.bench:
+            _print_bench(summary["bench"])
     return 0 if summary.get("check", {}).get("verdict", "ok") == "ok" else 1  # a script sees a file that differs
 
 

@@ -36,7 +36,11 @@ to the next layer's codes once more than the QDQ graph says.
 
 What is not quantized in the dfquant model (the image input under the paper's protocol, BatchNorm
 unless the model was quantized with ``fold_bn``, ReLU, residual additions, pooling) stays in float
-in the ONNX graph too. For integer deployment quantize with ``fold_bn=True``.
+in the ONNX graph too. For integer deployment export with ``fold_bn=True``, which folds the BNs that
+follow quantized convs into their scales and int32 biases (:func:`fold_bn_into_quant_convs`), and
+optionally ``integer_adds=True``, which quantizes residual sums as well
+(:func:`rewrite_for_integer_kernels`); :mod:`dfquant.io.runtime` says what ONNX Runtime then runs
+as integer kernels and how fast.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ import copy
 import io
 import json
 import logging
+import operator
 import re
 import warnings
 from collections import Counter
@@ -52,6 +57,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -110,6 +116,7 @@ class _QDQLayer(nn.Module):
         # A per-tensor grid (one scale for the layer) is written per channel with that scale
         # repeated: the same values, one DequantizeLinear layout for every layer.
         codes, w_scale, zp = _container_codes(layer, name)
+        codes, w_scale, zp, self.coarsened = _fit_bias_to_int32(layer, codes, w_scale, zp)
         # A channel whose weights all have one sign has a grid without 0: at 8 bits its zero point
         # can fall outside int8 (a folded depthwise kernel of 9 weights, say). No 8-bit container
         # with an 8-bit zero point holds such a grid, so that layer's weight is stored as its exact
@@ -118,6 +125,8 @@ class _QDQLayer(nn.Module):
         # The same holds for DoReFa-8's doubled codes (see _container_codes), which span -255..255.
         self.wide = bool(torch.any(zp < -128) or torch.any(zp > 127) or codes.min() < -128 or codes.max() > 127)
         self.is_conv = isinstance(layer, QuantConv2d)
+        self.folded_bn = getattr(layer, "folded_bn", None)  # the BN fold_bn_into_quant_convs folded in
+        self.bn_output_stats = getattr(layer, "bn_output_stats", None)
         if self.is_conv:
             self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
         self.register_buffer("w_scale", w_scale)
@@ -158,6 +167,31 @@ class _QDQLayer(nn.Module):
         return F.linear(x, w, bias)
 
 
+def _fit_bias_to_int32(layer: _QuantWeightLayer, codes: torch.Tensor, w_scale: torch.Tensor, zp: torch.Tensor):
+    """Coarsen, by a power of two, the weight grid of each channel whose bias does not fit int32 at
+    the accumulator's scale (input scale x weight scale); returns (codes, scale, zero point, the
+    coarsened channels).
+
+    Such a channel has weights that are all but zero against its bias (a dead channel whose BN was
+    folded: weight scale at its floor, a BN shift of order 1; MobileNetV1-0.75 has some). Its bias
+    codes need ``k`` more bits than int32 has; at ``2^k`` times the scale they fit, and its weights
+    become ``round((q - z) / 2^k)`` with zero point 0: they move by at most half the new step, a
+    contribution of order ``2^-31`` of the bias, while every other channel stays exact."""
+    if layer.bias is None or layer.input_quant is None:
+        return codes, w_scale, zp, []
+    step = float(layer.input_quant.scale) * w_scale.double()
+    need = layer.bias.detach().double().abs() / step / (2**31 - 2**20)  # a margin for the float32 scale
+    k = torch.where(need > 1, torch.ceil(torch.log2(need.clamp_min(1))), torch.zeros_like(need))
+    bad = k > 0
+    if not bool(bad.any()):
+        return codes, w_scale, zp, []
+    factor = torch.pow(2.0, k)
+    view = (-1,) + (1,) * (codes.dim() - 1)
+    shifted = torch.round((codes - zp.reshape(view)).double() / factor.reshape(view)).to(torch.int64)
+    codes = torch.where(bad.reshape(view), shifted, codes)
+    return codes, (w_scale.double() * factor).float(), torch.where(bad, 0, zp), torch.nonzero(bad).flatten().tolist()
+
+
 def _container_codes(layer: _QuantWeightLayer, name: str):
     """(codes, per-channel scale, per-channel zero point) of a layer's weight as the file stores them.
 
@@ -179,16 +213,232 @@ def _container_codes(layer: _QuantWeightLayer, name: str):
     return doubled, w_scale / 2, torch.zeros(out_ch, dtype=torch.int64)
 
 
-def qdq_model(qmodel: nn.Module) -> nn.Module:
-    """A copy of ``qmodel`` whose quantized layers are written with Q/DQ ops (what gets exported)."""
+def qdq_model(qmodel: nn.Module, fold_bn: bool = False, integer_adds: bool = False) -> nn.Module:
+    """A copy of ``qmodel`` whose quantized layers are written with Q/DQ ops (what gets exported);
+    with ``fold_bn``, every float BatchNorm that directly follows a quantized conv is folded into it
+    first (:func:`fold_bn_into_quant_convs`); with ``integer_adds`` (needs ``fold_bn``) the
+    operands of residual sums are quantized too (:func:`rewrite_for_integer_kernels`, an fx GraphModule)."""
+    if integer_adds and not fold_bn:
+        raise DfquantError("integer_adds needs fold_bn=True: a float BatchNorm after the residual conv would stand between it and its quantizer", param="integer_adds")
     found = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
     if not found:
         raise DfquantError("the model has no dfquant quantized layer: quantize it (dfquant.quantize) before exporting")
     out = copy.deepcopy(qmodel).eval()
+    if fold_bn:
+        fold_bn_into_quant_convs(out)
+        found = [(n, m) for n, m in out.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
     for name, layer in found:
         replace_module(out, name, _QDQLayer(layer, name))
     out.requires_grad_(False)
+    if fold_bn:
+        out = rewrite_for_integer_kernels(out, integer_adds)
     return out
+
+
+class _QDQTensor(nn.Module):
+    """An 8-bit QuantizeLinear(uint8) -> DequantizeLinear of a tensor dfquant's model keeps float."""
+
+    def __init__(self, scale: float, zero_point: int, why: str):
+        super().__init__()
+        self.scale, self.zero_point, self.why = float(scale), int(zero_point), why
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = _qd()
+        q = qd.quantize_per_tensor(x, self.scale, self.zero_point, 0, 255, torch.uint8)
+        return qd.dequantize_per_tensor(q, self.scale, self.zero_point, 0, 255, torch.uint8)
+
+
+class _QDQTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (_QDQLayer, _QDQInput)) or super().is_leaf_module(m, qualname)
+
+
+_ADDS = (operator.add, operator.iadd, torch.add)
+_MOVES = (operator.getitem, F.pad, torch.flatten)  # ops that move values without computing new ones
+
+
+def rewrite_for_integer_kernels(m: nn.Module, integer_adds: bool = False) -> nn.Module:
+    """Place Q/DQ pairs (in the export's graph ``m``) where a runtime needs them to fuse integer kernels.
+
+    Always (exact): a zero padding in front of an 8-bit quantized layer (TensorFlow's "same"
+    padding of MobileNetV1's stride-2 convs) gets that layer's QuantizeLinear -> DequantizeLinear
+    in front of it too. The pad's zeros are on the grid, so quantizing before and after the pad
+    gives the same values, and ONNX Runtime can then run the pad on the uint8 codes and the conv
+    before it with a quantized output. ``gm.requantized_pads`` counts them.
+
+    With ``integer_adds``, quantize both operands of every residual sum ``conv(...) + skip`` at 8
+    bits, so that a runtime can run the conv as an integer kernel with a quantized output and the
+    sum as ``QLinearAdd``. A deviation from dfquant's model, which keeps residual sums in float (SQuant and Genie quantize
+    layer inputs only): two more roundings per block. The conv's output (its folded BN's output) gets
+    a uint8 grid from that BN's statistics, ``N(beta, gamma^2)`` per channel, by the MSE range rule
+    of :func:`dfquant.activation_ranges.stats_range` (the library's data-free input ranges); the skip
+    gets the grid of the 8-bit quantizer that already reads it (the next block's first conv), so the
+    sum adds exactly what that conv sees. A sum whose conv has no folded BN statistics or whose skip
+    has no 8-bit quantizer keeps that operand float (``residual_adds`` in the export summary).
+    The result records what it did in ``gm.residual_adds``: one ``{"add", "quantized", "why"}`` each.
+    Returns ``m`` itself when there is nothing to do (or, without ``integer_adds``, when it does not
+    fx-trace), else an fx GraphModule.
+    """
+    from ..activation_ranges import ChannelStats, stats_range
+
+    try:
+        graph = _QDQTracer().trace(m)
+    except Exception as exc:
+        if not integer_adds:
+            return m
+        raise DfquantError(f"integer_adds needs an fx-traceable model: {_first_line(exc)}", param="integer_adds") from None
+    gm = fx.GraphModule(m, graph, type(m).__name__)
+    mods = dict(gm.named_modules())
+    pads = _quantize_before_pads(gm, mods)
+    if not integer_adds:
+        if not pads:
+            return m
+        gm.graph.lint()
+        gm.recompile()
+        gm.requantized_pads, gm.residual_adds = pads, []
+        return gm
+
+    def through(node, moves):  # walk back through Identity modules (folded BNs) and value moves
+        while isinstance(node, fx.Node) and ((node.op == "call_module" and isinstance(mods.get(node.target), (nn.Identity, nn.Sequential)))
+                                             or (moves and node.op == "call_function" and node.target in _MOVES)):
+            node = node.args[0]
+        return node
+
+    def quantized_conv(node):
+        n = through(node, False)
+        mod = mods.get(n.target) if isinstance(n, fx.Node) and n.op == "call_module" else None
+        return mod if isinstance(mod, _QDQLayer) and mod.is_conv else None
+
+    def skip_grid(node):
+        src = through(node, True)
+        for user in src.users if isinstance(src, fx.Node) else ():
+            mod = mods.get(user.target) if user.op == "call_module" else None
+            if isinstance(mod, _QDQLayer) and mod.input_qdq is not None and mod.input_qdq.bits == 8:
+                return mod.input_qdq.scale, mod.input_qdq.zero_point
+        return None
+
+    done = []
+    for k, node in enumerate([n for n in gm.graph.nodes if n.op == "call_function" and n.target in _ADDS]):
+        args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        convs = [quantized_conv(a) for a in args]
+        if len(args) != 2 or not any(convs):
+            continue  # not a residual sum of a quantized conv
+        i = 0 if convs[0] is not None else 1
+        conv, res, skip = convs[i], args[i], args[1 - i]
+        stats = getattr(conv, "bn_output_stats", None)
+        if stats is None:
+            done.append({"add": node.name, "quantized": False, "why": "the residual conv has no folded BN statistics to set its output's range from (export with fold_bn a model that kept its BN)"})
+            continue
+        lo, hi = stats_range(ChannelStats(stats[0], stats[1]), 8, "mse")
+        act = ActQuantizer(8, min(lo, 0.0), max(hi, 0.0))
+        grid = skip_grid(skip)
+        pairs = [(res, (float(act.scale), int(act.zero_point)), "residual conv output, range from its BN statistics")]
+        if grid is not None:
+            pairs.append((skip, grid, "skip, the grid of the 8-bit quantizer that reads it"))
+        for j, (arg, (scale, zp), why) in enumerate(pairs):
+            name = f"residual_qdq_{k}_{j}"
+            gm.add_submodule(name, _QDQTensor(scale, zp, why))
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(name, (arg,))
+            node.replace_input_with(arg, new)
+        done.append({"add": node.name, "quantized": grid is not None,
+                     "why": "" if grid is not None else "its skip has no 8-bit quantizer to share (activations below 8 bits): the sum stays float"})
+    gm.graph.lint()
+    gm.recompile()
+    gm.requantized_pads, gm.residual_adds = pads, done
+    return gm
+
+
+def _quantize_before_pads(gm: fx.GraphModule, mods: Dict[str, nn.Module]) -> int:
+    """Insert an 8-bit quantized layer's Q/DQ in front of the zero padding that feeds it (exact: see
+    :func:`rewrite_for_integer_kernels`); returns how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        mod = mods.get(node.target) if node.op == "call_module" else None
+        if not (isinstance(mod, _QDQLayer) and mod.input_qdq is not None and mod.input_qdq.bits == 8 and node.args):
+            continue
+        pad = node.args[0]
+        if not (isinstance(pad, fx.Node) and pad.op == "call_function" and pad.target is F.pad and len(pad.users) == 1
+                and pad.kwargs.get("mode", "constant") == "constant" and pad.kwargs.get("value") in (None, 0, 0.0)
+                and len(pad.args) == 2 and isinstance(pad.args[0], fx.Node)):
+            continue
+        name = f"pad_qdq_{count}"
+        gm.add_submodule(name, _QDQTensor(mod.input_qdq.scale, mod.input_qdq.zero_point, f"{node.target}'s input quantizer, before its zero padding"))
+        with gm.graph.inserting_before(pad):
+            new = gm.graph.call_module(name, (pad.args[0],))
+        pad.replace_input_with(pad.args[0], new)
+        count += 1
+    return count
+
+
+class _QuantTracer(fx.Tracer):
+    """fx's tracer with dfquant's quantized layers and BatchNorm kept as single nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (_QuantWeightLayer, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
+
+
+def quant_conv_bn_pairs(qmodel: nn.Module) -> Dict[str, str]:
+    """Quantized conv name -> the float BatchNorm2d (running statistics) that directly and only
+    follows it, each run once: the BNs an export can fold. {} when the model does not fx-trace."""
+    try:
+        graph = _QuantTracer().trace(qmodel)
+    except Exception:
+        return {}
+    modules = dict(qmodel.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    pairs = {}
+    for node in graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, nn.BatchNorm2d) or bn.running_var is None or not node.args:
+            continue
+        src = node.args[0]
+        if (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(modules.get(src.target), QuantConv2d)
+                and len(src.users) == 1 and calls[src.target] == calls[node.target] == 1):
+            pairs[src.target] = node.target
+    return pairs
+
+
+def fold_bn_into_quant_convs(qmodel: nn.Module) -> Dict[str, str]:
+    """Fold, in place, every BN of :func:`quant_conv_bn_pairs` into its quantized conv; returns the pairs.
+
+    Exact algebra on the grid, the codes unchanged: with ``a = gamma / sqrt(var + eps)`` per output
+    channel, ``a (q - z) s = (q - z) (a s)``, so the channel's weight scale becomes ``|a| s`` and
+    the bias ``beta + (b - mean) a`` (computed in float64). A channel with a negative ``a`` keeps a
+    positive scale (what integer kernels expect) and takes the codes and zero point negated,
+    ``(-q - (-z)) |a| s``. A negated lowest code ``-2^(b-1)`` would be ``2^(b-1)``, one past the
+    b-bit range (128 for int8); such a channel has its codes and zero point both shifted down by
+    one, ``(-q - 1) - (-z - 1)``, the same values, so the layer keeps its int8 (or int4) container.
+    A channel with ``a = 0`` gets codes and zero point 0 (its weights are exactly 0) at its old scale.
+    The BN's output statistics ``(beta, |gamma|)`` are kept on the conv as ``bn_output_stats``.
+    """
+    pairs = quant_conv_bn_pairs(qmodel)
+    for conv_name, bn_name in pairs.items():
+        conv, bn = qmodel.get_submodule(conv_name), qmodel.get_submodule(bn_name)
+        gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(bn.num_features, dtype=torch.float64)
+        beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(bn.num_features, dtype=torch.float64)
+        a = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
+        out_ch = conv.weight_int.shape[0]
+        sign = torch.where(a < 0, -1, 1).to(torch.int64)
+        dead = a == 0
+        view = (-1,) + (1,) * (conv.weight_int.dim() - 1)
+        codes = conv.weight_int.to(torch.int64) * sign.reshape(view)
+        # (-q + c) - (-z + c) = z - q for any whole c: shift a negated channel down by one where its
+        # codes would otherwise reach 2^(b-1) (the negated -2^(b-1)), so they stay in the container.
+        top = qrange(conv.w_bits, True)[1]
+        shift = ((sign < 0) & (codes.flatten(1).amax(1) > top)).to(torch.int64)
+        codes = (codes - shift.reshape(view)).masked_fill(dead.reshape(view), 0)
+        zp = (conv.weight_zero_point.double().expand(out_ch) * sign - shift).masked_fill(dead, 0)
+        scale = conv.weight_scale.double().expand(out_ch)
+        bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(out_ch, dtype=torch.float64)
+        conv.weight_int = codes.to(torch.int16)  # _QDQLayer checks the container range
+        conv.weight_scale = torch.where(dead, scale, scale * a.abs()).float()
+        conv.weight_zero_point = zp.float()
+        conv.bias = nn.Parameter((beta + (bias - bn.running_mean.double()) * a).float(), requires_grad=False)
+        conv.folded_bn = bn_name  # read by _QDQLayer, for the export summary
+        conv.bn_output_stats = (beta.float(), gamma.abs().float())  # the BN output's N(beta, gamma^2): rewrite_for_integer_kernels
+        replace_module(qmodel, bn_name, nn.Identity())
+    return pairs
 
 
 def require_onnx() -> None:
@@ -217,6 +467,8 @@ def export_onnx(
     dynamic_batch: bool = True,
     metadata: Optional[Dict[str, Any]] = None,
     int4_weights: bool = False,
+    fold_bn: bool = False,
+    integer_adds: bool = False,
 ) -> Dict[str, Any]:
     """Write ``qmodel`` (from :func:`dfquant.quantize` or a loaded save) to ``path`` as an ONNX QDQ model.
 
@@ -224,40 +476,34 @@ def export_onnx(
     unless ``dynamic_batch=False``. The file is written atomically. Returns a summary: the path,
     the opset, how many weights are stored as int8 codes (and which layers' as their exact float
     values, see ``_QDQLayer``), how many layer inputs are quantized, the count of each ONNX op, and
-    how many BatchNormalization ops stay float (quantize with ``fold_bn=True`` for integer deployment).
+    how many BatchNormalization ops stay float (export or quantize with ``fold_bn=True`` for integer deployment).
     ``metadata`` (JSON-able: model name, config) is stored in the file's metadata under "dfquant".
     ``int4_weights``: store the codes of every layer of 4 bits or fewer as packed INT4 (opset 21;
     see the module docstring for what that costs in ONNX Runtime); a layer whose per-channel zero
     point lies outside [-8, 7] (a grid that does not contain 0) keeps its int8 container.
+    ``fold_bn``: fold every float BatchNorm that directly follows a quantized conv (SQuant's
+    protocol keeps them) into that conv's per-channel weight scale and int32 bias
+    (:func:`fold_bn_into_quant_convs`), so that no float op stands between a conv and the next
+    layer's QuantizeLinear and a runtime can fuse them into an integer kernel; ``folded_bn`` in
+    the summary counts them. ``integer_adds`` (with ``fold_bn``): quantize the operands of residual
+    sums at 8 bits too (:func:`rewrite_for_integer_kernels`: a deviation from dfquant's model, which
+    :func:`check_onnx` measures), so that the residual convs and sums can run as integer kernels;
+    ``residual_adds`` in the summary says what each sum got. Both settings are stored in the file's
+    metadata (``export``), which :func:`check_onnx` reads.
     """
     require_onnx()
     import onnx
 
     path = check_output_path(path)
-    input_size = tuple(input_size or getattr(qmodel, "input_size", None) or ())
-    if len(input_size) != 3:
-        raise DfquantError(
-            f"ONNX export takes image models: give the input size as (C, H, W), got {input_size}"
-            if input_size
-            else "give the model's input size (C, H, W): the model does not record one"
-        )
+    input_size = _input_size(qmodel, input_size)
     _qd()  # the ops must be registered before the exporter builds its table of ONNX functions
-    m = qdq_model(qmodel)
+    m = qdq_model(qmodel, fold_bn=fold_bn, integer_adds=integer_adds)
     opset = OPSET_INT4 if int4_weights else OPSET
-    x = torch.zeros(2, *input_size)
-    dyn = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
-    with _quiet_exporter():
-        try:
-            program = torch.onnx.export(m, (x,), dynamo=True, opset_version=opset, input_names=["x"], output_names=["logits"], dynamic_shapes=dyn)
-        except Exception as exc:
-            why = _first_line(_root_cause(exc))
-            if "data-dependent" in why:
-                why += " (the forward branches on tensor values, e.g. `if x.sum() > 0`: an exported graph cannot)"
-            raise DfquantError(f"the ONNX exporter could not convert this model: {why}") from None
+    program = _run_exporter(m, input_size, opset, dynamic_batch)
     model = program.model_proto
     _strip_exporter_notes(model)
     packed = _pack_int4_weights(model) if int4_weights else []
-    doc = dict(metadata or {}, format=FORMAT, input_size=list(input_size))
+    doc = dict(metadata or {}, format=FORMAT, input_size=list(input_size), export={"fold_bn": fold_bn, "integer_adds": integer_adds})
     onnx.helper.set_model_props(model, {"dfquant": json.dumps(doc, default=str)})
     onnx.checker.check_model(model)
     try:
@@ -274,9 +520,81 @@ def export_onnx(
         "quantized_inputs": ops.get("QuantizeLinear", 0),  # quantize nodes: layers reading one tensor share one
         "ops": dict(sorted(ops.items())),
         "float_batchnorm": ops.get("BatchNormalization", 0),
+        "residual_adds": getattr(m, "residual_adds", []),
+        "requantized_pads": getattr(m, "requantized_pads", 0),
+        "folded_bn": sum(1 for _, mod in m.named_modules() if isinstance(mod, _QDQLayer) and mod.folded_bn is not None),
         "float_weights": wide,
+        "coarsened_channels": {name: mod.coarsened for name, mod in m.named_modules() if isinstance(mod, _QDQLayer) and mod.coarsened},
         "bytes": path.stat().st_size,
     }
+
+
+def _run_exporter(m: nn.Module, input_size, opset: int, dynamic_batch: bool):
+    """torch's (dynamo) ONNX exporter on ``m``, its output quiet and its errors one line."""
+    x = torch.zeros(2, *input_size)
+    dyn = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
+    with _quiet_exporter():
+        try:
+            return torch.onnx.export(m, (x,), dynamo=True, opset_version=opset, input_names=["x"], output_names=["logits"], dynamic_shapes=dyn)
+        except Exception as exc:
+            why = _first_line(_root_cause(exc))
+            if "data-dependent" in why:
+                why += " (the forward branches on tensor values, e.g. `if x.sum() > 0`: an exported graph cannot)"
+            raise DfquantError(f"the ONNX exporter could not convert this model: {why}") from None
+
+
+def float_twin(qmodel: nn.Module) -> nn.Module:
+    """A float copy of a quantized model: every quantized layer an ``nn.Conv2d`` / ``nn.Linear``
+    with its dequantized weight and bias and no input quantizer. It has the quantized model's
+    architecture and op count (the float baseline a speed comparison needs); it computes with the
+    quantized weights, so it is not the original float model."""
+    out = copy.deepcopy(qmodel).eval()
+    for name, layer in [(n, m) for n, m in out.named_modules() if isinstance(m, _QuantWeightLayer)]:
+        bias = layer.bias is not None
+        if isinstance(layer, QuantConv2d):
+            new = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups, bias=bias)
+        else:
+            new = nn.Linear(layer.in_features, layer.out_features, bias=bias)
+        with torch.no_grad():
+            new.weight.copy_(layer.weight.reshape(new.weight.shape))
+            if bias:
+                new.bias.copy_(layer.bias)
+        replace_module(out, name, new)
+    return out.requires_grad_(False)
+
+
+def export_float_onnx(model: nn.Module, path: "str | Path", input_size: Optional[Sequence[int]] = None, *, dynamic_batch: bool = True) -> Dict[str, Any]:
+    """Write a float model to ``path`` with the exporter :func:`export_onnx` uses (same opset,
+    input/output names, dynamic batch), no Q/DQ: the float baseline of a deployment comparison.
+    Returns ``path``, ``opset``, ``ops`` and ``bytes``."""
+    require_onnx()
+    import onnx
+
+    path = check_output_path(path)
+    input_size = _input_size(model, input_size)
+    model = model.eval()
+    program = _run_exporter(model, input_size, OPSET, dynamic_batch)
+    proto = program.model_proto
+    _strip_exporter_notes(proto)
+    onnx.checker.check_model(proto)
+    try:
+        atomic_write(path, lambda p: onnx.save_model(proto, str(p)))
+    except OSError as exc:
+        raise DfquantError(f"cannot write {path}: {exc.strerror or exc}") from None
+    ops = Counter(n.op_type for n in proto.graph.node)
+    return {"path": str(path), "opset": OPSET, "ops": dict(sorted(ops.items())), "bytes": path.stat().st_size}
+
+
+def _input_size(model: nn.Module, input_size) -> tuple:
+    input_size = tuple(input_size or getattr(model, "input_size", None) or ())
+    if len(input_size) != 3:
+        raise DfquantError(
+            f"ONNX export takes image models: give the input size as (C, H, W), got {input_size}"
+            if input_size
+            else "give the model's input size (C, H, W): the model does not record one",
+            param="input_size",
+        )
+    return input_size
 
 
 def _strip_exporter_notes(model) -> None:
@@ -337,7 +655,7 @@ def _read_file_metadata(path: Path, text: Optional[str]) -> Dict[str, Any]:
         raise DfquantError(f"{path}: its dfquant metadata is not valid JSON (damaged or edited file)") from None
     if not isinstance(meta, dict):
         raise DfquantError(f"{path}: its dfquant metadata must be a JSON object, found a {type(meta).__name__}")
-    for key, kind in (("config", dict), ("model_name", str), ("input_size", list)):
+    for key, kind in (("config", dict), ("model_name", str), ("input_size", list), ("export", dict)):
         if meta.get(key) is not None and not isinstance(meta[key], kind):
             raise DfquantError(f"{path}: dfquant metadata {key!r} must be a {kind.__name__}, found {meta[key]!r}")
     size = meta.get("input_size")
@@ -395,11 +713,16 @@ def check_onnx(qmodel: nn.Module, path: "str | Path", inputs: torch.Tensor) -> D
     Each: the largest absolute output difference, that relative to the largest output, and the
     fraction of inputs whose arg-max agrees; ``verdict``: ``"ok"`` when the ``file`` comparison is
     within :data:`CHECK_TOLERANCE`, else ``"differs"``, and ``tolerance``: that tolerance.
+    The ``file`` reference is built with the export settings stored in the file (``fold_bn``,
+    ``integer_adds``); the ``model`` comparison then includes what ``integer_adds`` changes.
     """
     inputs = inputs.float()
-    got = OnnxRuntimeModel(path)(inputs)
+    runtime = OnnxRuntimeModel(path)
+    got = runtime(inputs)
+    settings = runtime.metadata.get("export") or {}
     with torch.no_grad():
-        refs = {"file": qdq_model(qmodel)(inputs), "model": qmodel.eval()(inputs)}
+        file_graph = qdq_model(qmodel, fold_bn=bool(settings.get("fold_bn")), integer_adds=bool(settings.get("integer_adds")))
+        refs = {"file": file_graph(inputs), "model": qmodel.eval()(inputs)}
     out: Dict[str, Any] = {"n": int(inputs.shape[0])}
     for key, want in refs.items():
         if got.shape != want.shape:
