@@ -73,6 +73,12 @@ def main() -> None:
         default=None,
         help="Adam lr of the rounding variables (default: dfquant.genie.lr_round_for(recon_iters), the release's lr x iterations)",
     )
+    ap.add_argument(
+        "--protocols",
+        nargs="+",
+        default=["dfquant"],
+        help="run every row under each of these protocols (dfquant, genie, ...); rows of another protocol than dfquant's name it",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0, help="seed of synthesis and (unless --recon-seed) reconstruction")
     ap.add_argument("--recon-seed", type=int, default=None, help="seed of the reconstruction only (same synthetic images)")
@@ -125,6 +131,7 @@ def main() -> None:
         "command": "python benchmarks/genie_cifar.py "
         + " ".join([f"--models {' '.join(args.models)}", f"--settings {' '.join(args.settings)}"] + [f"--{k.replace('_', '-')} {v}" for k, v in budget.items()])
         + (f" --methods {' '.join(args.methods)}" if tuple(args.methods) != DEFAULT_METHODS else "")
+        + (f" --protocols {' '.join(args.protocols)}" if args.protocols != ["dfquant"] else "")
         + (f" --lr-round {args.lr_round:g}" if args.lr_round is not None else "")
         + (f" --seed {args.seed}" if args.seed else "")
         + (f" --recon-seed {args.recon_seed}" if args.recon_seed is not None else "")
@@ -165,22 +172,23 @@ def main() -> None:
         save()
         for setting in args.settings:
             w, a = parse_setting(setting)
-            for key in args.methods:
+            for key, protocol in ((k, p) for p in args.protocols for k in args.methods):
                 label, method, opts = METHODS[key]
+                label += "" if protocol == "dfquant" else f" [{protocol} protocol]"
                 if (setting, label) in kept:
                     entry["rows"].append(kept[(setting, label)])
                     print(f"{name} {setting} {label:<22} kept from the previous run", flush=True)
                     continue
-                opts = dict(opts)
+                opts = dict(opts, **({} if protocol == "dfquant" else {"protocol": protocol}))
                 if "data" in opts:
                     opts["synthetic"] = synthetic[opts.pop("data")]
-                if opts:
+                if "synthetic" in opts:
                     seed = args.seed if args.recon_seed is None else args.recon_seed
                     opts.update(recon_iters=args.recon_iters, device=args.device, seed=seed)
                     if args.lr_round is not None:
                         opts["lr_round"] = args.lr_round
                 t = time.perf_counter()
-                q, report = dfquant.quantize(model, method, w, a, progress=bool(opts), **opts)
+                q, report = dfquant.quantize(model, method, w, a, progress="synthetic" in opts, **opts)
                 dt = time.perf_counter() - t
                 ev = dfquant.evaluate(q, data, reference=model, predictions=True)
                 row = {"setting": setting, "method": label, "top1": ev["top1"], "drop": ev["top1"] - entry["fp32_top1"], "agree_top1": ev["agree_top1"], "logit_mse": ev["logit_mse"], "quantize_s": dt}
@@ -188,7 +196,7 @@ def main() -> None:
                 row["correct"] = "".join("1" if c else "0" for c in ev["correct"])
                 # per test image, the mean squared logit error against FP32 (6 significant digits): for sign tests
                 row["logit_sq_err"] = [float(f"{v:.6g}") for v in ev["logit_sq_err"]]
-                if opts:
+                if "synthetic" in opts:
                     row["reconstruction_s"] = report.config["genie"].get("reconstruction_time_s", dt)
                 entry["rows"].append(row)
                 print(f"{name} {setting} {label:<22} {ev['top1']:6.2f} ({row['drop']:+.2f})  {dt:7.1f} s", flush=True)
@@ -262,7 +270,9 @@ def to_markdown(res: dict) -> str:
         "(RTN, SQuant), and the reconstructed rows' activation steps start from them too unless the row says "
         "'act. ranges from data' (the release's clipping search on the synthetic images, the library's default). "
         "Weight grids: per-channel min/max for RTN and SQuant (SQuant's protocol); the Lp clipping search (Genie's release) for the "
-        "reconstructed rows unless the row says min/max grid.",
+        "reconstructed rows unless the row says min/max grid. Rows marked [genie protocol] follow the Genie release's instead "
+        "(`protocol='genie'`: first conv and classifier at 8-bit weights, the second layer's input at 8 bits, residual shortcuts "
+        "quantized with the block input's quantizer; docs/methods.md).",
         (
             f"Times are wall-clock with synthesis and reconstruction on the GPU ({res['gpu']}), one process on the machine."
             if res.get("gpu")
