@@ -136,7 +136,9 @@ def test_dfmpc_with_synthetic_images_stays_finite(options, one_thread):
 @pytest.mark.parametrize("method", ["genie", "zeroq"])
 def test_synthesis_losses_stay_finite(method, one_thread):
     from dfquant.genie import GenieConfig, synthesize
+    from dfquant.genie.bns_loss import bn_statistics_loss
 
     cfg = GenieConfig(samples=4, distill_iters=3, device="cpu").validate().resolve("cpu", method)
     images = synthesize(dead_net(), 4, cfg, method=method, input_size=SIZE)
     _finite(images, "images")
+    _finite(bn_statistics_loss(dead_net(), images, per_sample=method == "zeroq"), "BN-statistics loss")
