@@ -99,7 +99,7 @@ def run_rows(name: str, protocol: str, args, deadline: float, counter: list, tot
     loaded = None
     for setting, (w, a) in SETTINGS.items():
         for key, label, method, opts in row_plan(name, setting):
-            if ROWS[key][3] != protocol:
+            if ROWS[key][3] != protocol or setting not in args.settings or key not in args.rows:
                 continue
             counter[0] += 1
             path = _cache_file(args.cache, name, setting, key, opts, args.limit)
@@ -148,9 +148,10 @@ def _versus(row: dict, by_key: dict) -> list:
 def collect(args) -> dict:
     """The results document from the cache: every row run so far, with its paired tests."""
     doc = dict(command=args.command, machine=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(), models={})
-    for name in args.models:
+    for name in MODELS:  # every model and row of the plan: those not run yet are listed
         fp_path = args.cache / f"{name}_fp32_{args.limit}.json"
         if not fp_path.exists():
+            doc.setdefault("not_run", []).append(name)
             continue
         fp = json.loads(fp_path.read_text())
         m = dict(fp32_top1=fp["top1"], fp32_top5=fp["top5"], n_images=fp["n"], rows=[], not_run=[])
@@ -182,6 +183,8 @@ def to_markdown(doc: dict) -> str:
         "# The rounding methods on ImageNet-1k under three protocols: MobileNetV1-0.75 and Tiny Darknet",
         "",
         f"Command: `{doc['command']}`. Machine: {doc['machine']}, torch {doc['torch']}, {doc['threads']} thread(s).",
+        "Rows are cached as they finish (benchmarks/.cache, not committed); `python benchmarks/imagenet.py --threads 1` runs, or",
+        "resumes, the whole plan. Rows this run did not reach are listed under each model.",
         "Protocols: **dfquant** (per-channel min/max weight grid unless per-tensor, BN kept, image input float, classifier input",
         "8 bits, activation ranges from BN statistics), **squant** (the SQuant paper's: the same bits, activation ranges by the",
         "authors' noise rule, noise seed 0), **genie** (the Genie release's: first conv and classifier at 8-bit weights, second",
@@ -208,6 +211,8 @@ def to_markdown(doc: dict) -> str:
         if m["not_run"]:
             lines += ["", "Not run yet (rerun the command to add them): " + "; ".join(m["not_run"]) + "."]
         lines.append("")
+    if doc.get("not_run"):
+        lines += [f"Not run yet: {', '.join(doc['not_run'])} (every row).", ""]
     return "\n".join(lines)
 
 
@@ -219,14 +224,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--cache", type=Path, default=CACHE, help="where finished rows are kept (a rerun skips them)")
     ap.add_argument("--max-minutes", type=float, default=None, help="start no new row after this long; the tables list the rows not run")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="run these settings only (the tables keep every cached row)")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="run these rows only")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    flags = "".join(f" --{k} {v}" for k, v in (("threads", args.threads), ("limit", args.limit), ("out", args.out)) if v not in (None, str(RESULTS)))
-    args.command = "python benchmarks/imagenet.py" + (f" --models {' '.join(args.models)}" if list(args.models) != list(MODELS) else "") + flags
+    flags = "".join(f" --{k} {v}" for k, v in (("threads", args.threads), ("limit", args.limit), ("out", args.out), ("max-minutes", args.max_minutes)) if v not in (None, str(RESULTS)))
+    for name, chosen, every in (("models", args.models, MODELS), ("settings", args.settings, SETTINGS), ("rows", args.rows, ROWS)):
+        flags += f" --{name} {' '.join(chosen)}" if list(chosen) != list(every) else ""
+    args.command = "python benchmarks/imagenet.py" + flags
     args.cache.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else float("inf")
-    total = sum(1 for name in args.models for s in SETTINGS for _ in row_plan(name, s))
+    total = sum(1 for name in args.models for s in args.settings for k, *_ in row_plan(name, s) if k in args.rows)
     counter = [0]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
