@@ -23,11 +23,11 @@ from .config import (
     DFMPC_METHOD,
     LEARNED_METHODS,
     METHODS,
-    PROTOCOL_SETTINGS,
     QUANT_FIELDS,
     ROUNDING_METHODS,
     QuantConfig,
     default_a_bits,
+    protocol_settings,
 )
 from .dfmpc import (
     DFMPC_FIELDS,
@@ -42,9 +42,18 @@ from .dfmpc import (
 from .dfq import bias_correction, equalize_cross_layer, replace_relu6
 from .errors import DfquantError
 from .genie.config import GENIE_FIELDS, SYNTHESIS_FIELDS, GenieConfig
-from .graph import alias_map, analyse, fold_bn_in_place, rebind, replace_module, traced_shapes
+from .graph import (
+    Shortcuts,
+    alias_map,
+    analyse,
+    fold_bn_in_place,
+    rebind,
+    replace_module,
+    residual_shortcuts,
+    traced_shapes,
+)
 from .modelcheck import check_input_size, check_runs, copy_model, float32_eval_cpu
-from .qmodules import ActQuantizer, QuantConv2d, QuantLinear
+from .qmodules import ActQuantizer, QuantConv2d, QuantLinear, QuantShortcut
 from .quantizer import from_grid, grid_codes, grid_params, rtn_round, to_grid, weight_params
 from .report import STAGES, LayerReport, QuantReport, stage
 from .squant import rounding_error_sums, squant_round
@@ -99,8 +108,8 @@ def _quant_config(method: Any, bits: Dict[str, Any], options: Dict[str, Any]) ->
     chosen = {k: v for k, v in bits.items() if v is not _UNSET}
     if "a_bits" not in chosen and isinstance(method, str):
         chosen["a_bits"] = default_a_bits(method)
-    if chosen.get("a_bits", 4) is not None:  # the protocol's settings, where the call does not give them
-        options = dict(PROTOCOL_SETTINGS.get(options.get("protocol"), {}), **options)
+    # the protocol's settings, where the call does not give them
+    options = dict(protocol_settings(options.get("protocol"), chosen.get("a_bits", 4)), **options)
     return QuantConfig(method=method, **chosen, **options).validate()
 
 
@@ -368,6 +377,7 @@ def _quantize_rounding(model: nn.Module, graph, cfg: QuantConfig, run: _Run, ste
     report = QuantReport(cfg.method, cfg.w_bits, cfg.a_bits, config=cfg.to_dict(), unsupported=list(graph.unsupported))
     if graph.note:
         report.notes.append(graph.note)
+    shortcuts = _shortcuts(model, graph, cfg)
     with stage(times, "bn_stats"):
         ranges = _bn_ranges(model, graph, cfg, input_size, shapes)
     with stage(times, "copy"):
@@ -386,7 +396,7 @@ def _quantize_rounding(model: nn.Module, graph, cfg: QuantConfig, run: _Run, ste
             record = _compensate_step(model, qmodel, plan, cfg, step, stats, report)
             ranges = compensated_input_stats(ranges, record) if ranges else ranges
     with stage(times, "inputs"):
-        _quantize_inputs(qmodel, graph, cfg, ranges, report)
+        _quantize_inputs(qmodel, graph, cfg, ranges, report, shortcuts)
         if cfg.act_range == "squant" and cfg.a_bits is not None:
             _noise_ranges(qmodel, cfg, input_size, ends[0], report)
     return qmodel, report
@@ -505,19 +515,63 @@ def _quantize_layer(qmodel: nn.Module, name: str, cfg: QuantConfig, ends: Tuple[
     report.layers.append(LayerReport(name, "conv" if kind is QuantConv2d else "linear", tuple(w.shape), w_bits, None, None, rel, k_err, c_err, dt, note))
 
 
-def _quantize_inputs(qmodel: nn.Module, graph, cfg: QuantConfig, ranges: Dict[str, Any], report: QuantReport) -> None:
-    """Give every quantized layer its input quantizer, in layer order, and fill in the report's rows."""
+def _shortcuts(model: nn.Module, graph, cfg: QuantConfig) -> Optional[Shortcuts]:
+    """``quantize_shortcuts``: where the residual shortcuts are (:func:`dfquant.graph.residual_shortcuts`),
+    checked before any weight is quantized; None when the run quantizes no shortcut."""
+    if not cfg.quantize_shortcuts or cfg.a_bits is None:
+        return None
+    param = "protocol" if cfg.protocol == "genie" else "quantize_shortcuts"
+    if graph.traced is None:
+        raise DfquantError(f"{param}: quantizing residual shortcuts needs the model's graph, but torch.fx cannot trace this model's forward", param=param)
+    found = residual_shortcuts(model, graph.traced, [l.name for l in graph.layers if l.name not in cfg.skip])
+    if found.bare:
+        raise DfquantError(
+            f"{param}: the residual add(s) {', '.join(found.bare)} take the block input directly, with no shortcut module to hold its "
+            "quantizer; write the shortcut as a module (the Genie release's models use identity = self.identity(x), an nn.Identity), "
+            "or use protocol='dfquant'",
+            param=param,
+        )
+    return found
+
+
+def _quantize_inputs(qmodel: nn.Module, graph, cfg: QuantConfig, ranges: Dict[str, Any], report: QuantReport, shortcuts: Optional[Shortcuts] = None) -> None:
+    """Give every quantized layer its input quantizer, in layer order, and fill in the report's rows
+    (with ``shortcuts``: layers reading one tensor share the first one's quantizer, and each
+    shortcut module gets its block input's)."""
     names = [l.name for l in graph.layers]
-    ends = (names[0], names[-1])
+    ends = (names[0], names[1] if len(names) > 1 else None, names[-1])
     rows = {r.name: r for r in report.layers}
     for name in names:
         if name in cfg.skip:
             report.float_inputs.append((name, "skipped on request (weights and input in float)"))
             continue
-        act, a_range, a_bits = _input_quantizer(name, ends, cfg, ranges, report)
+        owner = shortcuts.shared.get(name) if shortcuts is not None else None
+        if owner is not None and qmodel.get_submodule(owner).input_quant is not None:
+            act = qmodel.get_submodule(owner).input_quant
+            a_range, a_bits = act.range, act.bits
+            rows[name].note = (rows[name].note + "; " if rows[name].note else "") + f"input quantizer shared with {owner} (the same tensor)"
+        else:
+            act, a_range, a_bits = _input_quantizer(name, ends, cfg, ranges, report)
         if act is not None:
             qmodel.get_submodule(name).input_quant = act
         rows[name].a_bits, rows[name].a_range = a_bits, a_range
+    if shortcuts is not None:
+        _quantize_shortcuts(qmodel, shortcuts, report)
+
+
+def _quantize_shortcuts(qmodel: nn.Module, shortcuts: Shortcuts, report: QuantReport) -> None:
+    """Wrap each shortcut module in a :class:`QuantShortcut` holding its block input's quantizer."""
+    done = []
+    for name, owner in shortcuts.modules.items():
+        act = qmodel.get_submodule(owner).input_quant
+        if act is None:
+            report.float_inputs.append((name, f"residual shortcut left float: {owner}, which reads the same block input, has a float input"))
+            continue
+        replace_module(qmodel, name, QuantShortcut(qmodel.get_submodule(name), act))
+        done.append(f"{name} ({owner}'s, {act.bits} bits)")
+    report.float_inputs += [(n, "residual shortcut left float: its block input feeds no quantized layer") for n in shortcuts.unquantized]
+    if done:
+        report.notes.append(f"quantize_shortcuts: {len(done)} residual shortcuts quantized with their block input's quantizer: " + ", ".join(done))
 
 
 def _corrected_bias(layer: nn.Module, weight_error: torch.Tensor, found: Any):
@@ -534,13 +588,17 @@ def _corrected_bias(layer: nn.Module, weight_error: torch.Tensor, found: Any):
 
 def _input_quantizer(name: str, ends: Tuple[str, str], cfg: QuantConfig, ranges: Dict[str, Any], report: QuantReport):
     """The activation quantizer for a layer's input (or None), following the paper's protocol."""
-    first, last = ends
+    first, second, last = ends
     if cfg.a_bits is None:
         return None, None, None
     if name == first and not cfg.quantize_first_input:
         report.float_inputs.append((name, "first layer: the image input stays float (paper protocol)"))
         return None, None, None
-    bits = cfg.last_input_bits if (name == last and cfg.last_input_bits) else cfg.a_bits
+    bits = cfg.a_bits
+    if name == second and cfg.second_input_bits:
+        bits = cfg.second_input_bits
+    if name == last and cfg.last_input_bits:
+        bits = cfg.last_input_bits
     if name == first:
         bits = cfg.first_input_bits
         if cfg.input_range is not None:

@@ -65,7 +65,7 @@ class _LayerBits(argparse.Action):
 
 
 #: Config fields whose flag takes a special parser.
-_BITS_OR_NONE = ("a_bits", "last_input_bits", "low_bits")
+_BITS_OR_NONE = ("a_bits", "last_input_bits", "second_input_bits", "low_bits")
 #: Defaults the help states in words (they depend on the method).
 _SHOWN_DEFAULTS = {"a_bits": "4; none for --method dfmpc", "w_grid": "none: the --w-range grid; paper for --method dfmpc"}
 
@@ -457,7 +457,7 @@ def _plot_layers(model, report, path: str):
     from .plots import plot_layers
 
     cfg = report.config
-    keep = ("layer_w_bits", "skip", "per_channel", "fold_bn", "first_last_w_bits", "last_input_bits")
+    keep = ("layer_w_bits", "skip", "per_channel", "fold_bn", "first_last_w_bits", "last_input_bits", "second_input_bits", "quantize_shortcuts")
     baseline = report if cfg["method"] == "rtn" else dfquant.quantize(model, "rtn", cfg["w_bits"], cfg["a_bits"], **{k: cfg[k] for k in keep})[1]
     return plot_layers(report, baseline, path)
 

@@ -36,11 +36,25 @@ ACT_RANGES = ("dfq", "mse", "squant")
 INITS = ("rtn", "squant")
 #: Whose protocol a run follows. dfquant's (the default); the SQuant paper's (Guo et al. 2022, Sec. 5:
 #: every weight at w_bits, image input float, classifier input 8 bits) with its authors' activation
-#: rule. The Genie release's protocol (8-bit first/last weights, quantized shortcuts) is not built yet.
-PROTOCOLS = ("dfquant", "squant")
-#: What a protocol fixes, when activations are quantized (a_bits set); keyword calls get these
-#: values unless they give the field, a whole QuantConfig must hold them.
-PROTOCOL_SETTINGS = {"squant": dict(act_range="squant", first_last_w_bits=None, quantize_first_input=False, last_input_bits=8)}
+#: rule; the Genie release's (SamsungLabs/Genie, ``reconstruct.py`` ``quantize_model``, which follows
+#: BRECQ: first conv and classifier at 8-bit weights, image input float, the second layer's and the
+#: classifier's inputs at 8 bits, residual shortcuts quantized with the block input's quantizer).
+PROTOCOLS = ("dfquant", "squant", "genie")
+#: What a protocol fixes; keyword calls get these values unless they give the field, a whole
+#: QuantConfig must hold them. The activation fields apply only when activations are quantized
+#: (a_bits set); :data:`WEIGHT_PROTOCOL_FIELDS` always.
+PROTOCOL_SETTINGS = {
+    "squant": dict(act_range="squant", first_last_w_bits=None, quantize_first_input=False, last_input_bits=8, second_input_bits=None, quantize_shortcuts=False),
+    "genie": dict(first_last_w_bits=8, quantize_first_input=False, last_input_bits=8, second_input_bits=8, quantize_shortcuts=True),
+}
+#: The fields of a protocol's settings that concern weights (fixed even for weight-only runs).
+WEIGHT_PROTOCOL_FIELDS = ("first_last_w_bits",)
+
+
+def protocol_settings(protocol: "Optional[str]", a_bits: "Optional[int]") -> Dict[str, Any]:
+    """What ``protocol`` fixes for a run with ``a_bits`` activation bits (None: weight-only)."""
+    fixed = PROTOCOL_SETTINGS.get(protocol or "dfquant", {})
+    return {k: v for k, v in fixed.items() if a_bits is not None or k in WEIGHT_PROTOCOL_FIELDS}
 
 
 def default_a_bits(method: str) -> "Optional[int]":
@@ -56,8 +70,9 @@ class QuantConfig:
     method: str = option("squant", "quantization method", choices=METHODS)
     protocol: str = option(
         "dfquant",
-        "whose protocol: dfquant (BN-statistics activation ranges) or squant (the SQuant paper's: every weight at w_bits, "
-        "image input float, classifier input 8 bits, the authors' noise rule act_range squant)",
+        "whose protocol: dfquant (BN-statistics activation ranges), squant (the SQuant paper's: every weight at w_bits, "
+        "image input float, classifier input 8 bits, the authors' noise rule act_range squant) or genie (the Genie release's: "
+        "first and last weights at 8 bits, the second layer's and the classifier's inputs at 8 bits, residual shortcuts quantized)",
         choices=PROTOCOLS,
     )
     w_bits: int = option(4, "weight bit-width, 2..8")
@@ -78,6 +93,12 @@ class QuantConfig:
     first_input_bits: int = option(8, "bits of the image input when it is quantized", cli=False)
     input_range: Optional[Tuple[float, float]] = option(None, "the image input's range (lo, hi), needed to quantize it", cli=False)
     last_input_bits: Optional[int] = option(8, "bits of the classifier's input (none: the same as a_bits)")
+    second_input_bits: Optional[int] = option(None, "bits of the second layer's input (none: a_bits; the Genie release's protocol: 8, as BRECQ)")
+    quantize_shortcuts: bool = option(
+        False,
+        "quantize every residual shortcut with its block input's quantizer, so the residual add receives the quantized block "
+        "input (the Genie release's protocol); layers reading one tensor share one input quantizer",
+    )
     first_last_w_bits: Optional[int] = option(None, "weight bits of the first and last layers (none: w_bits)", cli=False)
     layer_w_bits: Dict[str, int] = option({}, "weight bit-width of single layers by name, overriding w_bits", flag="--layer-bits")
     per_channel: bool = option(True, "one weight scale per output channel, unless --per-tensor: one per layer (DFQ's protocol); min/max and lp grids", flag="--per-tensor")
@@ -101,10 +122,10 @@ class QuantConfig:
         check_bits(self.w_bits, "w_bits")
         if self.a_bits is not None:
             check_bits(self.a_bits, "a_bits")
-        for name in ("first_input_bits", "last_input_bits", "first_last_w_bits"):
+        for name in ("first_input_bits", "last_input_bits", "second_input_bits", "first_last_w_bits"):
             if getattr(self, name) is not None:
                 check_bits(getattr(self, name), name)
-        for name in ("squant_kernel", "squant_channel", "fold_bn", "quantize_first_input", "per_channel", "cle", "bias_correction", "relu6_to_relu", "int32_bias"):
+        for name in ("squant_kernel", "squant_channel", "fold_bn", "quantize_first_input", "per_channel", "cle", "bias_correction", "relu6_to_relu", "int32_bias", "quantize_shortcuts"):
             check_bool(getattr(self, name), name)
         if isinstance(self.skip, str):
             raise fail("skip", f"skip must be a list of layer names, got the string {self.skip!r} (write skip=({self.skip!r},))")
@@ -155,15 +176,16 @@ class QuantConfig:
         for name in ("cle", "bias_correction", "relu6_to_relu"):
             if getattr(self, name) and self.method in LEARNED_METHODS:
                 raise fail(name, f"{name} is a DFQ step for the rounding methods ({', '.join(ROUNDING_METHODS)}), not for {self.method!r}")
-        if self.protocol != "dfquant" and self.method in LEARNED_METHODS:
-            raise fail("protocol", f"protocol={self.protocol!r} applies to the rounding methods only; {self.method!r} runs under dfquant's (the Genie release's protocol is not built yet)")
-        for name, value in (PROTOCOL_SETTINGS.get(self.protocol, {}).items() if self.a_bits is not None else ()):
+        if self.protocol == "squant" and self.method in LEARNED_METHODS:
+            raise fail("protocol", f"protocol='squant' is the SQuant paper's protocol for the rounding methods; {self.method!r} runs under 'dfquant' or 'genie'")
+        for name, value in protocol_settings(self.protocol, self.a_bits).items():
             if getattr(self, name) != value:
                 raise fail(name, f"protocol={self.protocol!r} fixes {name}={value!r}, got {getattr(self, name)!r}: use protocol='dfquant' to change it")
         if self.init != "rtn" and self.method not in LEARNED_METHODS:
             raise fail("init", f"init={self.init!r} applies to the learned methods ({', '.join(LEARNED_METHODS)}) only, not to {self.method!r}")
         if self.a_bits is None:
-            for name, unset in (("n_sigma", None), ("act_range", "dfq"), ("noise_s", None), ("noise_seed", 0), ("quantize_first_input", False), ("input_range", None)):
+            unsets = (("n_sigma", None), ("act_range", "dfq"), ("noise_s", None), ("noise_seed", 0), ("quantize_first_input", False), ("input_range", None), ("second_input_bits", None), ("quantize_shortcuts", False))
+            for name, unset in unsets:
                 if getattr(self, name) != unset:
                     raise fail(name, f"{name} sets how activations are quantized, but a_bits=None quantizes none (weight-only)")
         if self.n_sigma is not None and self.act_range != "dfq":

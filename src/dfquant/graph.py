@@ -4,6 +4,7 @@ back to module registration order (documented in the report).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -215,3 +216,89 @@ def fold_bn_in_place(model: nn.Module, graph: ModelGraph) -> nn.Module:
         ident._dfquant_folded = True  # type: ignore[attr-defined]  # remembered when saving
         replace_module(folded, bn_name, ident, names)
     return folded
+
+
+#: Residual adds, as fx records ``a + b``, ``a += b``, ``torch.add(a, b)`` and ``a.add(b)``.
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+#: Ops a shortcut may apply to the block input that commute with an elementwise quantizer whose
+#: zero is exact: slicing (option-A subsampling), zero padding, reshapes.
+_SHAPE_FUNCTIONS = (operator.getitem, torch.nn.functional.pad, torch.flatten)
+_SHAPE_METHODS = ("view", "reshape", "flatten", "contiguous")
+
+
+@dataclass
+class Shortcuts:
+    """Where the Genie release's protocol quantizes residual shortcuts (:func:`residual_shortcuts`)."""
+
+    modules: Dict[str, str] = field(default_factory=dict)  # shortcut module -> the layer whose input quantizer it takes
+    shared: Dict[str, str] = field(default_factory=dict)  # layer -> an earlier layer reading the same tensor
+    bare: List[str] = field(default_factory=list)  # adds that take a layer's input with no module between
+    unquantized: List[str] = field(default_factory=list)  # shortcut modules whose input feeds no quantized layer
+
+
+def _is_shortcut_step(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """A node a shortcut may pass through: an ``nn.Identity`` or a module of the model's own code
+    without weights or buffers (an option-A shortcut), or a slicing / padding / reshaping op. torch's
+    own activations and pools are not: a quantizer before them is not one after them."""
+    if node.op == "call_module":
+        mod = modules.get(node.target)
+        if mod is None or is_supported(mod) or next(mod.parameters(), None) is not None or next(mod.buffers(), None) is not None:
+            return False
+        return type(mod) is nn.Identity or not type(mod).__module__.startswith("torch.")
+    if node.op == "call_function":
+        return node.target in _SHAPE_FUNCTIONS
+    return node.op == "call_method" and node.target in _SHAPE_METHODS
+
+
+def _shortcut_module(node: fx.Node, outer: set, modules: Dict[str, nn.Module]) -> Optional[str]:
+    """The module a shortcut step belongs to below the add's own module: the step itself for a
+    call_module, else the outermost module of its ``nn_module_stack`` that the add is not inside
+    (fx traces into an option-A shortcut's forward), if it holds no weights or buffers."""
+    if node.op == "call_module":
+        return node.target
+    inner = [k for k in node.meta.get("nn_module_stack", {}) if k not in outer]
+    if inner and inner[0] in modules and next(modules[inner[0]].parameters(), None) is None and next(modules[inner[0]].buffers(), None) is None:
+        return inner[0]
+    return None
+
+
+def residual_shortcuts(model: nn.Module, gm: fx.GraphModule, layers: List[str]) -> Shortcuts:
+    """The residual shortcuts of a float ``model`` (traced: ``gm``) and the tensors its ``layers`` share.
+
+    A residual add's operand is a shortcut when, walking back through :func:`_is_shortcut_step`
+    nodes, it reaches a tensor that one of ``layers`` reads (the block input). Its quantizer goes on
+    the first module of that walk seen from the block input (``modules``); an add that takes the
+    tensor with no module between is listed in ``bare`` (there is nothing to hold its quantizer:
+    the Genie release's models add an ``nn.Identity`` for it). A downsample conv is one of
+    ``layers`` and reads the block input itself: it is in ``shared``, with every other layer that
+    reads a tensor an earlier layer reads (execution order).
+    """
+    modules = dict(model.named_modules())  # the traced copy lacks modules fx traced into
+    wanted = set(layers)
+    readers: Dict[fx.Node, str] = {}
+    out = Shortcuts()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in wanted:
+            src = first_input(node)
+            if src in readers and readers[src] != node.target:
+                out.shared.setdefault(node.target, readers[src])
+            readers.setdefault(src, node.target)
+    for node in gm.graph.nodes:
+        is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (node.op == "call_method" and node.target in ("add", "add_"))
+        if not is_add:
+            continue
+        outer = set(node.meta.get("nn_module_stack", {}))
+        for arg in node.args[:2]:
+            cur, first_module = arg, None
+            while isinstance(cur, fx.Node) and cur not in readers and _is_shortcut_step(cur, modules):
+                first_module = _shortcut_module(cur, outer, modules) or first_module
+                cur = first_input(cur)
+            if not isinstance(cur, fx.Node):
+                continue
+            if cur in readers and first_module is not None:
+                out.modules.setdefault(first_module, readers[cur])
+            elif cur in readers:
+                out.bare.append(node.name)
+            elif first_module is not None and cur is not arg:
+                out.unquantized.append(first_module)
+    return out

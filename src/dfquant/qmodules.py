@@ -96,3 +96,25 @@ class QuantLinear(_QuantWeightLayer):
 
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
+
+
+class QuantShortcut(nn.Module):
+    """A residual shortcut that sees its block input quantized: ``inner(input_quant(x))``.
+
+    ``input_quant`` is the very :class:`ActQuantizer` of the block's first layer (the object, not a
+    copy), so the residual add receives the block input on the grid the block's convs read it on:
+    the Genie release's protocol (``reconstruct.py`` ``QuantizableLayer.forward``, whose
+    ``tensor_quantizer`` makes every layer reading one tensor, its ``nn.Identity`` shortcut
+    included, share one quantizer). ``inner`` is the float model's shortcut (``nn.Identity``, an
+    option-A subsample-and-pad), which commutes with the quantizer (zero is on the grid)."""
+
+    def __init__(self, inner: nn.Module, input_quant: ActQuantizer):
+        super().__init__()
+        self.inner = inner
+        self.input_quant = input_quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.input_quant(x))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.input_quant.bits} (the block input's quantizer)"

@@ -69,6 +69,7 @@ class QuantReport:
         low = (self.config.get("dfmpc") or {}).get("low_bits")
         if low:  # DF-MPC's mixed precision: MP low/high
             title += f" (DF-MPC MP{low}/{self.w_bits}: the pairs' low layers at {low} bits)"
+        title += f", protocol {self.config.get('protocol', 'dfquant')}"
         lines = [title, head, "-" * len(head)]
         for r in self.layers:
             a = str(r.a_bits) if r.a_bits else "float"

@@ -33,7 +33,7 @@ from ..errors import DfquantError
 from ..quantizer import fake_quant
 from .config import GenieConfig
 from .quantizer import _EPS, GenieLayer, calibrate_activations
-from .units import capture, chunks, get_module, ordered_units, set_module
+from .units import capture, chunks, get_module, ordered_units, set_module, tie_shared_inputs
 
 
 def recon_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -148,7 +148,7 @@ def _train_unit(run: _Run, unit: nn.Module, wrappers: Sequence[GenieLayer], shar
     """
     cfg = run.cfg
     groups = [{"params": [w.w_scale for w in wrappers], "lr": cfg.lr_w_scale}]
-    a_scales = [w.a_scale for w in wrappers if w.a_scale is not None]
+    a_scales = list({id(w.a_scale): w.a_scale for w in wrappers if w.a_scale is not None}.values())  # one per shared quantizer
     if a_scales:
         groups.append({"params": a_scales, "lr": cfg.lr_a_scale})
     opt_scale = torch.optim.Adam(groups)
@@ -202,7 +202,8 @@ def _train_wrapped(run: _Run, uname: str, layers: List[str], x_fp, x_q, y) -> fl
     for n, w in zip(layers, wrappers):
         set_module(run.qmodel, n, w)
     try:
-        undecided = _train_unit(run, get_module(run.qmodel, uname), wrappers, shard, x_fp, x_q, y)
+        with tie_shared_inputs(get_module(run.qmodel, uname), wrappers):
+            undecided = _train_unit(run, get_module(run.qmodel, uname), wrappers, shard, x_fp, x_q, y)
         for w in wrappers:
             w.commit()
     finally:

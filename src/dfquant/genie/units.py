@@ -8,15 +8,16 @@ by hooks that stop the forward pass as soon as they have them.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..errors import DfquantError
 from ..graph import replace_module
-from ..qmodules import QUANT_LAYERS
+from ..qmodules import QUANT_LAYERS, QuantShortcut
 
 #: Class names whose modules are reconstructed as one unit (the release's list in ``main.py``).
 BLOCK_CLASS_NAMES = ("BasicBlock", "Bottleneck", "ResBottleneckBlock", "DwsConvBlock", "ConvBlock", "InvertedResidual")
@@ -160,3 +161,43 @@ def ordered_units(qmodel: nn.Module, ref: nn.Module, x: torch.Tensor) -> Tuple[U
     for _, layers in units:
         layers.sort(key=lambda n: order[n][0])
     return units, skipped
+
+
+class _LearnedInput(nn.Module):
+    """During a unit's training: a shortcut's quantizer replaced by the learned one of the layer it
+    shares it with (its step, LSQ rounding and QDrop), as the release's shared quantizer trains."""
+
+    def __init__(self, wrapper: nn.Module):
+        super().__init__()
+        self.wrapper = wrapper
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wrapper.quant_input(x)
+
+
+@contextlib.contextmanager
+def tie_shared_inputs(unit: nn.Module, wrappers: Sequence[nn.Module]):
+    """Within one unit's training, layers that share one input quantizer (``quantize_shortcuts``)
+    learn one step: their wrappers get the first one's ``a_scale`` parameter, and every
+    :class:`~dfquant.qmodules.QuantShortcut` in the unit whose quantizer one of them holds uses that
+    wrapper's learned quantizer. The release's ``QuantizableLayer`` makes the layers and the
+    identity shortcut reading one tensor hold one ``ActivationQuantizer`` (``tensor_quantizer``),
+    trained once. Undone on exit; the commit writes the one step into the shared quantizer."""
+    leaders: Dict[int, nn.Module] = {}
+    for w in wrappers:
+        aq = w.layer.input_quant
+        if aq is None or w.a_scale is None:
+            continue
+        lead = leaders.setdefault(id(aq), w)
+        if lead is not w:
+            w.a_scale = lead.a_scale
+    swapped = []
+    for m in unit.modules():
+        if isinstance(m, QuantShortcut) and id(m.input_quant) in leaders:
+            swapped.append((m, m.input_quant))
+            m.input_quant = _LearnedInput(leaders[id(m.input_quant)])
+    try:
+        yield
+    finally:
+        for m, aq in swapped:
+            m.input_quant = aq

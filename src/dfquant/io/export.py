@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from ..errors import DfquantError
 from ..graph import replace_module
-from ..qmodules import ActQuantizer, QuantConv2d, QuantLinear, _QuantWeightLayer
+from ..qmodules import ActQuantizer, QuantConv2d, QuantLinear, QuantShortcut, _QuantWeightLayer
 from ..quantizer import qrange
 from .files import atomic_write, check_writable
 
@@ -229,6 +229,9 @@ def qdq_model(qmodel: nn.Module, fold_bn: bool = False, integer_adds: bool = Fal
         found = [(n, m) for n, m in out.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
     for name, layer in found:
         replace_module(out, name, _QDQLayer(layer, name))
+    for name, m in out.named_modules():  # quantize_shortcuts: the shortcut's Q/DQ pair, the block input's scale
+        if isinstance(m, QuantShortcut):
+            m.input_quant = _QDQInput(m.input_quant, name)
     out.requires_grad_(False)
     if fold_bn:
         out = rewrite_for_integer_kernels(out, integer_adds)

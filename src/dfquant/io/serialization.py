@@ -37,7 +37,7 @@ import torch.nn as nn
 from ..errors import DfquantError, note
 from ..graph import replace_module
 from ..modelcheck import check_plain_module, copy_model, non_finite
-from ..qmodules import ActQuantizer, QuantConv2d, QuantLinear
+from ..qmodules import ActQuantizer, QuantConv2d, QuantLinear, QuantShortcut
 from ..quantizer import W_GRID_CHOICES, QParams, grid_for_bits, qrange
 from .files import atomic_write_all, check_writable
 
@@ -56,6 +56,26 @@ def layer_layout(qmodel: nn.Module) -> Dict[str, Dict[str, Any]]:
                 "has_bias": m.bias is not None,
             }
     return out
+
+
+def input_sharing(qmodel: nn.Module) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """``(shared_inputs, shortcuts)``: each quantized layer whose input quantizer is another layer's
+    (the same object, ``quantize_shortcuts``), and each :class:`QuantShortcut`, mapped to the first
+    layer (registration order) that holds that quantizer."""
+    owners: Dict[int, str] = {}
+    shared: Dict[str, str] = {}
+    for name, m in qmodel.named_modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)) and m.input_quant is not None:
+            owner = owners.setdefault(id(m.input_quant), name)
+            if owner != name:
+                shared[name] = owner
+    shortcuts: Dict[str, str] = {}
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QuantShortcut):
+            if id(m.input_quant) not in owners:
+                raise DfquantError(f"the quantized shortcut {name!r} holds a quantizer no quantized layer reads with; such a model cannot be saved")
+            shortcuts[name] = owners[id(m.input_quant)]
+    return shared, shortcuts
 
 
 def model_paths(path: "str | Path") -> Tuple[Path, Path]:
@@ -113,6 +133,7 @@ def save_quantized(qmodel: nn.Module, path: "str | Path", *, model_name: Optiona
         "float_biased": [n for n, m in qmodel.named_modules() if type(m) in (nn.Conv2d, nn.Linear) and m.bias is not None],
         "config": _without_timings(config or {}),
     }
+    meta["shared_inputs"], meta["shortcuts"] = input_sharing(qmodel)  # quantize_shortcuts: one quantizer object, several users
     tensors = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items()}
     if model_name is not None:
         _check_fits_registry(qmodel, model_name, meta, tensors)
@@ -239,6 +260,14 @@ def _check_metadata(p: Path, info: Any) -> Dict[str, Any]:
         names = info.get(key, [])
         if not isinstance(names, list) or not all(isinstance(x, str) and x for x in names):
             raise _damaged(p, f"metadata {key!r} must be a list of layer names, found {names!r}")
+    for key in ("shared_inputs", "shortcuts"):
+        pairs = info.get(key, {})
+        if not isinstance(pairs, dict) or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in pairs.items()):
+            raise _damaged(p, f"metadata {key!r} must map module names to layer names, found {pairs!r}")
+        for k, owner in pairs.items():
+            spec = info["layers"].get(owner)
+            if not isinstance(spec, dict) or spec.get("a_bits") is None or owner in info.get("shared_inputs", {}):
+                raise _damaged(p, f"metadata {key}[{k!r}] names {owner!r}, which is no quantized layer with an input quantizer of its own")
     for lname, spec in info["layers"].items():
         where = f"layers[{lname!r}]"
         if not isinstance(spec, dict):
@@ -271,7 +300,7 @@ def _check_bits_against_config(p: Path, info: Dict[str, Any]) -> None:
     a_allowed = set()
     if cfg["a_bits"] is not None:
         first = cfg.get("first_input_bits") if cfg.get("quantize_first_input") else None
-        a_allowed = {b for b in (cfg["a_bits"], cfg.get("last_input_bits"), first) if _is_bits(b)}
+        a_allowed = {b for b in (cfg["a_bits"], cfg.get("last_input_bits"), cfg.get("second_input_bits"), first) if _is_bits(b)}
     for name, spec in info["layers"].items():
         want = per_layer.get(name)
         if (spec["w_bits"] != want) if _is_bits(want) else (spec["w_bits"] not in w_allowed):
@@ -369,6 +398,13 @@ def _rebuild(info: Dict[str, Any], model: nn.Module, state: Dict[str, torch.Tens
         bias = torch.zeros(layer.weight.shape[0]) if spec["has_bias"] and layer.bias is None else None
         cls = QuantConv2d if spec["kind"] == "conv" else QuantLinear
         replace_module(q, name, cls(layer, zeros, qp, act, bias=bias))
+    for name, owner in info.get("shared_inputs", {}).items():  # the one quantizer object, as saved
+        layer, held = lookup(name, "shared_inputs"), q.get_submodule(owner).input_quant
+        if not isinstance(layer, (QuantConv2d, QuantLinear)) or layer.input_quant is None or layer.input_quant.bits != held.bits:
+            raise DfquantError(f"{where}: shared_inputs names {name!r}, which is no quantized layer with an input of {held.bits} bits in the file")
+        layer.input_quant = held
+    for name, owner in info.get("shortcuts", {}).items():
+        replace_module(q, name, QuantShortcut(lookup(name, "shortcuts"), q.get_submodule(owner).input_quant))
     return q
 
 
@@ -450,6 +486,15 @@ def _read_file(path: "str | Path") -> Tuple[Path, Dict[str, Any], Dict[str, torc
     return path, info, state
 
 
+def _check_shared(p: Any, q: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """A quantizer shared by several modules is saved under each one's name: the copies must agree
+    (loading keeps one of them)."""
+    held = q.state_dict(keep_vars=True)
+    for key, t in held.items():
+        if not torch.equal(state[key], t.detach()):
+            raise _damaged(p, f"{key} differs from the other copy of the quantizer it shares (quantize_shortcuts)")
+
+
 def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tuple[nn.Module, Dict[str, Any]]:
     """Rebuild a saved quantized model; ``model`` is the float architecture when not in the registry.
 
@@ -484,12 +529,13 @@ def load_quantized(path: "str | Path", model: Optional[nn.Module] = None) -> Tup
         q.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise DfquantError(f"{path} does not fit the architecture: {str(exc).splitlines()[0]}") from None
+    _check_shared(path, q, state)
     _check_values(path, q, info)
     return q, info
 
 
 #: the settings that say under which protocol a saved model was quantized
-PROTOCOL_KEYS = ("protocol", "fold_bn", "per_channel", "w_range", "w_grid", "act_range", "quantize_first_input", "last_input_bits", "int32_bias", "cle", "bias_correction")
+PROTOCOL_KEYS = ("protocol", "fold_bn", "per_channel", "w_range", "w_grid", "act_range", "quantize_first_input", "last_input_bits", "second_input_bits", "first_last_w_bits", "quantize_shortcuts", "int32_bias", "cle", "bias_correction")
 
 
 def file_info(path: "str | Path") -> Dict[str, Any]:
