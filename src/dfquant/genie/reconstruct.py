@@ -134,6 +134,15 @@ def _sum_over_processes(params: Sequence[torch.Tensor], rec_part: torch.Tensor) 
     return float(total)
 
 
+def _train_layout(t: torch.Tensor) -> torch.Tensor:
+    """A unit's training tensors in channels-last order on the CPU (4-D ones): the batches gathered
+    from them keep it, and the units' convolutions with their gradients run ~1.5-2x faster on
+    16-channel maps (measured; the same values up to float rounding). Unchanged on a GPU."""
+    if t.device.type == "cpu" and t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
 def _train_unit(run: _Run, unit: nn.Module, wrappers: Sequence[GenieLayer], shard: _Shard, x_fp, x_q, y) -> float:
     """Adam on (steps, V) of one unit: the release's ``reconstruct_block`` objective and schedule.
 
@@ -151,6 +160,7 @@ def _train_unit(run: _Run, unit: nn.Module, wrappers: Sequence[GenieLayer], shar
     opt_round = torch.optim.Adam([w.v for w in wrappers], lr=cfg.lr_round)
     params = [p for group in groups for p in group["params"]] + [w.v for w in wrappers]
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_scale, T_max=cfg.recon_iters)
+    x_fp, x_q, y = (_train_layout(t) for t in (x_fp, x_q, y))
     n = x_q.shape[0]
     bs = min(cfg.batch_size, n)
     batches: List[torch.Tensor] = []
