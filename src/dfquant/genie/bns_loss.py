@@ -125,9 +125,9 @@ class _BatchStdMean(torch.autograd.Function):
 
 
 def batch_std_mean(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``torch.std_mean(x, dim=(0, 2, 3))`` (unbiased) of an (N, C, H, W) tensor, several times
-    faster on a CPU with its gradient (equal up to float rounding; the mean and centred squares
-    are summed in separate passes, as ``std`` is defined)."""
+    """``torch.std_mean(x, dim=(0, 2, 3))`` (unbiased) of an (N, C, H, W) tensor, faster on
+    a CPU with its gradient (equal up to float rounding; the mean and centred squares are summed in
+    separate passes, as ``std`` is defined; timings in benchmarks/results/speed.md)."""
     return _BatchStdMean.apply(x)
 
 

@@ -43,8 +43,8 @@ def _rect_sigmoid_inverse(r: torch.Tensor) -> torch.Tensor:
 
 def qdrop_mask(shape, drop_prob: float, gen: torch.Generator, device) -> torch.Tensor:
     """QDrop's keep mask as a float tensor of 0/1: 1 where ``torch.rand(shape, generator=gen) <
-    drop_prob`` (the same draws; a float mask, because ``torch.lerp`` by it is exact and several
-    times faster on a CPU than ``torch.where`` on a bool mask)."""
+    drop_prob`` (the same draws; a float mask, because ``torch.lerp`` by it is exact and, on a
+    CPU, much faster than ``torch.where`` on a bool mask)."""
     return torch.rand(shape, generator=gen, device=device).lt_(drop_prob)
 
 

@@ -136,8 +136,9 @@ def _sum_over_processes(params: Sequence[torch.Tensor], rec_part: torch.Tensor) 
 
 def _train_layout(t: torch.Tensor) -> torch.Tensor:
     """A unit's training tensors in channels-last order on the CPU (4-D ones): the batches gathered
-    from them keep it, and the units' convolutions with their gradients run ~1.5-2x faster on
-    16-channel maps (measured; the same values up to float rounding). Unchanged on a GPU."""
+    from them keep it, and the units' convolutions with their gradients run faster on small
+    channel counts (measured, benchmarks/results/speed.md; the same values up to float rounding).
+    Unchanged on a GPU (not measured there)."""
     if t.device.type == "cpu" and t.dim() == 4:
         return t.contiguous(memory_format=torch.channels_last)
     return t
