@@ -139,8 +139,8 @@ def test_skipping_swing_draws_reaches_the_generator_state_of_the_earlier_batches
 def test_each_process_gets_its_rows_of_the_one_process_qdrop_mask(digits):
     full = torch.rand((5, 3, 4), generator=torch.Generator().manual_seed(1))
     shards = [_Shard(5, *distributed.shard(5, i, 2)) for i in range(2)]
-    parts = [s.rand((s.hi - s.lo, 3, 4), torch.Generator().manual_seed(1), "cpu") for s in shards]
-    assert torch.equal(torch.cat(parts), full) and [s.part for s in shards] == [0.6, 0.4]
+    parts = [s.mask((s.hi - s.lo, 3, 4), 0.5, torch.Generator().manual_seed(1), "cpu") for s in shards]
+    assert torch.equal(torch.cat(parts), (full < 0.5).float()) and [s.part for s in shards] == [0.6, 0.4]
     # in one process (the whole batch) the layer is Genie's own, draw for draw
     qmodel, _ = dfquant.quantize(digits[0], "rtn", 4, 4)
     layer, w = qmodel.conv2, digits[0].conv2.weight

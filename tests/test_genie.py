@@ -272,3 +272,36 @@ def test_calibration_images_must_be_finite(model, images):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(DfquantError, match="NaN or inf"):
         dfquant.quantize(model, "genie", 4, 4, synthetic=bad, recon_iters=1, device="cpu")
+
+
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_lsq_qdrop_equals_fake_quant_and_where_with_their_gradients(with_keep):
+    from dfquant.genie.quantizer import lsq_qdrop, qdrop_mask
+    from dfquant.quantizer import fake_quant
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 3, 5, 5, generator=g) * 2
+    keep = qdrop_mask(x0.shape, 0.5, g, "cpu") if with_keep else None
+    w = torch.randn(x0.shape, generator=g)
+    results = []
+    for fn in ("plain", "fused"):
+        x, s, z = x0.clone().requires_grad_(True), torch.tensor(0.3, requires_grad=True), torch.tensor(3.0)
+        if fn == "plain":
+            out = fake_quant(x, s, z, 0, 15, ste=True)
+            out = torch.where(keep.bool(), x, out) if with_keep else out
+        else:
+            out = lsq_qdrop(x, s, z, 0, 15, keep)
+        results.append((out.detach(),) + torch.autograd.grad((out * w).sum(), [x, s]))
+    (o1, gx1, gs1), (o2, gx2, gs2) = results
+    assert torch.equal(o1, o2)
+    assert torch.allclose(gx1, gx2, atol=1e-6) and torch.allclose(gs1, gs2, rtol=1e-5)
+    assert (o1 != x0).any() and (gx1 == 0).any()  # both clipped and kept values are exercised
+
+
+def test_qdrop_mask_is_the_rand_draw_as_0_or_1():
+    from dfquant.genie.quantizer import keep_where, qdrop_mask
+
+    mask = qdrop_mask((1000,), 0.3, torch.Generator().manual_seed(5), "cpu")
+    assert torch.equal(mask, (torch.rand(1000, generator=torch.Generator().manual_seed(5)) < 0.3).float())
+    a, b = torch.randn(1000), torch.randn(1000)
+    assert torch.equal(keep_where(mask, a, b), torch.where(mask.bool(), a, b))

@@ -367,3 +367,55 @@ def test_a_bn_input_written_in_place_is_a_clear_error():
 
     with pytest.raises(DfquantError, match="in place after the BN has read it"):
         synthesize(InPlace().eval(), 4, input_size=(3, 8, 8), iters=2, batch_size=4, progress=False)
+
+
+def _grads(fn, x, weights):
+    """Values of ``fn(x)`` (a tensor or tuple) and the gradient of a fixed random projection of them."""
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o * w).sum() for o, w in zip(outs, weights))
+    return [o.detach() for o in outs], torch.autograd.grad(loss, [x])
+
+
+def test_batch_std_mean_equals_std_mean_with_its_gradient():
+    from dfquant.genie.bns_loss import batch_std_mean
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 4, 3, generator=g) * 3 + 2
+    x[:, 2] = 1.5  # a constant channel: std 0, where autograd's std gives the mean's gradient alone
+    w = (torch.randn(5, generator=g), torch.randn(5, generator=g))
+    (s1, m1), g1 = _grads(lambda t: torch.std_mean(t, dim=(0, 2, 3)), x, w)
+    (s2, m2), g2 = _grads(batch_std_mean, x, w)
+    assert torch.allclose(s1, s2, atol=1e-5) and torch.allclose(m1, m2, atol=1e-5) and s2[2] == 0
+    assert torch.allclose(g1[0], g2[0], atol=1e-6)
+    xd = torch.randn(3, 2, 2, 2, dtype=torch.double, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(batch_std_mean, (xd,))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (3, 2, 1, 1), (1, 4, 2, 5)])
+def test_upsample_conv3x3_equals_upsampling_then_the_conv(shape):
+    from dfquant.genie.distill import upsample_conv3x3
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(shape[1], 3, 3, padding=1)
+    x = torch.randn(shape, requires_grad=True)
+    plain = conv(torch.nn.functional.interpolate(x, scale_factor=2))
+    fused = upsample_conv3x3(x, conv)
+    assert fused.shape == plain.shape and torch.allclose(fused, plain, atol=1e-5)
+    w = torch.randn(plain.shape)
+    g_plain = torch.autograd.grad((plain * w).sum(), [x, conv.weight, conv.bias])
+    g_fused = torch.autograd.grad((fused * w).sum(), [x, conv.weight, conv.bias])
+    for a, b in zip(g_plain, g_fused):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_generator_output_unchanged_by_the_fused_upsampling(monkeypatch):
+    import dfquant.genie.distill as distill
+
+    torch.manual_seed(1)
+    gen = GenieGenerator((3, 14, 10)).train()
+    z = torch.randn(5, 256)
+    fused = gen(z)
+    monkeypatch.setattr(distill, "_fusable", lambda up, conv: False)
+    assert torch.allclose(fused, gen(z), atol=1e-5)

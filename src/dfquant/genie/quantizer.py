@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..qmodules import ActQuantizer, QuantConv2d
-from ..quantizer import QParams, fake_quant, lp_search, params_from_range, qrange, to_grid
+from ..quantizer import QParams, lp_search, params_from_range, qrange, to_grid
 
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch (Eq. 23)
 _INIT_MARGIN = 0.01  # soft values start at least this far from 1/2
@@ -40,6 +40,59 @@ def _rect_sigmoid_inverse(r: torch.Tensor) -> torch.Tensor:
     """V with h(V) = r for r in [0, 1] (finite: the stretch puts 0 and 1 inside the sigmoid's range)."""
     return -torch.log((_ZETA - _GAMMA) / (r - _GAMMA) - 1.0)
 
+
+def qdrop_mask(shape, drop_prob: float, gen: torch.Generator, device) -> torch.Tensor:
+    """QDrop's keep mask as a float tensor of 0/1: 1 where ``torch.rand(shape, generator=gen) <
+    drop_prob`` (the same draws; a float mask, because ``torch.lerp`` by it is exact and, on a
+    CPU, much faster than ``torch.where`` on a bool mask)."""
+    return torch.rand(shape, generator=gen, device=device).lt_(drop_prob)
+
+
+def keep_where(keep: torch.Tensor, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``torch.where(keep == 1, x, other)`` for a 0/1 float mask: ``lerp(other, x, keep)``, exact at
+    weights 0 and 1 (``other + 0 * d`` and ``x - 0 * d``), with the same gradients."""
+    return torch.lerp(other, x, keep)
+
+
+class _LsqQDrop(torch.autograd.Function):
+    """LSQ fake quantization with a straight-through rounding, and QDrop, in one op.
+
+    Forward: ``q = (clamp(round(x / s) + z, qmin, qmax) - z) * s``, then ``x`` where ``keep`` is 1.
+    Gradients (those of autograd through :func:`dfquant.quantizer.fake_quant` with ``ste=True``
+    and ``torch.where``, written out): ``dx = g`` where kept or inside the clamp, else 0;
+    ``ds = sum(g * (clamp(round(x/s) + z) - z - x/s * inside))`` over the elements not kept. The
+    forward saves one mask and one factor tensor, so the backward is two passes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, keep: Optional[torch.Tensor]):
+        g = x / scale
+        t = torch.round(g).add_(zero_point)
+        q = t.clamp(qmin, qmax)
+        inside = torch.eq(q, t, out=t)  # 1.0 inside the clamp, 0.0 where clipped
+        q.sub_(zero_point)  # the code minus the zero point
+        out = q * scale
+        ds = q.sub_(g.mul_(inside))  # d out / d s where the quantized value is used
+        if keep is not None:
+            out = keep_where(keep, x, out)
+            ds.mul_(1.0 - keep)
+            inside = torch.maximum(inside, keep)
+        ctx.save_for_backward(inside, ds)
+        ctx.scale_shape = scale.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        inside, ds = ctx.saved_tensors
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_s = torch.dot(grad.reshape(-1), ds.reshape(-1)).reshape(ctx.scale_shape) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_s, None, None, None, None
+
+
+def lsq_qdrop(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``torch.where(keep == 1, x, fake_quant(x, scale, zero_point, qmin, qmax, ste=True))`` for a
+    0/1 float ``keep`` (None: the fake quantization alone), with the same gradients for ``x`` and
+    the per-tensor ``scale`` (up to float rounding), in fewer passes over ``x``."""
+    return _LsqQDrop.apply(x, scale, zero_point, qmin, qmax, keep)
 
 
 def initial_rounding(w_float: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int):
@@ -114,11 +167,12 @@ class GenieLayer(nn.Module):
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_scale is None:
             return x
-        xq = fake_quant(x, self.a_scale.clamp_min(_EPS), self.a_zp, self.a_qmin, self.a_qmax, ste=True)
-        if self.soft and self.drop_prob > 0:  # QDrop: keep the float value with prob. drop_prob
-            keep = torch.rand(x.shape, generator=self.rng, device=x.device) < self.drop_prob
-            xq = torch.where(keep, x, xq)
-        return xq
+        keep = self.keep_mask(x) if self.soft and self.drop_prob > 0 else None  # QDrop: keep the float value with prob. drop_prob
+        return lsq_qdrop(x, self.a_scale.clamp_min(_EPS), self.a_zp, self.a_qmin, self.a_qmax, keep)
+
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """QDrop's mask (:func:`qdrop_mask`): 1 where an element keeps its float value."""
+        return qdrop_mask(x.shape, self.drop_prob, self.rng, x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quant_input(x)
