@@ -224,6 +224,7 @@ def synthetic_shard(model, name: str, gen: str, args, shard: int):
     n, seed = args.samples // args.synthesis_shards, args.seed + shard
     cache = None
     if args.synthetic_dir:
+        Path(args.synthetic_dir).mkdir(parents=True, exist_ok=True)
         cache = Path(args.synthetic_dir) / f"{name}_{gen}_n{n}_it{args.distill_iters}_seed{seed}.safetensors"
         if cache.is_file():
             images, meta = load_images(cache, with_metadata=True)
