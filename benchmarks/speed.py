@@ -20,7 +20,7 @@ Sections (add yours to SECTIONS, with a function returning a result dict and one
   and warm, by stage (``QuantReport.stage_times``), beside the former pipeline (a git worktree of
   ``FORMER_QUANTIZE``), with a check that both give the same state_dict.
 * ``genie``: Genie W4A4 (Genie-D synthesis + Genie-M reconstruction) on the CIFAR-10 ResNet-20 at the
-  CPU budget, the former implementation (``benchmarks/genie_former/``) and the current one in one run:
+  CPU budget, the former implementation (``dfquant.genie`` at ``FORMER_QUANTIZE``, read from git) and the current one in one run:
   seconds per Genie-D iteration and per Genie-M unit iteration, totals, and the logit MSE against
   FP32 on the 846 CIFAR-10 images with a sign test (``paired_error_comparison``) new vs former.
 """
@@ -496,9 +496,32 @@ def render_onnx(res: dict) -> list[str]:
 GENIE_SMOKE = dict(samples=32, distill_iters=3, distill_batch=16, recon_iters=3)
 
 
+def _former_genie():
+    """``dfquant.genie`` as it was at ``FORMER_QUANTIZE`` (main before the speed work), read from git into
+    the system's temporary folder once and imported as the subpackage ``dfquant.genie_former``: its
+    relative imports resolve to today's dfquant, so only the Genie code differs."""
+    import importlib
+    import io
+    import shutil
+    import subprocess
+    import tarfile
+    import tempfile
+
+    root = Path(tempfile.gettempdir()) / f"dfquant-genie-{FORMER_QUANTIZE[:12]}"
+    if not (root / "genie_former" / "__init__.py").exists():
+        tar = subprocess.run(["git", "-C", str(HERE.parent), "archive", FORMER_QUANTIZE, "src/dfquant/genie"], check=True, capture_output=True).stdout
+        shutil.rmtree(root, ignore_errors=True)
+        with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+            t.extractall(root / "tree", filter="data")
+        (root / "tree" / "src" / "dfquant" / "genie").rename(root / "genie_former")
+    if str(root) not in dfquant.__path__:
+        dfquant.__path__.append(str(root))
+    return importlib.import_module("dfquant.genie_former")
+
+
 def _genie_run(impl: str, seed: int, budget: dict, model, data) -> dict:
     """One Genie W4A4 quantization of ``model`` by ``impl`` ("new": dfquant.genie; "former": the frozen
-    benchmarks/genie_former, swapped into the pipeline's learned step), timed and scored against FP32."""
+    one from git, :func:`_former_genie`, swapped into the pipeline's learned step), timed and scored against FP32."""
     import contextlib
     from unittest import mock
 
@@ -506,10 +529,8 @@ def _genie_run(impl: str, seed: int, budget: dict, model, data) -> dict:
 
     patch = contextlib.nullcontext()
     if impl == "former":
-        sys.path.insert(0, str(HERE))
-        import genie_former
-
-        patch = mock.patch.multiple(learned, synthesize=genie_former.synthesize, reconstruct_model=genie_former.reconstruct_model)
+        former = _former_genie()
+        patch = mock.patch.multiple(learned, synthesize=former.synthesize, reconstruct_model=former.reconstruct_model)
     with patch:
         wall, cpu = time.perf_counter(), time.process_time()
         q, report = dfquant.quantize(model, "genie", 4, 4, device="cpu", seed=seed, progress=False, **budget)
@@ -567,8 +588,7 @@ def print_genie_profile(model, top=10):
     import dfquant.genie as new
     import dfquant.learned as learned
 
-    sys.path.insert(0, str(HERE))
-    import genie_former as former
+    former = _former_genie()
 
     images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for label, impl in (("former", former), ("new", new)):
@@ -592,7 +612,7 @@ def render_genie(res: dict) -> list[str]:
     lines = [
         "Genie W4A4 (`dfquant.quantize(model, \"genie\", 4, 4, device=\"cpu\", seed=...)`, default init and act_calib) on the CIFAR-10 ResNet-20,",
         f"budget `{res['budget']}`: {st['samples']} images in batches of {st['distill_batch']}, {st['distill_iters']} Genie-D iterations per batch, {st['recon_iters']} Genie-M iterations per unit.",
-        "`former`: the implementation before issue #21, frozen in `benchmarks/genie_former/` (main's `src/dfquant/genie` at 9d3bcda), swapped",
+        "`former`: the implementation before issue #21, main's `src/dfquant/genie` at 9d3bcda, read from git by `_former_genie`, swapped",
         "into the same pipeline; `new`: `dfquant.genie`. Run one after the other in one process (former, new, then the former's further seeds).",
         "Genie-D s/iter: synthesis time / (batches x iterations); Genie-M s/unit-iter: reconstruction time (with each unit's captures,",
         f"range search and error passes) / (units x iterations). Logit MSE against FP32 on the {res['n_images']} CIFAR-10 test images.",
