@@ -284,7 +284,9 @@ def to_markdown(res: dict) -> str:
     ]
     for name, m in res["models"].items():
         syn = ", ".join(f"{k} {v:.0f} s" for k, v in m["synthesis_s"].items())
-        lines += [f"## {name} (FP32 top-1 {m['fp32_top1']:.2f} %)", "", f"Synthesis wall time ({b['samples']} images): {syn}.", ""]
+        lines += [f"## {name} (FP32 top-1 {m['fp32_top1']:.2f} %)", ""]
+        if syn:  # no row synthesised (rounding rows only): no line
+            lines += [f"Synthesis wall time ({b['samples']} images): {syn}.", ""]
         methods = list(dict.fromkeys(r["method"] for r in m["rows"]))
         if not methods:
             continue
