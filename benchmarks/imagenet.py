@@ -44,6 +44,7 @@ MODELS = ("mobilenet_v1", "tiny_darknet")
 SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
 _CLE = {"mobilenet_v1": dict(cle=True, bias_correction=True, relu6_to_relu=True), "tiny_darknet": dict(bias_correction=True)}
 _CLE_LABEL = {"mobilenet_v1": "RTN+CLE+BC (ReLU6->ReLU)", "tiny_darknet": "RTN+BC (no CLE pair)"}
+_GENIE_TINY = dict(init="squant", samples=16, distill_iters=50, distill_batch=16, recon_iters=100, batch_size=8, seed=0)
 # key -> (label, method, options or a per-model dict of options, protocol)
 ROWS = {
     "rtn": ("RTN", "rtn", {}, "dfquant"),
@@ -54,8 +55,8 @@ ROWS = {
     "genie_squant": ("SQuant", "squant", {}, "genie"),
     "squant_rtn": ("RTN", "rtn", {}, "squant"),
     "squant_squant": ("SQuant", "squant", {}, "squant"),
-    "genie_tiny": ("Genie, SQuant init, tiny CPU budget", "genie", dict(init="squant", **{"samples": 16, "distill_iters": 50, "distill_batch": 16, "recon_iters": 100, "batch_size": 8, "seed": 0}), "dfquant"),
-    "genie_tiny_r1000": ("Genie, SQuant init, tiny CPU budget, 1000 reconstruction iterations", "genie", dict(init="squant", **{"samples": 16, "distill_iters": 50, "distill_batch": 16, "recon_iters": 1000, "batch_size": 8, "seed": 0}), "dfquant"),
+    "genie_tiny": ("Genie, SQuant init, tiny CPU budget", "genie", _GENIE_TINY, "dfquant"),
+    "genie_tiny_r1000": ("Genie, SQuant init, tiny CPU budget, 1000 reconstruction iterations", "genie", dict(_GENIE_TINY, recon_iters=1000), "dfquant"),
 }
 #: Rows run at W4A4 only: Genie-D at 224x224 costs about 0.3 s per image and iteration on one core,
 #: so the learned rows get a tiny budget (16 images, 50 synthesis and 100 reconstruction iterations;
