@@ -105,9 +105,17 @@ def test_bad_shape(bad):
         squant_round(bad, -8, 7)
 
 
-def test_bad_values():
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("shape", [(4, 3), (4, 3, 3, 3)])
+@pytest.mark.parametrize("kernel,channel", [(False, False), (True, False), (False, True), (True, True)])
+def test_non_finite_weights_are_refused_at_every_level(value, shape, kernel, channel):
+    x = torch.rand(shape) * 10 - 5
+    x.view(-1)[7] = value
     with pytest.raises(DfquantError, match="non-finite"):
-        squant_round(torch.tensor([[float("nan"), 1.0]]), -8, 7)
+        squant_round(x, -8, 7, kernel=kernel, channel=channel)
+
+
+def test_bad_values():
     with pytest.raises(DfquantError, match="qmin < qmax"):
         squant_round(torch.rand(2, 2), 3, 3)
 

@@ -68,19 +68,31 @@ def squant_round(
         raise DfquantError(f"squant_round needs qmin < qmax, got {qmin}, {qmax}")
     shape, out, ksize = x.shape, x.shape[0], x[0, 0].numel()
     xf = x.detach().float().reshape(out, -1)
-    lo, hi = (float(v) for v in torch.aminmax(xf))
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise DfquantError("squant_round got non-finite values (NaN or inf) in the weight")
     q = torch.round(xf).clamp_(qmin, qmax)
-    grid = (qmin, qmax, lo <= qmin or hi >= qmax)  # the last: some x at or beyond an end of the grid
     if kernel and ksize > 1:
+        lo, hi = _finite_range(xf)
+        grid = (qmin, qmax, lo <= qmin or hi >= qmax)  # the last: some x at or beyond an end of the grid
         kx, kq = xf.view(-1, ksize), q.view(-1, ksize)
         kernels = _kernel_level(kx, kq, grid, lo, hi, channel)
         if channel:
             _channel_level(kx, kq, grid, out, *kernels)
-    elif channel:
-        _channel_level_elements(xf, q, grid)
+    elif channel:  # its channel sums are finite exactly where x is: no separate pass for the range
+        _channel_level_elements(xf, q, (qmin, qmax, True))
+    else:
+        _finite_range(xf)
     return q.reshape(shape).to(x.dtype)
+
+
+def _finite_range(x):
+    """(min, max) of ``x`` as floats; a DfquantError where it holds NaN or inf."""
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise _non_finite()
+    return lo, hi
+
+
+def _non_finite():
+    return DfquantError("squant_round got non-finite values (NaN or inf) in the weight")
 
 
 def _free_errors(q, x, d, grid):
@@ -189,7 +201,9 @@ def _channel_level_elements(x, q, grid):
     """SQuant-C over single elements (no K level, or one element per kernel) in place on ``q``."""
     qmin, qmax, _ = grid
     d = q - x
-    s = _double_row_sums(d)
+    s = _double_row_sums(d)  # float64 sums of float32 terms: finite unless some x is NaN or inf
+    if not bool(torch.isfinite(s).all()):
+        raise _non_finite()
     need_up = s < 0
     count = torch.round(s.abs()).long()
     csign = s.sign().float().unsqueeze(1)
@@ -235,12 +249,13 @@ def _peel(p, count, priority, exact):
     top = p.amax(dim=1)
     t = torch.minimum(count, top.sign().clamp_(min=0))  # 1 where a positive maximum is due, else 0
     taken = p == (top / t).unsqueeze(1)  # nothing is taken where t = 0 (the target is inf or nan)
-    rows = ((count > t) & (t > 0)).nonzero().squeeze(1)
+    need = (count > t) & (t > 0)
+    rows = need.nonzero().squeeze(1)
     sub = p.index_select(0, rows)
     mask = p.copy_(taken.view(torch.uint8))
     # some row holds its maximum twice (float sums of 0/1 are exact below 2**24)
     if (int(mask.sum()) if mask.numel() < 2**24 else int(taken.count_nonzero())) != int(t.sum()):
-        rows = torch.cat([rows, (mask.sum(dim=1) > 1).nonzero().squeeze(1)]).unique()
+        rows = need.logical_or_(mask.sum(dim=1) > 1).nonzero().squeeze(1)
         sub = priority(rows)
     last = top
     if rows.numel():
