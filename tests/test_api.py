@@ -182,6 +182,22 @@ def test_weight_range_rule_defaults_and_errors(digits):
         dfquant.quantize(model, "rtn", 4, 4, w_range="max")
 
 
+def test_squant_on_symmetric_grids_keeps_zero_points_at_zero_and_beats_rtn_there(digits):
+    import dfquant
+    from dfquant.qmodules import QUANT_LAYERS
+
+    model, data = digits
+    sq, r = dfquant.quantize(model, "squant", 3, None, w_range="symmetric")
+    rtn, _ = dfquant.quantize(model, "rtn", 3, None, w_range="symmetric")
+    assert r.config["w_range"] == "symmetric"
+    layers = [m for m in sq.modules() if isinstance(m, QUANT_LAYERS)]
+    assert layers and all(float(m.weight_zero_point.abs().max()) == 0.0 for m in layers)
+    assert all(int(m.weight_int.min()) >= -4 and int(m.weight_int.max()) <= 3 for m in layers)
+    e_sq = dfquant.evaluate(sq, data, reference=model)["logit_mse"]
+    e_rtn = dfquant.evaluate(rtn, data, reference=model)["logit_mse"]
+    assert e_sq < e_rtn, (e_sq, e_rtn)
+
+
 def test_per_layer_weight_bits_override_and_survive_save_load(digits, tmp_path):
     from dfquant.qmodules import QUANT_LAYERS
 

@@ -535,3 +535,28 @@ def test_integer_adds_let_onnxruntime_run_every_residual_conv_and_sum_in_integer
     assert c["verdict"] == "ok", c
     with pytest.raises(DfquantError, match="integer_adds needs fold_bn"):
         export_onnx(qmodel, tmp_path / "bad.onnx", integer_adds=True)
+
+
+@pytest.mark.slow
+def test_symmetric_weight_grids_let_onnxruntime_run_every_depthwise_conv_in_integers(tmp_path):
+    from dfquant.io.runtime import runtime_kernels
+
+    torch.manual_seed(0)
+    model = dfquant.create_model("mobilenet_v1", width=0.25, num_classes=10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    depthwise = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1}
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    integer = {}
+    for w_range in ("minmax", "symmetric"):
+        qmodel, _ = dfquant.quantize(model, "squant", 8, 8, w_range=w_range)
+        summary = export_onnx(qmodel, tmp_path / f"{w_range}.onnx", fold_bn=True)
+        assert check_onnx(qmodel, summary["path"], x)["verdict"] == "ok"
+        kernels = runtime_kernels(summary["path"])
+        integer[w_range] = depthwise - {r["layer"] for r in kernels["float_layers"]}
+    assert integer["symmetric"] == depthwise  # zero point 0: every depthwise conv is a QLinearConv
+    assert integer["minmax"] < depthwise  # min/max grids without 0 in int8 keep some in float

@@ -104,6 +104,24 @@ def test_weight_params_rules():
         weight_params(w, 4, "percentile")
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_symmetric_grid_has_zero_point_zero_and_rounds_every_weight_within_half_a_step(bits, per_channel):
+    from dfquant.quantizer import weight_params
+
+    torch.manual_seed(bits)
+    w = torch.randn(6, 4, 3, 3) * torch.rand(6, 1, 1, 1) + 0.3 * torch.rand(6, 1, 1, 1)  # off-centre channels
+    qp = weight_params(w, bits, "symmetric", per_channel=per_channel)
+    top = 2 ** (bits - 1) - 1
+    assert torch.equal(qp.zero_point, torch.zeros_like(qp.scale)) and qp.scale.dim() == (1 if per_channel else 0)
+    codes = quantize_tensor(w, qp)
+    assert int(codes.min()) >= -top and int(codes.max()) <= top  # the restricted range: -2^(b-1) unused
+    flat = codes.abs().reshape(6, -1)
+    assert (flat.amax(dim=1) == top).all() if per_channel else int(flat.max()) == top  # max |w| lands on the end
+    step = qp.scale.reshape(-1, 1, 1, 1) if per_channel else qp.scale
+    assert ((from_grid(codes, qp) - w).abs() <= step / 2 * (1 + 1e-5)).all()
+
+
 # ---- DF-MPC's per-tensor grids: TWN (2 bits) and DoReFa (Eq. 6) ----
 
 _HAND = torch.tensor([[0.9, -0.1], [0.5, -0.6]])  # mean |W| 0.525, TWN threshold 0.3675

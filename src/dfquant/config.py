@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from .activation_ranges import SQUANT_NOISE_S
 from .checks import check_bits, check_bool, check_choice, check_float, check_int, check_range, fail, option
-from .quantizer import W_GRID_CHOICES, grid_for_bits
+from .quantizer import W_GRID_CHOICES, WEIGHT_RANGES, grid_for_bits
 
 #: Version of the saved config's layout (1: before it carried a version).
 CONFIG_VERSION = 2
@@ -31,7 +31,6 @@ LEARNED_METHODS = ("genie", "zeroq")
 DFMPC_METHOD = "dfmpc"
 METHODS = ROUNDING_METHODS + (DFMPC_METHOD,) + LEARNED_METHODS
 
-WEIGHT_RANGES = ("minmax", "lp")
 ACT_RANGES = ("dfq", "mse", "squant")
 INITS = ("rtn", "squant")
 #: Whose protocol a run follows. dfquant's (the default); the SQuant paper's (Guo et al. 2022, Sec. 5:
@@ -102,7 +101,7 @@ class QuantConfig:
     first_last_w_bits: Optional[int] = option(None, "weight bits of the first and last layers (none: w_bits)", cli=False)
     layer_w_bits: Dict[str, int] = option({}, "weight bit-width of single layers by name, overriding w_bits", flag="--layer-bits")
     per_channel: bool = option(True, "one weight scale per output channel, unless --per-tensor: one per layer (DFQ's protocol); min/max and lp grids", flag="--per-tensor")
-    w_range: Optional[str] = option(None, "weight grid: minmax (SQuant's) or lp (Genie's clipping search); default lp for genie/zeroq", choices=WEIGHT_RANGES)
+    w_range: Optional[str] = option(None, "weight grid: minmax (SQuant's), lp (Genie's clipping search) or symmetric (zero point 0: integer runtimes' fast kernels); default lp for genie/zeroq", choices=WEIGHT_RANGES)
     w_grid: Optional[str] = option(
         None,
         "per-tensor weight grid of DF-MPC's paper instead of w_range's (rounding methods): twn (ternary, 2 bits), dorefa, "
@@ -159,7 +158,7 @@ class QuantConfig:
         if self.method in LEARNED_METHODS:
             raise fail("w_grid", f"w_grid sets the grid of the rounding methods and dfmpc; {self.method!r} learns its step sizes from an lp grid")
         if self.w_range is not None:
-            raise fail("w_range", f"w_range chooses the per-channel min/max or lp grid, which w_grid={w_grid!r} replaces: give one")
+            raise fail("w_range", f"w_range chooses the per-channel min/max, lp or symmetric grid, which w_grid={w_grid!r} replaces: give one")
         if not self.per_channel:
             raise fail("per_channel", f"per_channel: the grids of w_grid={w_grid!r} have one scale per layer already; drop the per-tensor request")
         if w_grid == "twn":

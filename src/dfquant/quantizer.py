@@ -119,16 +119,36 @@ def lp_params(w: torch.Tensor, bits: int, per_channel: bool = True, signed: bool
     return params_from_range(lo, hi, bits, signed)
 
 
-#: How a weight's grid is chosen: "minmax" (the SQuant protocol) or "lp" (clipping search).
-WEIGHT_RANGES = ("minmax", "lp")
+def symmetric_params(w: torch.Tensor, bits: int, per_channel: bool = True) -> QParams:
+    """Signed grid with zero point 0 and ``scale = max|w| / (2^(b-1) - 1)``, per output channel (or per tensor).
+
+    Not a grid of the papers (SQuant's is min/max, Genie's the lp search): the one integer runtimes
+    run fastest (onnxruntime's depthwise ``QLinearConv`` takes a slow path for non-zero weight zero
+    points). Round-to-nearest codes lie in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``; ``-2^(b-1)`` stays a valid
+    code, which a rounding method may reach only from a weight within float rounding of ``-max|w|``.
+    """
+    w = w.detach().float()
+    flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+    top = flat.abs().amax(dim=1)
+    if not per_channel:
+        top = top[0]
+    scale = (top / float(qrange(bits, True)[1])).clamp_min(_EPS)
+    return QParams(scale, torch.zeros_like(scale), bits, True)
+
+
+#: How a weight's grid is chosen: "minmax" (the SQuant protocol), "lp" (clipping search) or
+#: "symmetric" (zero point 0, for integer runtimes).
+WEIGHT_RANGES = ("minmax", "lp", "symmetric")
 
 
 def weight_params(w: torch.Tensor, bits: int, rule: str = "minmax", per_channel: bool = True) -> QParams:
-    """Signed weight grid by ``rule``: :func:`minmax_params` or :func:`lp_params`."""
+    """Signed weight grid by ``rule``: :func:`minmax_params`, :func:`lp_params` or :func:`symmetric_params`."""
     if rule == "minmax":
         return minmax_params(w, bits, per_channel=per_channel, signed=True)
     if rule == "lp":
         return lp_params(w, bits, per_channel=per_channel, signed=True)
+    if rule == "symmetric":
+        return symmetric_params(w, bits, per_channel=per_channel)
     raise DfquantError(f"unknown weight range rule {rule!r}; choose {' or '.join(WEIGHT_RANGES)}")
 
 
