@@ -323,23 +323,6 @@ ONNX_EXPORTS = {  # label -> export_onnx options
 }
 
 
-def symmetric_grid(qmodel):
-    """A copy whose weights are re-rounded to symmetric per-channel grids (zero point 0, RTN of the
-    model's dequantized weights): not SQuant's codes, a probe of what a symmetric file runs at."""
-    import copy
-
-    from dfquant.qmodules import QUANT_LAYERS
-
-    out = copy.deepcopy(qmodel)
-    for layer in (m for m in out.modules() if isinstance(m, QUANT_LAYERS)):
-        w = layer.weight.detach()
-        top = 2 ** (layer.w_bits - 1) - 1
-        scale = (w.flatten(1).abs().amax(1) / top).clamp_min(1e-8)
-        layer.weight_int = torch.clamp(torch.round(w / scale.reshape(-1, *([1] * (w.dim() - 1)))), -top, top).to(torch.int8)
-        layer.weight_scale, layer.weight_zero_point = scale.float(), torch.zeros_like(scale)
-    return out
-
-
 def onnx_variants(name, tmp):
     """(float model, {label: ONNX file or torch model}, {label: quantized torch model the file came from})."""
     from dfquant.assets import MODEL_WEIGHTS, asset_path
@@ -351,8 +334,9 @@ def onnx_variants(name, tmp):
     for bits in (8, 4):
         qmodel, _ = dfquant.quantize(model, "squant", bits, bits)
         probes = {f"W{bits}A{bits} {k}": (qmodel, v) for k, v in ONNX_EXPORTS.items()}
-        if bits == 8:
-            probes["W8A8 symmetric-probe --integer-adds"] = (symmetric_grid(qmodel), ONNX_EXPORTS["QDQ --integer-adds"])
+        if bits == 8:  # SQuant's rounding on zero-point-0 grids (w_range="symmetric"), not SQuant's min/max grids
+            symmetric, _ = dfquant.quantize(model, "squant", bits, bits, w_range="symmetric")
+            probes["W8A8 --w-range symmetric --integer-adds"] = (symmetric, ONNX_EXPORTS["QDQ --integer-adds"])
         for label, (q, opts) in probes.items():
             path = tmp / (label.replace(" ", "_").replace("-", "") + ".onnx")
             summaries[label] = export_onnx(q, path, **opts)
@@ -451,8 +435,8 @@ def render_onnx(res: dict) -> list[str]:
         f"ONNX Runtime {res['onnxruntime']} (CPUExecutionProvider, graph optimizations ORT_ENABLE_ALL) on the exported files of SQuant-quantized models",
         "(`dfquant.quantize(model, 'squant', b, b)`: SQuant's protocol, BN kept unfolded, per-channel min/max weight grids), real weights.",
         "`QDQ`: `export_onnx` as is; `--fold-bn`: BN folded into the quantized convs at export; `--integer-adds`: also the residual sums quantized at 8 bits",
-        "(a deviation from dfquant's model, see docs/export.md); `symmetric-probe`: the W8A8 weights re-rounded to symmetric grids (zero point 0, RTN of",
-        "SQuant's dequantized weights): not a dfquant method, a probe of what a file with zero weight zero points runs at. `float ONNX`: the float model",
+        "(a deviation from dfquant's model, see docs/export.md); `--w-range symmetric`: `quantize(..., w_range='symmetric')`, SQuant's rounding on",
+        "per-channel grids with zero point 0 (scale max|w| / 127; not SQuant's min/max grid) so that integer kernels take their fast path. `float ONNX`: the float model",
         "exported by the same exporter without Q/DQ; `torch FP32`: the float model in torch. Latency: batch 1 (ms per image, mean of the runs",
         "of one repeat); throughput: batch 64 (images/s); medians of the interleaved repeats; x: relative to the float ONNX file (higher is faster).",
         "int convs: convolutions onnxruntime runs as integer kernels (`QLinearConv`), read from its optimized graph (`dfquant.io.runtime.runtime_kernels`).",
