@@ -170,37 +170,40 @@ def main() -> None:
             synthetic[gen], entry["synthesis_s"][gen] = synthetic_images(model, name, gen, args)
             print(f"{name}: {gen} synthesis {entry['synthesis_s'][gen]:.0f} s", flush=True)
         save()
-        for setting in args.settings:
+        # every setting's rounding rows (seconds) before any learned row (minutes each): a run stopped
+        # early keeps whole tables of the cheap rows
+        jobs = [(s, k, p) for s in args.settings for p in args.protocols for k in args.methods]
+        jobs.sort(key=lambda job: "data" in METHODS[job[1]][2])
+        for setting, key, protocol in jobs:
             w, a = parse_setting(setting)
-            for key, protocol in ((k, p) for p in args.protocols for k in args.methods):
-                label, method, opts = METHODS[key]
-                label += "" if protocol == "dfquant" else f" [{protocol} protocol]"
-                if (setting, label) in kept:
-                    entry["rows"].append(kept[(setting, label)])
-                    print(f"{name} {setting} {label:<22} kept from the previous run", flush=True)
-                    continue
-                opts = dict(opts, **({} if protocol == "dfquant" else {"protocol": protocol}))
-                if "data" in opts:
-                    opts["synthetic"] = synthetic[opts.pop("data")]
-                if "synthetic" in opts:
-                    seed = args.seed if args.recon_seed is None else args.recon_seed
-                    opts.update(recon_iters=args.recon_iters, device=args.device, seed=seed)
-                    if args.lr_round is not None:
-                        opts["lr_round"] = args.lr_round
-                t = time.perf_counter()
-                q, report = dfquant.quantize(model, method, w, a, progress="synthetic" in opts, **opts)
-                dt = time.perf_counter() - t
-                ev = dfquant.evaluate(q, data, reference=model, predictions=True)
-                row = {"setting": setting, "method": label, "top1": ev["top1"], "drop": ev["top1"] - entry["fp32_top1"], "agree_top1": ev["agree_top1"], "logit_mse": ev["logit_mse"], "quantize_s": dt}
-                # per test image, 1 where the prediction is right: for paired tests (benchmarks/paired.py)
-                row["correct"] = "".join("1" if c else "0" for c in ev["correct"])
-                # per test image, the mean squared logit error against FP32 (6 significant digits): for sign tests
-                row["logit_sq_err"] = [float(f"{v:.6g}") for v in ev["logit_sq_err"]]
-                if "synthetic" in opts:
-                    row["reconstruction_s"] = report.config["genie"].get("reconstruction_time_s", dt)
-                entry["rows"].append(row)
-                print(f"{name} {setting} {label:<22} {ev['top1']:6.2f} ({row['drop']:+.2f})  {dt:7.1f} s", flush=True)
-                save()
+            label, method, opts = METHODS[key]
+            label += "" if protocol == "dfquant" else f" [{protocol} protocol]"
+            if (setting, label) in kept:
+                entry["rows"].append(kept[(setting, label)])
+                print(f"{name} {setting} {label:<22} kept from the previous run", flush=True)
+                continue
+            opts = dict(opts, **({} if protocol == "dfquant" else {"protocol": protocol}))
+            if "data" in opts:
+                opts["synthetic"] = synthetic[opts.pop("data")]
+            if "synthetic" in opts:
+                seed = args.seed if args.recon_seed is None else args.recon_seed
+                opts.update(recon_iters=args.recon_iters, device=args.device, seed=seed)
+                if args.lr_round is not None:
+                    opts["lr_round"] = args.lr_round
+            t = time.perf_counter()
+            q, report = dfquant.quantize(model, method, w, a, progress="synthetic" in opts, **opts)
+            dt = time.perf_counter() - t
+            ev = dfquant.evaluate(q, data, reference=model, predictions=True)
+            row = {"setting": setting, "method": label, "top1": ev["top1"], "drop": ev["top1"] - entry["fp32_top1"], "agree_top1": ev["agree_top1"], "logit_mse": ev["logit_mse"], "quantize_s": dt}
+            # per test image, 1 where the prediction is right: for paired tests (benchmarks/paired.py)
+            row["correct"] = "".join("1" if c else "0" for c in ev["correct"])
+            # per test image, the mean squared logit error against FP32 (6 significant digits): for sign tests
+            row["logit_sq_err"] = [float(f"{v:.6g}") for v in ev["logit_sq_err"]]
+            if "synthetic" in opts:
+                row["reconstruction_s"] = report.config["genie"].get("reconstruction_time_s", dt)
+            entry["rows"].append(row)
+            print(f"{name} {setting} {label:<22} {ev['top1']:6.2f} ({row['drop']:+.2f})  {dt:7.1f} s", flush=True)
+            save()
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
 
