@@ -510,18 +510,23 @@ def test_cli_export_fold_bn_bench_prints_the_speed_table(capsys, digits_w8a8_neg
     assert res["kernels"]["integer_convs"] == 1 and res["folded_bn"] == 3
 
 
-@pytest.mark.slow
-def test_integer_adds_let_onnxruntime_run_every_residual_conv_and_sum_in_integers(tmp_path):
-    from dfquant.io.runtime import runtime_kernels
-
-    torch.manual_seed(0)
-    model = dfquant.create_model("resnet20")
+def _give_bn_statistics(model):
+    """Random but plausible BN statistics and affine parameters (a fresh model's are the identity)."""
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
+
+
+@pytest.mark.slow
+def test_integer_adds_let_onnxruntime_run_every_residual_conv_and_sum_in_integers(tmp_path):
+    from dfquant.io.runtime import runtime_kernels
+
+    torch.manual_seed(0)
+    model = dfquant.create_model("resnet20")
+    _give_bn_statistics(model)
     qmodel, _ = dfquant.quantize(model, "squant", 8, 8)
     folded = export_onnx(qmodel, tmp_path / "fold.onnx", fold_bn=True)
     why = {r["layer"]: r["why"] for r in runtime_kernels(folded["path"])["float_layers"]}
@@ -543,12 +548,7 @@ def test_symmetric_weight_grids_let_onnxruntime_run_every_depthwise_conv_in_inte
 
     torch.manual_seed(0)
     model = dfquant.create_model("mobilenet_v1", width=0.25, num_classes=10)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
+    _give_bn_statistics(model)
     depthwise = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1}
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     integer = {}
