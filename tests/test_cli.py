@@ -281,7 +281,10 @@ def test_ctrl_c_during_synthesis_leaves_no_output_file(digits, tmp_path):
 
     out = tmp_path / "syn.safetensors"
     argv = [sys.executable, "-m", "dfquant.cli", "--progress", "--threads", "1", "synthesize", "--model", "digits_cnn", "-n", "16", "--iters", "100000", "--out", str(out)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a parent started with SIGINT ignored (nohup, `cmd &` in a script) passes that on, and Python then
+    # installs no KeyboardInterrupt handler: give the child the default disposition, as a terminal would
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=restore)
     seen, deadline = b"", time.monotonic() + 120
     while b"1/100000" not in seen and proc.poll() is None and time.monotonic() < deadline:
         seen += os.read(proc.stderr.fileno(), 4096)  # the progress bar: synthesis has started

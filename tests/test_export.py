@@ -269,16 +269,41 @@ def test_cli_errors_are_one_line(capsys, digits, tmp_path, argv, message):
 
 
 @pytest.mark.slow
-def test_an_8_bit_grid_without_zero_is_exported_exactly_as_float_values(digits, tmp_path):
+def test_an_8_bit_grid_without_zero_is_exported_exactly_as_int16_codes(digits, tmp_path):
+    from dfquant.io.runtime import runtime_kernels
+
     model = copy.deepcopy(digits[0])
     with torch.no_grad():  # one output channel whose weights all lie far above 0
         model.conv2.weight[0] = model.conv2.weight[0].abs() + 1.0
     qmodel, _ = dfquant.quantize(model, "squant", 8, 8, fold_bn=True)
     assert qmodel.conv2.weight_zero_point.min() < -128  # no int8 zero point fits this grid
     summary = export_onnx(qmodel, tmp_path / "m.onnx")
-    assert summary["float_weights"] == ["conv2"] and summary["int8_weights"] == 3
+    assert summary["int16_weights"] == ["conv2"] and summary["float_weights"] == [] and summary["int8_weights"] == 3
+    assert summary["opset"] == 21  # DequantizeLinear of int16 codes
+    assert onnx.TensorProto.INT16 in {t.data_type for t in onnx.load(summary["path"]).graph.initializer}
     c = check_onnx(qmodel, summary["path"], digits[1][0][:64])
-    assert c["file"]["rel_max_diff"] < 1e-5, c  # the float values are the grid's exact values
+    assert c["file"]["rel_max_diff"] < 1e-5, c  # the int16 codes hold the grid's exact values
+    why = {r["layer"]: r["why"] for r in runtime_kernels(summary["path"])["float_layers"]}
+    assert "int16 weight codes" in why["conv2"]
+
+
+def test_onnxruntime_runs_a_grid_without_zero_before_a_float_bn_exactly(digits, tmp_path):
+    """Stored as float values, such weights (a conv between DQ and Q once onnxruntime folds the float
+    BN into it) were quantized to int8 by onnxruntime on its own; int16 codes keep them exact."""
+    from dfquant.io.runtime import runtime_kernels
+
+    model, (x, _) = digits
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # half of conv2's channels get weights of one sign: grids without 0
+        model.conv2.weight[::2] = model.conv2.weight[::2].abs() + 0.5
+    qmodel, _ = dfquant.quantize(model, "squant", 8, 8)  # BN stays float
+    summary = export_onnx(qmodel, tmp_path / "m.onnx")
+    assert summary["int16_weights"] == ["conv2"] and summary["float_batchnorm"] == 3
+    assert runtime_kernels(summary["path"])["requantized_by_onnxruntime"] == []
+    with torch.no_grad():
+        want = qmodel(x[:64])
+    got = dfquant.OnnxRuntimeModel(summary["path"])(x[:64])
+    assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
 
 
 @pytest.mark.slow
@@ -381,11 +406,11 @@ def test_a_weight_only_dorefa_model_runs_in_onnxruntime_as_in_torch(digits, tmp_
     assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
 
 
-def test_dorefa_8_needs_nine_bits_and_is_stored_as_exact_float_values(digits, tmp_path):
+def test_dorefa_8_needs_nine_bits_and_is_stored_as_int16_codes(digits, tmp_path):
     model, (x, _) = digits
     qmodel, _ = dfquant.quantize(model, "dfmpc", 8, None, low_bits=2)
     info = export_onnx(qmodel, tmp_path / "w8.onnx")
-    assert info["float_weights"] == ["conv1", "conv2", "fc"] and info["int8_weights"] == 1  # conv3 is ternary
+    assert info["int16_weights"] == ["conv1", "conv2", "fc"] and info["int8_weights"] == 1  # conv3 is ternary
     c = check_onnx(qmodel, info["path"], x[:64])
     assert c["model"]["rel_max_diff"] < 1e-5, c
 

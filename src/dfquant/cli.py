@@ -627,6 +627,8 @@ def _print_export(summary: Dict[str, Any], indent: str = "") -> None:
         + (f"{summary['int4_weights']} packed int4 weight tensors, " if summary.get("int4_weights") else "")
         + f"{summary['quantized_inputs']} quantized activation tensors"
     )
+    if summary.get("int16_weights"):
+        print(f"{indent}  weights stored as int16 codes (an 8-bit grid without 0: no int8 zero point fits; opset 21): {', '.join(summary['int16_weights'])}")
     if summary["float_weights"]:
         print(f"{indent}  weights stored as their exact float values (an 8-bit grid without 0: no int8 zero point fits): {', '.join(summary['float_weights'])}")
     if summary["float_batchnorm"]:

@@ -22,7 +22,7 @@ against integer arithmetic is the user's choice.
 DF-MPC's DoReFa grid (``w_grid``) has the half-integer zero point -1/2, which no ONNX zero point
 is: its layers are stored as the doubled codes ``2 q + 1`` at half the scale with zero point 0, the
 same values exactly (int8 up to 7 bits; DoReFa-8's doubled codes need 9 bits, so those layers are
-stored as their exact float values, as a grid without 0 is below).
+stored as int16 codes, as a grid without 0 is below).
 
 One deliberate difference from dfquant's (fake-quant) model: the bias of a layer whose input is
 quantized is stored as int32 codes at scale input scale x weight scale, the unit of an integer
@@ -69,8 +69,9 @@ from .files import atomic_write, check_writable
 
 #: ONNX opset of the exported graph (per-axis DequantizeLinear needs >= 13).
 OPSET = 18
-#: The opset of a file with packed INT4 weights (INT4 DequantizeLinear needs >= 21).
-OPSET_INT4 = 21
+#: The opset of a file with packed INT4 or with int16 weight codes (DequantizeLinear of INT4 and
+#: INT16 tensors needs >= 21).
+OPSET_WIDE_TYPES = 21
 #: The "format" of the dfquant metadata stored in an exported file.
 FORMAT = "dfquant-onnx-qdq-v1"
 
@@ -119,21 +120,26 @@ class _QDQLayer(nn.Module):
         codes, w_scale, zp, self.coarsened = _fit_bias_to_int32(layer, codes, w_scale, zp)
         # A channel whose weights all have one sign has a grid without 0: at 8 bits its zero point
         # can fall outside int8 (a folded depthwise kernel of 9 weights, say). No 8-bit container
-        # with an 8-bit zero point holds such a grid, so that layer's weight is stored as its exact
-        # dequantized float values, which runtimes run in float. (As int32 codes it would be exact
-        # too, but ONNX Runtime 1.32 then fuses it into an 8-bit QLinearConv and rejects the graph.)
-        # The same holds for DoReFa-8's doubled codes (see _container_codes), which span -255..255.
-        self.wide = bool(torch.any(zp < -128) or torch.any(zp > 127) or codes.min() < -128 or codes.max() > 127)
+        # with an 8-bit zero point holds such a grid, so that layer's codes and zero points are
+        # stored as int16 (opset 21): the same values, which runtimes without an int16 kernel run in
+        # float. Not as float values: ONNX Runtime quantizes the float weights of a conv between a
+        # DequantizeLinear and a QuantizeLinear to int8 on its own (WeightBiasQuantization), after
+        # folding a float BN into them, which wrecked MobileNetV1-0.75 exported without fold_bn (top-1
+        # 9.6 %). Not as int32 codes: ONNX Runtime 1.32 fuses those into an 8-bit QLinearConv and
+        # rejects the graph. The same holds for DoReFa-8's doubled codes (see _container_codes),
+        # which span -255..255. Only codes beyond int16 (never seen) are stored as float values.
+        self.wide = not _fits(codes, zp, 8)
+        self.int16 = self.wide and _fits(codes, zp, 16)
         self.is_conv = isinstance(layer, QuantConv2d)
         self.folded_bn = getattr(layer, "folded_bn", None)  # the BN fold_bn_into_quant_convs folded in
         self.bn_output_stats = getattr(layer, "bn_output_stats", None)
         if self.is_conv:
             self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
         self.register_buffer("w_scale", w_scale)
-        if self.wide:
+        if self.wide and not self.int16:
             self.register_buffer("weight_float", layer.weight.detach().clone())
         else:
-            self.register_buffer("weight_int", codes.to(torch.int8))
+            self.register_buffer("weight_int", codes.to(torch.int16 if self.int16 else torch.int8))
             self.register_buffer("w_zero_point", zp.to(torch.int64))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.input_qdq = None if layer.input_quant is None else _QDQInput(layer.input_quant, name)
@@ -154,10 +160,11 @@ class _QDQLayer(nn.Module):
         if self.input_qdq is not None:
             x = self.input_qdq(x)
         qd = _qd()
-        if self.wide:
+        if self.wide and not self.int16:
             w = self.weight_float
         else:
-            w = qd.dequantize_per_channel(self.weight_int, self.w_scale, self.w_zero_point, 0, -128, 127, torch.int8)
+            lo, hi = (-(2**15), 2**15 - 1) if self.int16 else (-128, 127)
+            w = qd.dequantize_per_channel(self.weight_int, self.w_scale, self.w_zero_point, 0, lo, hi, self.weight_int.dtype)
         bias = self.bias
         if self.bias_int is not None:
             zeros = torch.zeros_like(self.bias_int, dtype=torch.int64)
@@ -165,6 +172,12 @@ class _QDQLayer(nn.Module):
         if self.is_conv:
             return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
         return F.linear(x, w, bias)
+
+
+def _fits(codes: torch.Tensor, zp: torch.Tensor, bits: int) -> bool:
+    """Whether weight codes and zero points all fit a signed ``bits``-bit container."""
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return bool(codes.min() >= lo and codes.max() <= hi and zp.min() >= lo and zp.max() <= hi)
 
 
 def _fit_bias_to_int32(layer: _QuantWeightLayer, codes: torch.Tensor, w_scale: torch.Tensor, zp: torch.Tensor):
@@ -199,7 +212,7 @@ def _container_codes(layer: _QuantWeightLayer, name: str):
     points are integers, and rounding it would store other weights): the same values as the codes
     ``2 q - 2 z`` (odd integers) at scale ``s / 2`` with zero point 0, exactly, since
     ``(2q - 2z) * (s / 2) = (q - z) * s`` and halving a float scale is exact. They fit int8 up to
-    7 bits; at 8 bits they span -255..255 and the layer is stored as float values instead."""
+    7 bits; at 8 bits they span -255..255 and the layer is stored as int16 codes instead."""
     out_ch = layer.weight_int.shape[0]
     zp = layer.weight_zero_point.detach().double().expand(out_ch)
     w_scale = layer.weight_scale.detach().expand(out_ch).clone()
@@ -477,8 +490,8 @@ def export_onnx(
 
     ``input_size`` is (C, H, W), default the model's ``input_size``; the batch dimension is dynamic
     unless ``dynamic_batch=False``. The file is written atomically. Returns a summary: the path,
-    the opset, how many weights are stored as int8 codes (and which layers' as their exact float
-    values, see ``_QDQLayer``), how many layer inputs are quantized, the count of each ONNX op, and
+    the opset, how many weights are stored as int8 codes (and which layers' as int16 codes: an
+    8-bit grid without 0, see ``_QDQLayer``; the file then has opset 21), how many layer inputs are quantized, the count of each ONNX op, and
     how many BatchNormalization ops stay float (export or quantize with ``fold_bn=True`` for integer deployment).
     ``metadata`` (JSON-able: model name, config) is stored in the file's metadata under "dfquant".
     ``int4_weights``: store the codes of every layer of 4 bits or fewer as packed INT4 (opset 21;
@@ -501,7 +514,9 @@ def export_onnx(
     input_size = _input_size(qmodel, input_size)
     _qd()  # the ops must be registered before the exporter builds its table of ONNX functions
     m = qdq_model(qmodel, fold_bn=fold_bn, integer_adds=integer_adds)
-    opset = OPSET_INT4 if int4_weights else OPSET
+    layers = {name: mod for name, mod in m.named_modules() if isinstance(mod, _QDQLayer)}
+    int16 = [name for name, mod in layers.items() if mod.int16]
+    opset = OPSET_WIDE_TYPES if int4_weights or int16 else OPSET
     program = _run_exporter(m, input_size, opset, dynamic_batch)
     model = program.model_proto
     _strip_exporter_notes(model)
@@ -514,7 +529,6 @@ def export_onnx(
     except OSError as exc:  # a write that failed after the checks (a full disk, ...)
         raise DfquantError(f"cannot write {path}: {exc.strerror or exc}") from None
     ops = Counter(n.op_type for n in model.graph.node)
-    wide = [name for name, mod in m.named_modules() if isinstance(mod, _QDQLayer) and mod.wide]
     return {
         "path": str(path),
         "opset": opset,
@@ -526,7 +540,8 @@ def export_onnx(
         "residual_adds": getattr(m, "residual_adds", []),
         "requantized_pads": getattr(m, "requantized_pads", 0),
         "folded_bn": sum(1 for _, mod in m.named_modules() if isinstance(mod, _QDQLayer) and mod.folded_bn is not None),
-        "float_weights": wide,
+        "int16_weights": int16,
+        "float_weights": [name for name, mod in layers.items() if mod.wide and not mod.int16],
         "coarsened_channels": {name: mod.coarsened for name, mod in m.named_modules() if isinstance(mod, _QDQLayer) and mod.coarsened},
         "bytes": path.stat().st_size,
     }

@@ -147,7 +147,11 @@ class _Graph:
         w = self._dq(node.input[1])
         if w is None:
             return "its weights are stored as float values (an 8-bit grid without 0: no int8 zero point fits)"
-        if getattr(self.inits.get(w.input[0]), "data_type", None) == TensorProto.INT4:
+        codes_type = getattr(self.inits.get(w.input[0]), "data_type", None)
+        if codes_type == TensorProto.INT16:
+            return ("int16 weight codes (an 8-bit grid without 0: no int8 zero point fits): onnxruntime has no int16 "
+                    "convolution/gemm kernel, it runs the layer in float on the exact values")
+        if codes_type == TensorProto.INT4:
             return "int4 weights: onnxruntime has no int4 convolution/gemm kernel, it dequantizes them and runs the layer in float"
         out, seen = node.output[0], []
         while True:
