@@ -77,7 +77,7 @@ def test_a_limit_must_be_a_positive_integer_for_every_dataset(tmp_path, limit):
 # Preprocessing per model: each registry entry's own input scaling and range
 # --------------------------------------------------------------------------------------------
 
-from dfquant.data import Preprocessing
+from dfquant.data import Preprocessing, dataset_preprocessing
 from dfquant.models import create_model, input_range_of, list_models, model_spec, preprocessing_of
 
 PIXELS = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(1, 3, 16, 16)
@@ -107,6 +107,19 @@ def test_every_registry_model_has_a_preprocessing_with_its_input_channels():
         assert isinstance(spec.preprocessing, Preprocessing)
         assert spec.preprocessing.channels in (1, spec.input_size[0])
         assert create_model(name).preprocessing is spec.preprocessing
+
+
+def test_a_standardized_image_maps_to_the_same_pixels_in_another_input_scaling():
+    tv, unit, keras = dataset_preprocessing("imagenet"), create_model("tiny_darknet").preprocessing, create_model("mobilenet_v1").preprocessing
+    assert create_model("tiny_darknet").dataset == "imagenet"
+    assert tv.from_standardized(tv, 3) is None and dataset_preprocessing("cifar10").from_standardized(tv, 3) is None
+    z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    for pre in (unit, keras):
+        scale, shift = pre.from_standardized(tv, 3)
+        assert scale.shape == shift.shape == (3, 1, 1)
+        assert torch.allclose(pre.denormalize(z * scale + shift), tv.denormalize(z), atol=1e-6)  # the same pixels
+    scale, shift = unit.from_standardized(tv, 3)
+    assert scale.flatten().tolist() == pytest.approx(list(tv.std)) and shift.flatten().tolist() == pytest.approx(list(tv.mean))
 
 
 def test_imagenet_models_of_the_same_dataset_differ_in_input_range():

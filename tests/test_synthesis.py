@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dfquant.data import digits_model
+from dfquant.data import Preprocessing, digits_model
 from dfquant.errors import DfquantError
 from dfquant.genie import GenieGenerator, SwingConv2d, bn_statistics_loss, reflect_shift, synthesize
 from dfquant.genie.distill import _apply_swing
@@ -79,6 +79,32 @@ def test_genie_output_is_batch_normalized(model, synthetic):
     x = synthetic["genie"]
     assert x.mean(dim=(0, 2, 3)).abs().max() < 1e-4
     assert (x.var(dim=(0, 2, 3), unbiased=False) - 1).abs().max() < 1e-3
+
+
+class _UnitScaled(nn.Module):
+    """The digits CNN fed pixels / 16 in [0, 1] (no standardization): the same function of pixels."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.preprocessing = Preprocessing((0.0,), (1.0,), "x / 16")
+        self.dataset, self.input_size = "digits", inner.input_size
+
+    def forward(self, x):
+        return self.inner((x - 0.5) / 0.5)
+
+
+@pytest.mark.parametrize("method", ["genie", "zeroq"])
+def test_a_model_with_another_input_scaling_gets_the_same_pixels_in_its_own_input_space(model, method):
+    # Both methods make standardized images; a model taking pixels in [0, 1] is fed, and given,
+    # the same pixels in its own scale (a different optimization only by float rounding).
+    kw = dict(method=method, iters=10, batch_size=8, seed=0, progress=False)
+    unit = synthesize(_UnitScaled(model), 8, **kw)
+    standard = synthesize(model, 8, **kw)
+    assert torch.allclose(unit, standard * 0.5 + 0.5, atol=1e-3), (unit - (standard * 0.5 + 0.5)).abs().max()
+    if method == "genie":  # the generator's affine-free BN: the dataset's pixel mean and std exactly
+        assert (unit.mean(dim=(0, 2, 3)) - 0.5).abs().max() < 1e-4
+        assert (unit.std(dim=(0, 2, 3), unbiased=False) - 0.5).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("method", ["genie", "zeroq"])

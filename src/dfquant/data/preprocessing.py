@@ -14,7 +14,7 @@ gives its per-tensor span, which is what quantizing the image input without data
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -82,6 +82,17 @@ class Preprocessing:
         lo = self._view(tuple(lo for lo, _ in self.channel_ranges()), c).to(x)
         hi = self._view(tuple(hi for _, hi in self.channel_ranges()), c).to(x)
         return torch.maximum(torch.minimum(x, hi), lo)
+
+    def from_standardized(self, usual: "Preprocessing", channels: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(scale, shift)``, each (C, 1, 1), with ``input = scale * z + shift`` for ``z`` an image
+        as a model with the ``usual`` preprocessing sees it (pixels standardized by the dataset's
+        mean and std), or None when this preprocessing is that one: the same pixels, in this
+        model's input space (``pixels = z * usual.std + usual.mean``, then :meth:`normalize`)."""
+        if (self.mean, self.std) == (usual.mean, usual.std):
+            return None
+        m, s = self._view(self.mean, channels), self._view(self.std, channels)
+        um, us = usual._view(usual.mean, channels), usual._view(usual.std, channels)
+        return us / s * torch.ones(channels, 1, 1), (um - m) / s * torch.ones(channels, 1, 1)
 
     def channel_ranges(self) -> Tuple[Tuple[float, float], ...]:
         """Per channel, the ``(lo, hi)`` that black (0) and white (1) pixels map to."""

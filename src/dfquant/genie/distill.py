@@ -14,7 +14,10 @@ from the releases: ``n`` need not be a multiple of the batch size (``ceil(n / ba
 batches); all randomness comes from generators seeded by ``seed`` (the caller's RNG is untouched; the
 release's swing draws from NumPy's global RNG); the generator starts at ``ceil(H/4) x ceil(W/4)``,
 emits the model's channel count and is center-cropped to ``H x W``; swing is skipped on a 1-pixel
-side; ZeroQ starts from N(0, 1) as its paper says (its release: uniform noise of std ~0.014).
+side; ZeroQ starts from N(0, 1) as its paper says (its release: uniform noise of std ~0.014); for a
+model whose input scaling is not its dataset's usual mean/std standardization (Keras' MobileNet,
+darknet) the images are made standardized and fed to it, and returned, in its own input space
+(:func:`_input_map`; the releases only target standardized models).
 """
 from __future__ import annotations
 
@@ -271,6 +274,12 @@ class _Run:
     image_size: Tuple[int, int, int]
     device: torch.device
     step: Callable[[float], None]
+    to_input: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (scale, shift): see _input_map
+
+
+def _model_input(run: _Run, z: torch.Tensor) -> torch.Tensor:
+    """The model's input for a standardized image ``z`` (the identity for most models)."""
+    return z if run.to_input is None else z * run.to_input[0] + run.to_input[1]
 
 
 def _genie_batch(run: _Run, bsz: int, seed: int) -> torch.Tensor:
@@ -290,7 +299,7 @@ def _genie_batch(run: _Run, bsz: int, seed: int) -> torch.Tensor:
         opt_g.zero_grad(set_to_none=True)
         run.rec.clear()
         x = gen(z)
-        run.teacher(x)
+        run.teacher(_model_input(run, x))
         mean_loss, std_loss = loss_from_inputs(x, run.rec.inputs, run.targets, per_sample=False, input_term=True)
         loss = mean_loss + std_loss
         loss.backward()
@@ -302,7 +311,7 @@ def _genie_batch(run: _Run, bsz: int, seed: int) -> torch.Tensor:
             sched_g.step()
         run.step(value)
     run.rec.clear()
-    return x.detach()
+    return _model_input(run, x.detach())
 
 
 def _zeroq_batch(run: _Run, bsz: int, seed: int) -> torch.Tensor:
@@ -314,7 +323,7 @@ def _zeroq_batch(run: _Run, bsz: int, seed: int) -> torch.Tensor:
     for _ in range(run.cfg.distill_iters):
         opt.zero_grad(set_to_none=True)
         run.rec.clear()
-        run.teacher(x)
+        run.teacher(_model_input(run, x))
         mean_loss, std_loss = loss_from_inputs(x, run.rec.inputs, run.targets, per_sample=True, input_term=True)
         loss = mean_loss + std_loss
         loss.backward()
@@ -323,7 +332,7 @@ def _zeroq_batch(run: _Run, bsz: int, seed: int) -> torch.Tensor:
         sched.step(value)
         run.step(value)
     run.rec.clear()
-    return x.detach()
+    return _model_input(run, x.detach())
 
 
 def _settings(config: Optional[GenieConfig], settings: dict) -> GenieConfig:
@@ -359,7 +368,9 @@ def synthesize(model: nn.Module, n: int, config: Optional[GenieConfig] = None, *
     the synthesis's iterations and images per batch here. Unset settings follow the budget
     (``budget="auto"``: the paper's on CUDA, the CPU budget otherwise). ``input_size`` (C, H, W)
     defaults to the registry's. ``model`` is never modified (synthesis runs on a float32 eval copy
-    with frozen parameters). The images are in the model's (normalized) input space. The run is a
+    with frozen parameters). The images are in the model's (normalized) input space, made as
+    standardized images and mapped there when its input scaling is not the standardization the
+    releases assume (a model from :func:`dfquant.create_model`: ``mobilenet_v1``, ``tiny_darknet``). The run is a
     function of the seed: bit for bit on the same CPU, or the same GPU and software.
 
     Inside an initialised ``torch.distributed`` process group of several processes (``torchrun``),
@@ -372,6 +383,7 @@ def synthesize(model: nn.Module, n: int, config: Optional[GenieConfig] = None, *
         raise DfquantError(f"unknown synthesis method {method!r}; choose {' or '.join(DATA_METHODS)}", param="method")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise DfquantError(f"number of images must be a positive integer, got {n!r}", param="n")
+    to_input = _input_map(model, input_size)
     model, _ = float32_eval_cpu(model)  # a half-precision or training-mode model: a float32 eval copy
     check_has_bn(model)
     cfg = _settings(config, settings)
@@ -386,22 +398,48 @@ def synthesize(model: nn.Module, n: int, config: Optional[GenieConfig] = None, *
             f"{cfg.distill_batch} split into {sizes}; choose the number of images and the batch size so that no batch has one image"
         )
     distributed.check_same(list(model.state_dict().values()) + [_text_tensor(f"{method} {n} {image_size} {cfg!r}")], "models or synthesis settings")
-    return _run_batches(model, cfg, method, image_size, sizes, dev, progress)
+    return _run_batches(model, cfg, method, image_size, sizes, dev, progress, to_input)
+
+
+def _input_map(model: nn.Module, input_size: Any) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Where a standardized image goes in the model's input: None, or ``(scale, shift)``.
+
+    Genie-D's generator ends in ``BN(affine=False)`` and both releases' input term pulls each image
+    to mean 0, std 1 per channel: they make images *standardized* like the input of the models
+    they target (pixels normalized by the dataset's mean and std, torchvision's ImageNet scaling).
+    A model with another input scaling (Keras' MobileNet ``x / 127.5 - 1``, darknet's ``x / 255``)
+    would be fed images it never sees (on darknet: mean 0 and std 1 where photos have mean 0.44
+    and std 0.25). For such a model (its ``preprocessing`` and ``dataset`` attributes, as
+    :func:`dfquant.create_model` sets them, differ from the dataset's usual scaling) the images
+    stay standardized during synthesis and are fed to the model, and returned, as the same pixels
+    in its own input space. Not in either release (whose models all take standardized input)."""
+    from ..data import dataset_preprocessing
+    from ..data.preprocessing import Preprocessing
+
+    pre, dataset = getattr(model, "preprocessing", None), getattr(model, "dataset", None)
+    if not isinstance(pre, Preprocessing) or not isinstance(dataset, str):
+        return None
+    try:
+        usual = dataset_preprocessing(dataset)
+        channels = int(input_size[0]) if input_size is not None else int(model.input_size[0])
+    except (DfquantError, AttributeError, TypeError, ValueError, IndexError):
+        return None
+    return pre.from_standardized(usual, channels)
 
 
 def _text_tensor(text: str) -> torch.Tensor:
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
 
 
-def _run_batches(model: nn.Module, cfg: GenieConfig, method: str, image_size, sizes: Sequence[int], dev: torch.device, progress: bool) -> torch.Tensor:
+def _run_batches(model: nn.Module, cfg: GenieConfig, method: str, image_size, sizes: Sequence[int], dev: torch.device, progress: bool, to_input=None) -> torch.Tensor:
     """Synthesize the batches ``sizes`` in order; in a job, each process its share (:func:`.distributed.shard`)
     with the seeds and swing draws the one-process run gives them, then every process gets all images."""
     first, stop = distributed.shard(len(sizes))
-    images = _own_batches(model, cfg, method, image_size, sizes, dev, (first, stop), progress and distributed.is_main())
+    images = _own_batches(model, cfg, method, image_size, sizes, dev, (first, stop), progress and distributed.is_main(), to_input)
     return distributed.all_gather_cat(images)[: sum(sizes)].contiguous()
 
 
-def _own_batches(model: nn.Module, cfg: GenieConfig, method: str, image_size, sizes: Sequence[int], dev: torch.device, mine: Tuple[int, int], progress: bool) -> torch.Tensor:
+def _own_batches(model: nn.Module, cfg: GenieConfig, method: str, image_size, sizes: Sequence[int], dev: torch.device, mine: Tuple[int, int], progress: bool, to_input=None) -> torch.Tensor:
     """Batches ``mine[0]`` to ``mine[1] - 1`` of ``sizes``, concatenated (a (0, C, H, W) tensor for none)."""
     from ..progress import progress_bar
 
@@ -431,7 +469,8 @@ def _own_batches(model: nn.Module, cfg: GenieConfig, method: str, image_size, si
             if hasattr(bar, "set_postfix") and (state["it"] % 10 == 0 or state["it"] == total):
                 bar.set_postfix(loss=f"{loss_value:.4g}", batch=f"{state['batch'] + 1}/{len(sizes)}", refresh=False)
 
-        run = _Run(cfg, teacher, BNInputs(layers), bn_targets(layers, dev), image_size, dev, step)
+        maps = None if to_input is None else tuple(t.to(dev) for t in to_input)
+        run = _Run(cfg, teacher, BNInputs(layers), bn_targets(layers, dev), image_size, dev, step, maps)
         make = _genie_batch if method == "genie" else _zeroq_batch
         try:
             for i in range(first, stop):

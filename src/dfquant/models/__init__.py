@@ -80,7 +80,7 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
     ``arch``: the builder's own size options (``width=0.5`` for ``mobilenet_v1``). With ``weights``,
     a model whose entry reads its sizes from a checkpoint is built with the file's sizes (given
     ``arch`` options must agree with them: the strict load checks every shape). The model carries
-    ``input_size`` and ``preprocessing`` attributes from its registry entry, and ``arch_options``:
+    ``input_size``, ``preprocessing`` and ``dataset`` attributes from its registry entry, and ``arch_options``:
     the builder options it was built with (JSON-able), so that ``create_model(name,
     **model.arch_options)`` rebuilds the same architecture (what a saved file needs to be reloaded).
     """
@@ -100,6 +100,7 @@ def create_model(name: str, num_classes: int | None = None, weights: str | None 
     model = spec.builder(num_classes=num_classes or spec.num_classes, **arch)
     model.input_size = spec.input_size  # type: ignore[attr-defined]
     model.preprocessing = spec.preprocessing  # type: ignore[attr-defined]
+    model.dataset = spec.dataset  # type: ignore[attr-defined]
     model.arch_options = _jsonable(arch)  # type: ignore[attr-defined]
     if state is not None:
         from .weights import load_state
