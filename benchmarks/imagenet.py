@@ -21,7 +21,10 @@ on one core, so the CPU budget of the CIFAR tables would take hours).
 
 Resumable: every finished row is cached (metrics and the per-image correctness and logit errors the
 paired tests need) under ``--cache``; a rerun skips cached rows and rewrites the tables from the
-cache, listing rows not run yet. ``--max-minutes`` stops starting new rows after that long.
+cache, listing rows not run yet. ``--max-minutes`` stops starting new rows after that long. A row
+the cache lacks but the result file being rewritten holds, with the same options, is kept from it
+and marked "(kept)": ``--settings``/``--rows`` re-run some rows (and the baselines they are paired
+with) without re-running the rest.
 """
 from __future__ import annotations
 
@@ -154,30 +157,55 @@ def _versus(row: dict, by_key: dict) -> list:
     return out
 
 
+def _committed(args) -> dict:
+    """The result file this run rewrites, for the rows its cache lacks: (model, setting, key) ->
+    row, and model -> model section. Empty for a --limit run (other photos)."""
+    path = Path(args.out).with_suffix(".json")
+    if args.limit is not None or not path.exists():
+        return {}
+    doc = json.loads(path.read_text())
+    out = {name: m for name, m in doc.get("models", {}).items()}
+    out.update({(name, r["setting"], r["key"]): r for name, m in doc.get("models", {}).items() for r in m["rows"]})
+    return out
+
+
 def collect(args) -> dict:
-    """The results document from the cache: every row run so far, with its paired tests."""
+    """The results document from the cache: every row run so far, with its paired tests. A row the
+    cache lacks is kept from the result file being rewritten when it holds that row with the same
+    options (marked ``kept``: made by an earlier run of this plan, its paired tests as they were)."""
     doc = dict(command=args.command, machine=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(), models={})
+    committed = _committed(args)
     for name in MODELS:  # every model and row of the plan: those not run yet are listed
         fp_path = args.cache / f"{name}_fp32_{args.limit}.json"
         if not fp_path.exists():
-            doc.setdefault("not_run", []).append(name)
+            if name in committed:
+                doc["models"][name] = dict(committed[name], rows=[dict(r, kept=True) for r in committed[name]["rows"]])
+            else:
+                doc.setdefault("not_run", []).append(name)
             continue
         fp = json.loads(fp_path.read_text())
         m = dict(fp32_top1=fp["top1"], fp32_top5=fp["top5"], n_images=fp["n"], rows=[], not_run=[])
         if "relu" in fp:
             m["fp32_relu6_to_relu"] = fp["relu"]
         for setting in SETTINGS:
-            by_key = {}
+            by_key, kept = {}, {}
             for key, label, _, opts in row_plan(name, setting):
                 path = _cache_file(args.cache, name, setting, key, opts, args.limit)
+                old = committed.get((name, setting, key))
                 if path.exists():
                     by_key[key] = json.loads(path.read_text())
+                elif old is not None and old.get("options") == opts:
+                    kept[key] = dict(old, kept=True)
                 else:
                     m["not_run"].append(f"{setting} {label} ({ROWS[key][3]})")
-            for row in by_key.values():
-                row["drop"] = row["top1"] - fp["top1"]
-                row["versus"] = _versus(row, by_key)
-                m["rows"].append({k: v for k, v in row.items() if k not in ("correct", "logit_sq_err")})
+            for key, _, _, _ in row_plan(name, setting):
+                if key in kept:
+                    m["rows"].append(kept[key])
+                elif key in by_key:
+                    row = by_key[key]
+                    row["drop"] = row["top1"] - fp["top1"]
+                    row["versus"] = _versus(row, by_key)
+                    m["rows"].append({k: v for k, v in row.items() if k not in ("correct", "logit_sq_err")})
         doc["models"][name] = m
     return doc
 
@@ -204,6 +232,8 @@ def to_markdown(doc: dict) -> str:
         "another on the same photos: sign test on the per-image logit error (photos where the row is closer to FP32 : the other",
         "is) and exact McNemar on correctness (photos only the row gets right : only the other does). Times: quantization and",
         "evaluation of the 1000 photos, one process.",
+        "Rows marked (kept) come from the earlier run of this plan whose result this run rewrote (its cache did not hold",
+        "them; their code did not change): their paired tests are that run's.",
         "",
     ]
     for name, m in doc["models"].items():
@@ -215,7 +245,7 @@ def to_markdown(doc: dict) -> str:
             lines[-2:-2] = [f"The float model with ReLU6 -> ReLU (before any quantization): top-1 {r['top1']:.2f} %, top-5 {r['top5']:.2f} %, logit MSE {r['logit_mse']:.4g} against FP32.", ""]
         for r in m["rows"]:
             tests = "<br>".join(_tests(v) for v in r["versus"]) or "-"
-            lines.append(f"| {r['setting']} | {r['protocol']} | {r['method']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['drop']:+.2f} | {r['agree_top1']:.1f} | "
+            lines.append(f"| {r['setting']} | {r['protocol']} | {r['method']}{' (kept)' if r.get('kept') else ''} | {r['top1']:.2f} | {r['top5']:.2f} | {r['drop']:+.2f} | {r['agree_top1']:.1f} | "
                          f"{r['logit_mse']:.4g} | {r['quantize_s']:.1f} | {r['evaluate_s']:.0f} | {tests} |")
         if m["not_run"]:
             lines += ["", "Not run yet (rerun the command to add them): " + "; ".join(m["not_run"]) + "."]
