@@ -43,13 +43,13 @@ SETTINGS = {"W4A4": (4, 4), "W4A8": (4, 8)}
 TINY = dict(init="squant", recon_iters=100, batch_size=8, seed=0)
 #: Genie-D's 16 images: seed 0, one batch of 16, 50 iterations (the tiny budget).
 SYNTHESIS = {"syn": 50}
-# key -> (label, images (a SYNTHESIS key, "real", or None for SQuant), reconstruction iterations, settings)
+# key -> (label, images (a SYNTHESIS key, "real", or None for SQuant), reconstruction iterations)
 ROWS = {
-    "squant": ("SQuant", None, 0, ("W4A4", "W4A8")),
-    "genie_syn": ("Genie-M, 16 Genie-D images, 100 it.", "syn", 100, ("W4A4", "W4A8")),
-    "genie_real": ("Genie-M, 16 real photos, 100 it.", "real", 100, ("W4A4", "W4A8")),
-    "genie_syn_r0": ("SQuant + act. steps searched on 16 Genie-D images (0 it.)", "syn", 0, ("W4A4", "W4A8")),
-    "genie_real_r0": ("SQuant + act. steps searched on 16 real photos (0 it.)", "real", 0, ("W4A4", "W4A8")),
+    "squant": ("SQuant", None, 0),
+    "genie_syn": ("Genie-M, 16 Genie-D images, 100 it.", "syn", 100),
+    "genie_real": ("Genie-M, 16 real photos, 100 it.", "real", 100),
+    "genie_syn_r0": ("SQuant + act. steps searched on 16 Genie-D images (0 it.)", "syn", 0),
+    "genie_real_r0": ("SQuant + act. steps searched on 16 real photos (0 it.)", "real", 0),
 }
 #: Each real-photo row is also paired against the synthetic-image row of the same budget.
 PAIRS = {"genie_real": "genie_syn", "genie_real_r0": "genie_syn_r0"}
@@ -83,7 +83,7 @@ def _synthetic(model, cache: Path, key: str) -> torch.Tensor:
 
 def run(args) -> None:
     loaded = None
-    plan = [(s, k) for s in SETTINGS for k, r in ROWS.items() if s in r[3]]
+    plan = [(s, k) for s in SETTINGS for k in ROWS]
     for i, (setting, key) in enumerate(plan, 1):
         path = args.cache / f"{setting}_{key}.json"
         if path.exists():
@@ -91,7 +91,7 @@ def run(args) -> None:
         if loaded is None:
             loaded = _data(args.cache)
         model, calib, score, ref = loaded
-        label, images, iters, _ = ROWS[key]
+        label, images, iters = ROWS[key]
         w, a = SETTINGS[setting]
         t = time.perf_counter()
         if images is None:
@@ -116,8 +116,8 @@ def collect(args) -> dict:
                           for it in SYNTHESIS.values() if (p := args.cache / f"genie_d_16_{it}.pt").exists()}
     for setting in SETTINGS:
         by_key = {k: json.loads((args.cache / f"{setting}_{k}.json").read_text())
-                  for k, r in ROWS.items() if setting in r[3] and (args.cache / f"{setting}_{k}.json").exists()}
-        doc["not_run"] += [f"{setting} {r[0]}" for k, r in ROWS.items() if setting in r[3] and k not in by_key]
+                  for k in ROWS if (args.cache / f"{setting}_{k}.json").exists()}
+        doc["not_run"] += [f"{setting} {r[0]}" for k, r in ROWS.items() if k not in by_key]
         for key, row in by_key.items():
             versus = []
             for base in ("squant", PAIRS.get(key)):

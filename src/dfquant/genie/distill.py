@@ -383,7 +383,6 @@ def synthesize(model: nn.Module, n: int, config: Optional[GenieConfig] = None, *
         raise DfquantError(f"unknown synthesis method {method!r}; choose {' or '.join(DATA_METHODS)}", param="method")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise DfquantError(f"number of images must be a positive integer, got {n!r}", param="n")
-    to_input = _input_map(model, input_size)
     model, _ = float32_eval_cpu(model)  # a half-precision or training-mode model: a float32 eval copy
     check_has_bn(model)
     cfg = _settings(config, settings)
@@ -391,6 +390,7 @@ def synthesize(model: nn.Module, n: int, config: Optional[GenieConfig] = None, *
     cfg = cfg.resolve(dev.type, method)
     image_size = _image_size(model, input_size)
     check_runs(model, image_size)
+    to_input = _input_map(model, image_size[0])
     sizes = _batch_sizes(n, cfg.distill_batch)
     if method == "genie" and min(sizes) < 2:
         raise DfquantError(
@@ -401,7 +401,7 @@ def synthesize(model: nn.Module, n: int, config: Optional[GenieConfig] = None, *
     return _run_batches(model, cfg, method, image_size, sizes, dev, progress, to_input)
 
 
-def _input_map(model: nn.Module, input_size: Any) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+def _input_map(model: nn.Module, channels: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """Where a standardized image goes in the model's input: None, or ``(scale, shift)``.
 
     Genie-D's generator ends in ``BN(affine=False)`` and both releases' input term pulls each image
@@ -421,8 +421,7 @@ def _input_map(model: nn.Module, input_size: Any) -> Optional[Tuple[torch.Tensor
         return None
     try:
         usual = dataset_preprocessing(dataset)
-        channels = int(input_size[0]) if input_size is not None else int(model.input_size[0])
-    except (DfquantError, AttributeError, TypeError, ValueError, IndexError):
+    except DfquantError:  # a dataset with no usual scaling: nothing to map from
         return None
     return pre.from_standardized(usual, channels)
 
